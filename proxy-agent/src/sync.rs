@@ -1,0 +1,381 @@
+//! The single writer of the datapath maps. Keeps a mirror of exactly what the maps hold
+//! (loaded from the maps at start, so a restarted agent converges without rewriting live
+//! entries), diffs the model's [`Desired`] state against it, and writes in commit order:
+//!
+//! update: new backends -> slots 1..n -> rev-NAT -> master (the commit point, one atomic
+//!         update) -> delete slots n+1..old_n -> delete unreferenced backends;
+//! delete: master first -> slots -> rev-NAT -> unreferenced backends.
+//!
+//! So a reader (the eBPF programs) never sees a master whose slots or backends are missing.
+//! The mirror only records operations that succeeded, so a failed write is retried by the next
+//! sync (level-triggered), and nothing already programmed is lost.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use proxy_common::{
+    BACKEND_MAP, BACKEND_MAP_ENTRIES, Backend, REV_NAT_MAP, REV_NAT_MAP_ENTRIES, RevNat,
+    SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP, SVC_MAP_ENTRIES, ServiceKey, ServiceValue,
+};
+
+use crate::model::{BackendAddr, Desired, Frontend, Proto};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{op} on map {map} failed: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {map} is full ({capacity} entries): {what}")]
+    Full { map: &'static str, capacity: u32, what: String },
+}
+
+/// Where the sync writes: the pinned BPF maps, or a fake in tests.
+pub trait Datapath {
+    fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError>;
+    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), DatapathError>;
+    fn update_rev_nat(&mut self, id: u16, value: RevNat) -> Result<(), DatapathError>;
+    fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError>;
+}
+
+/// The content of the three writer-owned maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u16, RevNat>,
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub updates: usize,
+    pub deletes: usize,
+    /// Frontends that could not be written (map full, syscall error); their previous state
+    /// stays programmed and the next sync retries.
+    pub errors: Vec<(Frontend, DatapathError)>,
+}
+
+pub fn service_key(f: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey {
+        vip_be: u32::from(f.vip).to_be(),
+        port_be: f.port.to_be(),
+        slot,
+        proto: f.proto.number(),
+        _pad: [0; 3],
+    }
+}
+
+/// The frontend a map key belongs to (None for a protocol this agent never writes).
+pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        vip: Ipv4Addr::from(u32::from_be(key.vip_be)),
+        port: u16::from_be(key.port_be),
+        proto: Proto::from_number(key.proto)?,
+    })
+}
+
+fn backend_value(b: &BackendAddr, proto: Proto) -> Backend {
+    Backend { addr_be: u32::from(b.ip).to_be(), port_be: b.port.to_be(), proto: proto.number(), _pad: 0 }
+}
+
+fn rev_nat_value(f: &Frontend) -> RevNat {
+    RevNat { vip_be: u32::from(f.vip).to_be(), port_be: f.port.to_be(), _pad: 0 }
+}
+
+pub struct Syncer<D: Datapath> {
+    dp: D,
+    /// Exactly what the maps hold (as far as this writer knows).
+    state: MapState,
+    backend_ids: HashMap<Backend, u32>,
+    /// Number of slots (over all frontends) that reference each backend id.
+    backend_refs: HashMap<u32, u32>,
+    /// Backends whose last reference went away: deleted at the end of the current update.
+    unreferenced: BTreeSet<u32>,
+    next_backend_id: u32,
+    next_rev_nat_id: u16,
+}
+
+impl<D: Datapath> Syncer<D> {
+    /// Starts from what the maps hold now (empty maps for a fresh datapath).
+    pub fn new(dp: D, state: MapState) -> Self {
+        let mut backend_ids = HashMap::new();
+        for (id, b) in &state.backends {
+            backend_ids.insert(*b, *id);
+        }
+        let mut backend_refs = HashMap::new();
+        for (k, v) in &state.services {
+            if k.slot != 0 {
+                *backend_refs.entry(v.backend_id).or_insert(0) += 1;
+            }
+        }
+        let unreferenced =
+            state.backends.keys().filter(|id| !backend_refs.contains_key(*id)).copied().collect();
+        Syncer {
+            dp,
+            state,
+            backend_ids,
+            backend_refs,
+            unreferenced,
+            next_backend_id: 1,
+            next_rev_nat_id: 1,
+        }
+    }
+
+    pub fn state(&self) -> &MapState {
+        &self.state
+    }
+
+    pub fn datapath(&self) -> &D {
+        &self.dp
+    }
+
+    /// Makes the maps equal to `desired`, except for held VIPs, whose entries are left alone.
+    pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+
+        // Frontends present in the maps (masters, and slots left without a master by a crash).
+        let applied: BTreeSet<Frontend> = self.state.services.keys().filter_map(frontend_of).collect();
+        for f in applied {
+            if desired.frontends.contains_key(&f) || desired.held_vips.contains(&f.vip) {
+                continue;
+            }
+            match self.delete_frontend(&f, &mut report) {
+                Ok(()) => {}
+                Err(e) => report.errors.push((f, e)),
+            }
+        }
+        for (f, spec) in &desired.frontends {
+            let flags = if spec.no_local_endpoints { SVC_FLAG_NO_LOCAL_ENDPOINTS } else { 0 };
+            if let Err(e) = self.update_frontend(f, &spec.backends, flags, &mut report) {
+                report.errors.push((*f, e));
+            }
+        }
+        // Leftovers of a writer that died mid-update (found in the maps at start).
+        if let Err(e) = self.collect_orphans(&mut report) {
+            tracing::warn!(error = %e, "could not remove orphaned map entries; will retry");
+        }
+        report
+    }
+
+    fn collect_orphans(&mut self, report: &mut SyncReport) -> Result<(), DatapathError> {
+        self.collect_backends(report)?;
+        let used: BTreeSet<u16> =
+            self.state.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.rev_nat_id).collect();
+        let orphans: Vec<u16> = self.state.rev_nat.keys().filter(|id| !used.contains(id)).copied().collect();
+        for id in orphans {
+            self.dp.delete_rev_nat(id)?;
+            self.state.rev_nat.remove(&id);
+            report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn update_frontend(
+        &mut self,
+        f: &Frontend,
+        backends: &[BackendAddr],
+        flags: u16,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
+        let master_key = service_key(f, 0);
+        let old_master = self.state.services.get(&master_key).copied();
+        let old_slots = self.slot_count(f);
+        let values: Vec<Backend> = backends.iter().map(|b| backend_value(b, f.proto)).collect();
+
+        // Capacity first: refuse the whole frontend rather than half-write it.
+        let new_backends: BTreeSet<Backend> =
+            values.iter().filter(|b| !self.backend_ids.contains_key(b)).copied().collect();
+        if self.state.backends.len() + new_backends.len() > BACKEND_MAP_ENTRIES as usize {
+            return Err(DatapathError::Full {
+                map: BACKEND_MAP,
+                capacity: BACKEND_MAP_ENTRIES,
+                what: format!("{f} needs {} new backends", new_backends.len()),
+            });
+        }
+        let extra = (values.len() + 1).saturating_sub(old_slots + usize::from(old_master.is_some()));
+        if self.state.services.len() + extra > SVC_MAP_ENTRIES as usize {
+            return Err(DatapathError::Full {
+                map: SVC_MAP,
+                capacity: SVC_MAP_ENTRIES,
+                what: format!("{f} needs {extra} more entries"),
+            });
+        }
+
+        // 1. backends
+        let mut ids = Vec::with_capacity(values.len());
+        for b in &values {
+            let id = match self.backend_ids.get(b) {
+                Some(id) => *id,
+                None => {
+                    let id = self.alloc_backend_id();
+                    self.dp.update_backend(id, *b)?;
+                    self.state.backends.insert(id, *b);
+                    self.backend_ids.insert(*b, id);
+                    report.updates += 1;
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        // 2. slots 1..n
+        for (i, id) in ids.iter().enumerate() {
+            let key = service_key(f, i as u16 + 1);
+            let value = ServiceValue { backend_id: *id, ..Default::default() };
+            self.put_slot(key, value, report)?;
+        }
+        // 3. rev-NAT: keep the master's id while it still maps to this frontend.
+        let rn = rev_nat_value(f);
+        let rev_nat_id = match old_master {
+            Some(m) if self.state.rev_nat.get(&m.rev_nat_id) == Some(&rn) => m.rev_nat_id,
+            _ => {
+                let id = self.alloc_rev_nat_id(f)?;
+                self.dp.update_rev_nat(id, rn)?;
+                self.state.rev_nat.insert(id, rn);
+                report.updates += 1;
+                id
+            }
+        };
+        // 4. master: the commit point.
+        let master = ServiceValue {
+            backend_id: 0,
+            count: ids.len() as u16,
+            rev_nat_id,
+            flags,
+            _pad: 0,
+            affinity_timeout_s: 0,
+        };
+        if old_master != Some(master) {
+            self.dp.update_service(master_key, master)?;
+            self.state.services.insert(master_key, master);
+            report.updates += 1;
+        }
+        // 5. slots past the new count, then what nothing references any more.
+        for slot in ids.len() + 1..=old_slots {
+            self.remove_slot(service_key(f, slot as u16), report)?;
+        }
+        if let Some(m) = old_master
+            && m.rev_nat_id != rev_nat_id
+        {
+            self.release_rev_nat(m.rev_nat_id, f, report)?;
+        }
+        self.collect_backends(report)
+    }
+
+    fn delete_frontend(&mut self, f: &Frontend, report: &mut SyncReport) -> Result<(), DatapathError> {
+        let master_key = service_key(f, 0);
+        let old_master = self.state.services.get(&master_key).copied();
+        if old_master.is_some() {
+            self.dp.delete_service(master_key)?;
+            self.state.services.remove(&master_key);
+            report.deletes += 1;
+        }
+        for slot in 1..=self.slot_count(f) {
+            self.remove_slot(service_key(f, slot as u16), report)?;
+        }
+        if let Some(m) = old_master {
+            self.release_rev_nat(m.rev_nat_id, f, report)?;
+        }
+        self.collect_backends(report)
+    }
+
+    /// Highest slot index present for `f` (slots may outlive their master after a crash).
+    fn slot_count(&self, f: &Frontend) -> usize {
+        let lo = service_key(f, 1);
+        let hi = service_key(f, u16::MAX);
+        self.state.services.range(lo..=hi).filter(|(k, _)| frontend_of(k) == Some(*f)).map(|(k, _)| k.slot as usize).max().unwrap_or(0)
+    }
+
+    fn put_slot(&mut self, key: ServiceKey, value: ServiceValue, report: &mut SyncReport) -> Result<(), DatapathError> {
+        let old = self.state.services.get(&key).copied();
+        if old == Some(value) {
+            return Ok(());
+        }
+        self.dp.update_service(key, value)?;
+        self.state.services.insert(key, value);
+        *self.backend_refs.entry(value.backend_id).or_insert(0) += 1;
+        self.unreferenced.remove(&value.backend_id);
+        if let Some(old) = old {
+            self.unref_backend(old.backend_id);
+        }
+        report.updates += 1;
+        Ok(())
+    }
+
+    fn remove_slot(&mut self, key: ServiceKey, report: &mut SyncReport) -> Result<(), DatapathError> {
+        let Some(old) = self.state.services.get(&key).copied() else { return Ok(()) };
+        self.dp.delete_service(key)?;
+        self.state.services.remove(&key);
+        self.unref_backend(old.backend_id);
+        report.deletes += 1;
+        Ok(())
+    }
+
+    fn unref_backend(&mut self, id: u32) {
+        if let Some(n) = self.backend_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.backend_refs.remove(&id);
+                self.unreferenced.insert(id);
+            }
+        }
+    }
+
+    /// Deletes backends that no slot references any more.
+    fn collect_backends(&mut self, report: &mut SyncReport) -> Result<(), DatapathError> {
+        while let Some(id) = self.unreferenced.first().copied() {
+            if !self.backend_refs.contains_key(&id) && self.state.backends.contains_key(&id) {
+                self.dp.delete_backend(id)?;
+                if let Some(b) = self.state.backends.remove(&id) {
+                    self.backend_ids.remove(&b);
+                }
+                report.deletes += 1;
+            }
+            self.unreferenced.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Deletes the rev-NAT entry of a frontend that no longer uses it. Each frontend gets an
+    /// id of its own, so an entry still holding this frontend's address is no one else's.
+    fn release_rev_nat(&mut self, id: u16, f: &Frontend, report: &mut SyncReport) -> Result<(), DatapathError> {
+        if self.state.rev_nat.get(&id) == Some(&rev_nat_value(f)) {
+            self.dp.delete_rev_nat(id)?;
+            self.state.rev_nat.remove(&id);
+            report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn alloc_backend_id(&mut self) -> u32 {
+        // The capacity check above guarantees a free id exists; ids are never 0.
+        loop {
+            let id = self.next_backend_id;
+            self.next_backend_id = if id >= BACKEND_MAP_ENTRIES * 2 { 1 } else { id + 1 };
+            if !self.state.backends.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn alloc_rev_nat_id(&mut self, f: &Frontend) -> Result<u16, DatapathError> {
+        for _ in 0..REV_NAT_MAP_ENTRIES {
+            let id = self.next_rev_nat_id;
+            self.next_rev_nat_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.state.rev_nat.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(DatapathError::Full { map: REV_NAT_MAP, capacity: REV_NAT_MAP_ENTRIES, what: format!("no rev-NAT id left for {f}") })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+//! The map ABI shared by the eBPF programs (`proxy-ebpf`) and the agent (`proxy-agent`).
+//!
+//! This crate is the only place the layout of the pinned maps is written down. Rules:
+//! - every type is `#[repr(C)]` with explicit padding fields and a size assertion;
+//! - byte order is in the field name (`*_be` = network byte order);
+//! - no `bool`, `Option` or enums in map values (flags are integers);
+//! - a layout change bumps the `_V<n>` suffix of the map names, so an agent never reuses a
+//!   pinned map of another layout (the agent also checks key/value sizes of existing pins).
+//!
+//! With the `user` feature the types implement `aya::Pod`, and derive `bytemuck::Pod`, which
+//! refuses to compile if a type has implicit padding: a second guard on the layout.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Frontends: key {vip, port, proto, slot}; slot 0 is the master entry, slots 1..=count hold
+/// backend ids (Cilium's `lb4_services_v2` layout).
+pub const SVC_MAP: &str = "PROXY_SVC_V1";
+/// Backends: backend id -> {ip, port, proto}.
+pub const BACKEND_MAP: &str = "PROXY_BE_V1";
+/// Reverse NAT: rev-NAT id -> {vip, port}.
+pub const REV_NAT_MAP: &str = "PROXY_RNAT_V1";
+/// Socket reverse NAT (LRU): {socket cookie, backend ip, backend port} -> {vip, port}.
+pub const SOCK_REV_NAT_MAP: &str = "PROXY_SKNAT_V1";
+/// Per-CPU counters indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "PROXY_CNT_V1";
+
+/// Every map the programs use, for pinning and ABI checks.
+pub const MAP_NAMES: [&str; 5] = [SVC_MAP, BACKEND_MAP, REV_NAT_MAP, SOCK_REV_NAT_MAP, COUNTERS_MAP];
+
+/// Capacity of [`SVC_MAP`]: masters plus backend slots of all frontends.
+pub const SVC_MAP_ENTRIES: u32 = 262_144;
+/// Capacity of [`BACKEND_MAP`].
+pub const BACKEND_MAP_ENTRIES: u32 = 131_072;
+/// Capacity of [`REV_NAT_MAP`]; rev-NAT ids are u16 and 0 is never used.
+pub const REV_NAT_MAP_ENTRIES: u32 = 65_535;
+/// Capacity of [`SOCK_REV_NAT_MAP`] (LRU: old sockets' entries are evicted).
+pub const SOCK_REV_NAT_MAP_ENTRIES: u32 = 262_144;
+/// Capacity of [`COUNTERS_MAP`]: room for future reasons without an ABI bump.
+pub const COUNTERS_MAP_ENTRIES: u32 = 32;
+
+/// Largest number of backends one frontend may have (`ServiceValue::count` is a u16).
+pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Master entry flag: the Service has endpoints, but none this node may use
+/// (internalTrafficPolicy: Local with only remote endpoints). Connects fail with EHOSTUNREACH,
+/// never ECONNREFUSED, which would claim the Service has no endpoints at all.
+pub const SVC_FLAG_NO_LOCAL_ENDPOINTS: u16 = 1 << 0;
+
+/// Key of [`SVC_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    /// 0: master entry; 1..=count: backend slots.
+    pub slot: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<ServiceKey>() == 12);
+
+/// Value of [`SVC_MAP`]. In the master (slot 0): `count`, `rev_nat_id`, `flags`,
+/// `affinity_timeout_s`; in a backend slot: `backend_id` only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_id: u16,
+    pub flags: u16,
+    pub _pad: u16,
+    /// ClientIP session affinity timeout; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+
+/// Value of [`BACKEND_MAP`] (key: backend id, u32, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 8);
+
+/// Value of [`REV_NAT_MAP`] (key: rev-NAT id, u16, never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RevNat {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<RevNat>() == 8);
+
+/// Key of [`SOCK_REV_NAT_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SockRevNatKey>() == 16);
+
+/// Value of [`SOCK_REV_NAT_MAP`]. `rev_nat_id` lets the reverse path check that the frontend
+/// still exists before it rewrites an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockRevNatValue {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub rev_nat_id: u16,
+}
+const _: () = assert!(size_of::<SockRevNatValue>() == 8);
+
+/// Index into [`COUNTERS_MAP`]: why a program did what it did.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect4 rewrote a ClusterIP:port to a backend.
+    ConnectTranslated = 0,
+    /// sendmsg4 rewrote a ClusterIP:port to a backend.
+    SendmsgTranslated = 1,
+    /// recvmsg4 rewrote a backend source back to the ClusterIP:port.
+    RecvmsgReversed = 2,
+    /// getpeername4 reported the ClusterIP:port instead of the backend.
+    GetpeernameReversed = 3,
+    /// The Service has no usable endpoint: rejected with ECONNREFUSED.
+    NoEndpointsRejected = 4,
+    /// iTP=Local and no local endpoint: rejected with EHOSTUNREACH.
+    NoLocalEndpointsRejected = 5,
+    /// A slot or backend the master promised was missing (a writer bug or a racing
+    /// update): the connect proceeded untranslated.
+    BackendMissing = 6,
+    /// The socket reverse-NAT entry could not be written.
+    SockRevNatUpdateFailed = 7,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::ConnectTranslated,
+        Counter::SendmsgTranslated,
+        Counter::RecvmsgReversed,
+        Counter::GetpeernameReversed,
+        Counter::NoEndpointsRejected,
+        Counter::NoLocalEndpointsRejected,
+        Counter::BackendMissing,
+        Counter::SockRevNatUpdateFailed,
+    ];
+
+    /// Stable snake_case name, for tables, JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectTranslated => "connect_translated",
+            Counter::SendmsgTranslated => "sendmsg_translated",
+            Counter::RecvmsgReversed => "recvmsg_reversed",
+            Counter::GetpeernameReversed => "getpeername_reversed",
+            Counter::NoEndpointsRejected => "no_endpoints_rejected",
+            Counter::NoLocalEndpointsRejected => "no_local_endpoints_rejected",
+            Counter::BackendMissing => "backend_missing",
+            Counter::SockRevNatUpdateFailed => "sock_rev_nat_update_failed",
+        }
+    }
+}
+const _: () = assert!(Counter::ALL.len() <= COUNTERS_MAP_ENTRIES as usize);
+
+/// Key and value sizes of every map, as the agent expects them; compared with existing pins
+/// and with the built object.
+pub const MAP_LAYOUTS: [MapLayout; 5] = [
+    MapLayout { name: SVC_MAP, key_size: 12, value_size: 16, max_entries: SVC_MAP_ENTRIES },
+    MapLayout { name: BACKEND_MAP, key_size: 4, value_size: 8, max_entries: BACKEND_MAP_ENTRIES },
+    MapLayout { name: REV_NAT_MAP, key_size: 2, value_size: 8, max_entries: REV_NAT_MAP_ENTRIES },
+    MapLayout {
+        name: SOCK_REV_NAT_MAP,
+        key_size: 16,
+        value_size: 8,
+        max_entries: SOCK_REV_NAT_MAP_ENTRIES,
+    },
+    MapLayout { name: COUNTERS_MAP, key_size: 4, value_size: 8, max_entries: COUNTERS_MAP_ENTRIES },
+];
+const _: () = {
+    assert!(MAP_LAYOUTS[0].key_size as usize == size_of::<ServiceKey>());
+    assert!(MAP_LAYOUTS[0].value_size as usize == size_of::<ServiceValue>());
+    assert!(MAP_LAYOUTS[1].value_size as usize == size_of::<Backend>());
+    assert!(MAP_LAYOUTS[2].key_size as usize == size_of::<u16>());
+    assert!(MAP_LAYOUTS[2].value_size as usize == size_of::<RevNat>());
+    assert!(MAP_LAYOUTS[3].key_size as usize == size_of::<SockRevNatKey>());
+    assert!(MAP_LAYOUTS[3].value_size as usize == size_of::<SockRevNatValue>());
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain integers with explicit padding (bytemuck::Pod
+    // derives above check that at compile time).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
+}
