@@ -1,0 +1,240 @@
+//! Loads the embedded eBPF object, pins its maps and links under the bpffs directory, and
+//! attaches the socket programs to a cgroup v2 directory. Pinned links keep the datapath
+//! working while the agent is stopped or restarting; `cleanup` is the only way to remove it.
+//!
+//! Layout under `--bpffs-dir`: `<MAP_NAME>` for each map, `links/<program>` for each link.
+
+use std::{
+    ffi::CString,
+    fs,
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+};
+use proxy_common::MAP_NAMES;
+
+use crate::maps::{self, MapsError};
+
+/// The eBPF object built by build.rs (aligned: the ELF parser reads it in place).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy.bpf.o"));
+
+/// Socket programs, by function name in proxy-ebpf.
+pub const PROGRAMS: [&str; 4] = ["proxy_connect4", "proxy_sendmsg4", "proxy_recvmsg4", "proxy_getpeername4"];
+
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/proxy";
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root")]
+    NotRoot,
+    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); a kernel built with CONFIG_DEBUG_INFO_BTF=y is required")]
+    NoBtf,
+    #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/mounts)")]
+    NoCgroup2,
+    #[error("{0} is not a cgroup v2 directory")]
+    NotCgroup2(PathBuf),
+    #[error("bpffs is not available at {path}: {detail}")]
+    Bpffs { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("program {name}: {detail}")]
+    Program { name: &'static str, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An error and its sources on one line (aya's errors keep the errno in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
+    move |source| LoaderError::Io { path: path.to_path_buf(), source }
+}
+
+fn statfs_type(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Where cgroup v2 is mounted (on hybrid hosts it is not /sys/fs/cgroup).
+pub fn cgroup2_mount() -> Result<PathBuf, LoaderError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(io_err(Path::new("/proc/mounts")))?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1]))
+        .ok_or(LoaderError::NoCgroup2)
+}
+
+/// Everything `run` needs from the host, checked up front with a clear error each.
+pub fn preflight(cgroup: &Path) -> Result<(), LoaderError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LoaderError::NotRoot);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(LoaderError::NoBtf);
+    }
+    match statfs_type(cgroup) {
+        Ok(CGROUP2_SUPER_MAGIC) => Ok(()),
+        Ok(_) => Err(LoaderError::NotCgroup2(cgroup.to_path_buf())),
+        Err(source) => Err(LoaderError::Io { path: cgroup.to_path_buf(), source }),
+    }
+}
+
+/// Makes sure `dir` exists on a bpffs, mounting bpffs at /sys/fs/bpf if nothing is there.
+pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) && statfs_type(root).ok() != Some(BPF_FS_MAGIC) {
+        let (src, fstype) = (c"bpf", c"bpf");
+        let target = CString::new(BPFFS_ROOT).expect("no NUL");
+        // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(LoaderError::Bpffs {
+                path: root.to_path_buf(),
+                detail: format!("mounting bpffs failed: {}", io::Error::last_os_error()),
+            });
+        }
+    }
+    fs::create_dir_all(dir.join("links")).map_err(io_err(dir))?;
+    match statfs_type(dir) {
+        Ok(BPF_FS_MAGIC) => Ok(()),
+        Ok(_) => Err(LoaderError::Bpffs { path: dir.to_path_buf(), detail: "not on a bpf filesystem".into() }),
+        Err(e) => Err(LoaderError::Bpffs { path: dir.to_path_buf(), detail: e.to_string() }),
+    }
+}
+
+/// Loads the programs with their maps pinned in `dir` (reusing existing pins after checking
+/// their layout), attaches them to `cgroup`, and pins the links. An existing datapath in `dir`
+/// is replaced without a gap: the new link is attached and pinned before the old one's pin is
+/// renamed over (which detaches it). While both run, the old one translates first and the new
+/// one then sees a backend address, which is not a frontend, so nothing is translated twice.
+pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
+    ensure_bpffs_dir(dir)?;
+    maps::check_pinned_layouts(dir)?;
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf: Ebpf = loader.load(EBPF_OBJECT).map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+    for name in PROGRAMS {
+        let perr = |detail: String| LoaderError::Program { name, detail };
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| perr("missing from the object".into()))?
+            .try_into()
+            .map_err(|e| perr(chain(&e)))?;
+        prog.load().map_err(|e| perr(format!("verifier/load: {}", chain(&e))))?;
+        let id = prog
+            // bpf_link attachments to a cgroup always coexist with others (the kernel rejects
+            // BPF_F_ALLOW_MULTI on BPF_LINK_CREATE): "Single" passes no flags.
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|e| perr(format!("attach to {}: {}", cgroup.display(), chain(&e))))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| perr(chain(&e)))?
+            .try_into()
+            .map_err(|e| perr(chain(&e)))?;
+        let final_path = dir.join("links").join(name);
+        // bpffs refuses names with a dot.
+        let tmp = dir.join("links").join(format!("{name}_next"));
+        let _ = fs::remove_file(&tmp);
+        link.pin(&tmp).map_err(|e| perr(format!("pin {}: {}", tmp.display(), chain(&e))))?;
+        fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
+    }
+    Ok(())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    pub links: Vec<PathBuf>,
+    pub maps: Vec<PathBuf>,
+}
+
+/// Detaches the programs (by removing their pinned links) and removes the pinned maps.
+pub fn cleanup(dir: &Path) -> Result<Cleanup, LoaderError> {
+    let mut done = Cleanup::default();
+    if !dir.exists() {
+        return Ok(done);
+    }
+    let links = dir.join("links");
+    if links.exists() {
+        for entry in fs::read_dir(&links).map_err(io_err(&links))? {
+            let path = entry.map_err(io_err(&links))?.path();
+            // Unpinning the last reference of a link detaches its program.
+            match PinnedLink::from_pin(&path) {
+                Ok(l) => drop(l.unpin().map_err(io_err(&path))?),
+                Err(_) => fs::remove_file(&path).map_err(io_err(&path))?,
+            }
+            done.links.push(path);
+        }
+        fs::remove_dir(&links).map_err(io_err(&links))?;
+    }
+    for name in MAP_NAMES {
+        let path = dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            done.maps.push(path);
+        }
+    }
+    fs::remove_dir(dir).map_err(io_err(dir))?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::MAP_LAYOUTS;
+
+    use super::*;
+
+    /// The built object's maps have exactly the layout proxy-common declares.
+    #[test]
+    fn built_object_matches_the_map_abi() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        for layout in MAP_LAYOUTS {
+            let map = obj.maps.get(layout.name).unwrap_or_else(|| panic!("map {} missing from object", layout.name));
+            assert_eq!(
+                (map.key_size(), map.value_size(), map.max_entries()),
+                (layout.key_size, layout.value_size, layout.max_entries),
+                "map {}",
+                layout.name
+            );
+        }
+        assert_eq!(obj.maps.len(), MAP_LAYOUTS.len(), "no map outside the ABI");
+        for p in PROGRAMS {
+            assert!(obj.programs.contains_key(p), "program {p} missing");
+        }
+    }
+}

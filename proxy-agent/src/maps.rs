@@ -1,0 +1,151 @@
+//! The pinned BPF maps, opened from bpffs: the sync's real [`Datapath`], and the reader for
+//! `proxy-agent services`. Opening from the pins (not from the loaded object) gives the agent
+//! and the inspection command one code path, and works without a running agent.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use proxy_common::{
+    BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAP_LAYOUTS, REV_NAT_MAP, RevNat, SVC_MAP,
+    ServiceKey, ServiceValue,
+};
+
+use crate::sync::{Datapath, DatapathError, MapState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("cannot open pinned map {path}: {source} (is the datapath loaded? run `proxy-agent run` first)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "pinned map {path} has key/value/max_entries {found:?}, this agent expects {expected:?}; \
+         it was made by an incompatible version: run `proxy-agent cleanup` (connections through \
+         the old datapath will stop being translated) and start again"
+    )]
+    Layout { path: PathBuf, expected: (u32, u32, u32), found: (u32, u32, u32) },
+    #[error("reading map {map}: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Checks every map already pinned in `dir` against the ABI (aya reuses a pin without
+/// checking its sizes). Maps that are not pinned yet are fine: they will be created.
+pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
+    for layout in MAP_LAYOUTS {
+        let path = dir.join(layout.name);
+        if !path.exists() {
+            continue;
+        }
+        let md = MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.clone(), source })?;
+        let info = md.info().map_err(|source| MapsError::Open { path: path.clone(), source })?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let expected = (layout.key_size, layout.value_size, layout.max_entries);
+        if found != expected {
+            return Err(MapsError::Layout { path, expected, found });
+        }
+    }
+    Ok(())
+}
+
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u16, RevNat>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn open(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<Map, MapsError> {
+    let path = dir.join(name);
+    let md = MapData::from_pin(&path).map_err(|source| MapsError::Open { path, source })?;
+    Ok(wrap(md))
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        check_pinned_layouts(dir)?;
+        let read = |map: &'static str| move |source| MapsError::Read { map, source };
+        Ok(PinnedMaps {
+            services: HashMap::try_from(open(dir, SVC_MAP, Map::HashMap)?).map_err(read(SVC_MAP))?,
+            backends: HashMap::try_from(open(dir, BACKEND_MAP, Map::HashMap)?).map_err(read(BACKEND_MAP))?,
+            rev_nat: HashMap::try_from(open(dir, REV_NAT_MAP, Map::HashMap)?).map_err(read(REV_NAT_MAP))?,
+            counters: PerCpuArray::try_from(open(dir, COUNTERS_MAP, Map::PerCpuArray)?)
+                .map_err(read(COUNTERS_MAP))?,
+        })
+    }
+
+    /// Everything the writer owns, as it is in the kernel now.
+    pub fn dump(&self) -> Result<MapState, MapsError> {
+        let mut state = MapState::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(|source| MapsError::Read { map: SVC_MAP, source })?;
+            state.services.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(|source| MapsError::Read { map: BACKEND_MAP, source })?;
+            state.backends.insert(k, v);
+        }
+        for kv in self.rev_nat.iter() {
+            let (k, v) = kv.map_err(|source| MapsError::Read { map: REV_NAT_MAP, source })?;
+            state.rev_nat.insert(k, v);
+        }
+        Ok(state)
+    }
+
+    /// Datapath counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapsError> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map_err(|source| MapsError::Read { map: COUNTERS_MAP, source })?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn map_err(map: &'static str, op: &'static str, e: MapError) -> DatapathError {
+    let source = match e {
+        MapError::SyscallError(s) => s.io_error,
+        other => std::io::Error::other(other.to_string()),
+    };
+    DatapathError::Map { map, op, source }
+}
+
+/// A delete of an absent key is what we wanted anyway.
+fn absent_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), DatapathError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(map, "delete", e)),
+    }
+}
+
+impl Datapath for PinnedMaps {
+    fn update_backend(&mut self, id: u32, b: Backend) -> Result<(), DatapathError> {
+        self.backends.insert(id, b, 0).map_err(|e| map_err(BACKEND_MAP, "update", e))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        absent_ok(self.backends.remove(&id), BACKEND_MAP)
+    }
+    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError> {
+        self.services.insert(key, value, 0).map_err(|e| map_err(SVC_MAP, "update", e))
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), DatapathError> {
+        absent_ok(self.services.remove(&key), SVC_MAP)
+    }
+    fn update_rev_nat(&mut self, id: u16, value: RevNat) -> Result<(), DatapathError> {
+        self.rev_nat.insert(id, value, 0).map_err(|e| map_err(REV_NAT_MAP, "update", e))
+    }
+    fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError> {
+        absent_ok(self.rev_nat.remove(&id), REV_NAT_MAP)
+    }
+}
