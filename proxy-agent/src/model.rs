@@ -169,6 +169,9 @@ pub struct Desired {
     /// VIPs of Services that are invalid right now: the sync leaves what is programmed for
     /// them as it is (the last good state keeps serving) instead of deleting it.
     pub held_vips: BTreeSet<Ipv4Addr>,
+    /// Services that are invalid right now (their ClusterIP may not even parse): the sync
+    /// keeps the frontends it last wrote for them.
+    pub held_services: BTreeSet<ServiceRef>,
 }
 
 /// Computes the frontends this node must program. Pure and deterministic.
@@ -211,15 +214,26 @@ pub fn build(objects: &Objects, node_name: &str) -> Desired {
                 }
                 if held {
                     out.held_vips.extend(vips);
+                    out.held_services.extend(service_ref(&svc.object));
                 } else {
                     out.frontends.extend(frontends);
                 }
             }
-            ServiceOutcome::Invalid { vips } => out.held_vips.extend(vips),
+            ServiceOutcome::Invalid { vips } => {
+                out.held_vips.extend(vips);
+                out.held_services.extend(service_ref(&svc.object));
+            }
         }
         out.problems.extend(problems);
     }
     out
+}
+
+fn service_ref(svc: &Service) -> Option<ServiceRef> {
+    Some(ServiceRef {
+        namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: svc.metadata.name.clone().filter(|n| !n.is_empty())?,
+    })
 }
 
 enum ServiceOutcome {

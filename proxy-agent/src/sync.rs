@@ -20,7 +20,7 @@ use proxy_common::{
     SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP, SVC_MAP_ENTRIES, ServiceKey, ServiceValue,
 };
 
-use crate::model::{BackendAddr, Desired, Frontend, Proto};
+use crate::model::{BackendAddr, Desired, Frontend, Proto, ServiceRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -101,6 +101,9 @@ pub struct Syncer<D: Datapath> {
     unreferenced: BTreeSet<u32>,
     next_backend_id: u32,
     next_rev_nat_id: u16,
+    /// The Service each frontend was last written for (unknown for entries found in the maps
+    /// at start), so an invalid Service keeps its frontends even when its VIP is unreadable.
+    owners: HashMap<Frontend, ServiceRef>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -126,6 +129,7 @@ impl<D: Datapath> Syncer<D> {
             unreferenced,
             next_backend_id: 1,
             next_rev_nat_id: 1,
+            owners: HashMap::new(),
         }
     }
 
@@ -144,18 +148,24 @@ impl<D: Datapath> Syncer<D> {
         // Frontends present in the maps (masters, and slots left without a master by a crash).
         let applied: BTreeSet<Frontend> = self.state.services.keys().filter_map(frontend_of).collect();
         for f in applied {
-            if desired.frontends.contains_key(&f) || desired.held_vips.contains(&f.vip) {
+            let held_owner = self.owners.get(&f).is_some_and(|o| desired.held_services.contains(o));
+            if desired.frontends.contains_key(&f) || desired.held_vips.contains(&f.vip) || held_owner {
                 continue;
             }
             match self.delete_frontend(&f, &mut report) {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.owners.remove(&f);
+                }
                 Err(e) => report.errors.push((f, e)),
             }
         }
         for (f, spec) in &desired.frontends {
             let flags = if spec.no_local_endpoints { SVC_FLAG_NO_LOCAL_ENDPOINTS } else { 0 };
-            if let Err(e) = self.update_frontend(f, &spec.backends, flags, &mut report) {
-                report.errors.push((*f, e));
+            match self.update_frontend(f, &spec.backends, flags, &mut report) {
+                Ok(()) => {
+                    self.owners.insert(*f, spec.service.clone());
+                }
+                Err(e) => report.errors.push((*f, e)),
             }
         }
         // Leftovers of a writer that died mid-update (found in the maps at start).

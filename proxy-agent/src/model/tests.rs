@@ -44,11 +44,12 @@ struct Case {
     /// (field, reason) of every expected problem, in order.
     problems: &'static [(&'static str, ProblemReason)],
     held: &'static [&'static str],
+    held_services: &'static [&'static str],
 }
 
 impl Default for Case {
     fn default() -> Self {
-        Case { name: "", services: vec![], slices: vec![], nodes: vec![], want: &[], problems: &[], held: &[] }
+        Case { name: "", services: vec![], slices: vec![], nodes: vec![], want: &[], problems: &[], held: &[], held_services: &[] }
     }
 }
 
@@ -79,6 +80,8 @@ fn run(cases: Vec<Case>) {
         assert_eq!(problems, want_p, "case {:?}: problems {:?}", c.name, d.problems);
         let held: Vec<String> = d.held_vips.iter().map(|v| v.to_string()).collect();
         assert_eq!(held, c.held, "case {:?}: held VIPs", c.name);
+        let held_svcs: Vec<String> = d.held_services.iter().map(|s| s.to_string()).collect();
+        assert_eq!(held_svcs, c.held_services, "case {:?}: held Services", c.name);
     }
 }
 
@@ -262,6 +265,7 @@ fn invalid_objects_are_reported_by_field_and_held() {
             name: "unparseable ClusterIP",
             services: vec![svc("bad", "10.96.0.999", http())],
             problems: &[("spec.clusterIP", InvalidIp)],
+            held_services: &["default/bad"],
             ..Default::default()
         },
         Case {
@@ -269,6 +273,7 @@ fn invalid_objects_are_reported_by_field_and_held() {
             services: vec![svc("bad", "10.96.0.10", json!([{"name": "http", "port": 70000}]))],
             problems: &[("spec.ports[0].port", InvalidPort)],
             held: &["10.96.0.10"],
+            held_services: &["default/bad"],
             ..Default::default()
         },
         Case {
@@ -276,6 +281,7 @@ fn invalid_objects_are_reported_by_field_and_held() {
             services: vec![svc("bad", "10.96.0.10", json!([{"name": "x", "port": 80, "protocol": "QUIC"}]))],
             problems: &[("spec.ports[0].protocol", UnsupportedProtocol)],
             held: &["10.96.0.10"],
+            held_services: &["default/bad"],
             ..Default::default()
         },
         Case {
@@ -292,6 +298,7 @@ fn invalid_objects_are_reported_by_field_and_held() {
             services: vec![with(svc("bad", "10.96.0.10", http()), &["spec", "internalTrafficPolicy"], json!("Nearby"))],
             problems: &[("spec.internalTrafficPolicy", InvalidValue)],
             held: &["10.96.0.10"],
+            held_services: &["default/bad"],
             ..Default::default()
         },
         Case {
@@ -301,6 +308,7 @@ fn invalid_objects_are_reported_by_field_and_held() {
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
             problems: &[("spec.clusterIP", DuplicateFrontend)],
             held: &["10.96.0.10"],
+            held_services: &["default/b"],
             ..Default::default()
         },
         Case {

@@ -206,6 +206,21 @@ fn held_vips_are_left_alone() {
 }
 
 #[test]
+fn held_services_keep_their_frontends_even_without_a_readable_vip() {
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    let f = fe("10.96.0.10", 80);
+    s.sync(&desired(&[(f, &[("10.1.0.1", 8080)])]));
+    ops(&mut s);
+    let mut d = Desired::default();
+    d.held_services.insert(ServiceRef { namespace: "default".into(), name: "svc".into() });
+    s.sync(&d);
+    assert!(ops(&mut s).is_empty());
+    // Once the Service is gone for good, so are its frontends.
+    s.sync(&Desired::default());
+    assert_eq!(s.dp.maps, MapState::default());
+}
+
+#[test]
 fn no_backends_programs_a_reject_master_and_flags() {
     let mut s = Syncer::new(Fake::default(), MapState::default());
     let f = fe("10.96.0.10", 80);

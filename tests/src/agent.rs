@@ -1,0 +1,128 @@
+//! The agent binary under test, its manifests directory and its pins.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use proxy_agent::inspect::{self, FrontendView};
+
+use crate::{host::BpffsDir, unique};
+
+/// Where the agent binary is: `$PROXY_AGENT_BIN` (set by `cargo xtask test`), else the
+/// workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("PROXY_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/proxy-agent")
+    })
+}
+
+/// A manifests directory, removed on drop.
+pub struct Manifests {
+    pub dir: PathBuf,
+}
+
+impl Manifests {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(unique("m"));
+        fs::create_dir_all(&dir)?;
+        Ok(Manifests { dir })
+    }
+
+    /// Writes atomically (write + rename), as editors and config managers do.
+    pub fn write(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        Ok(fs::remove_file(self.dir.join(name))?)
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `proxy-agent run`; stopped on drop (its pins stay until `pins` drops).
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(manifests: &Path, cgroup: &Path, pins: &BpffsDir) -> anyhow::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let out = fs::File::create(&log)?;
+        let child = Command::new(agent_bin())
+            .args(["run", "--node-name", "node-a", "--manifests"])
+            .arg(manifests)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--bpffs-dir")
+            .arg(&pins.path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {} (build it with `cargo xtask test`)", agent_bin().display()))?;
+        let mut agent = Agent { child: Some(child), log };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log_text().contains(" ready") {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent exited with {status}:\n{}", self.log_text());
+            }
+            sleep(Duration::from_millis(20));
+        }
+        bail!("agent not ready after 20 s:\n{}", self.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent as an operator would (SIGTERM), bounded; SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// The frontends in the pinned maps.
+pub fn frontends(pins: &BpffsDir) -> Vec<FrontendView> {
+    inspect::inspect(&pins.path).map(|i| i.services).unwrap_or_default()
+}

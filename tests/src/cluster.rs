@@ -1,0 +1,100 @@
+//! A netns "mini cluster" on one machine: a node namespace with a bridge, a client pod and
+//! backend pods on veths. No interface or route is ever added to the root namespace, and the
+//! node has no way out, so untranslated traffic to a VIP dies inside the test.
+//!
+//! ```text
+//!   client (10.200.0.2) ──┐
+//!   pod-0  (10.200.0.10) ─┼── br0 (10.200.0.1) in the node namespace
+//!   pod-1  (10.200.0.11) ─┤
+//!   pod-2  (10.200.0.12) ─┘
+//! ```
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    host::{Cgroup, Netns},
+    servers::PodServers,
+    unique,
+};
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: Netns,
+}
+
+/// Field order is drop order: servers stop before their namespaces go, the cgroup last.
+pub struct Cluster {
+    servers: Vec<PodServers>,
+    pub pods: Vec<Pod>,
+    pub client: Netns,
+    pub node: Netns,
+    /// The client pod's cgroup: where the socket programs are attached.
+    pub cgroup: Cgroup,
+}
+
+pub const TCP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 5353;
+
+fn attach(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name])?;
+    node.ip(&["link", "set", host_if, "master", "br0", "up"])?;
+    pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", "default", "via", "10.200.0.1"])?;
+    Ok(())
+}
+
+impl Cluster {
+    /// `pods` backend pods, each serving its name on TCP 8080 and UDP 5353 plus `extra_tcp`.
+    pub fn new(pods: usize, extra_tcp: &[u16]) -> anyhow::Result<Self> {
+        let id = unique("");
+        let cgroup = Cgroup::new(&id)?;
+        let node = Netns::new(&format!("{id}-node"))?;
+        node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        node.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"])?;
+        node.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new(&format!("{id}-client"))?;
+        attach(&node, &client, "vclient", Ipv4Addr::new(10, 200, 0, 2))?;
+        let mut cluster = Cluster { servers: vec![], pods: vec![], client, node, cgroup };
+        let mut tcp = vec![TCP_PORT];
+        tcp.extend_from_slice(extra_tcp);
+        for i in 0..pods {
+            let name = format!("pod-{i}");
+            let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
+            let netns = Netns::new(&format!("{id}-p{i}"))?;
+            attach(&cluster.node, &netns, &format!("vpod{i}"), ip)?;
+            cluster.servers.push(PodServers::start(&netns.path(), &name, &tcp, &[UDP_PORT])?);
+            cluster.pods.push(Pod { name, ip, netns });
+        }
+        Ok(cluster)
+    }
+
+    /// Runs `program args` as a client pod: first in the test cgroup, then in the client
+    /// namespace (in that order: `ip netns exec` would hide the cgroup mount).
+    pub fn run_client(&self, program: &Path, args: &[String]) -> anyhow::Result<Output> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec nsenter --net={} \"$@\"",
+            self.cgroup.path.display(),
+            self.client.path().display()
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("client")
+            .arg(program)
+            .args(args)
+            .output()
+            .context("running the client")
+    }
+
+    pub fn cgroup_path(&self) -> PathBuf {
+        self.cgroup.path.clone()
+    }
+}

@@ -1,0 +1,284 @@
+//! Privileged end to end: the agent binary, a manifests directory, and a netns mini-cluster
+//! whose backends are real TCP/UDP servers. Run by `cargo xtask test` (as root).
+//! Marked `#[ignore]` so a plain unprivileged `cargo test` skips them instead of failing.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use proxy_tests::{
+    agent::{Agent, Manifests, frontends},
+    cluster::{Cluster, Pod, TCP_PORT, UDP_PORT},
+    host::{BpffsDir, require_root, wait_for},
+    unique,
+};
+use serde::Deserialize;
+
+const VIP: &str = "10.96.0.10";
+
+#[derive(Deserialize, Debug)]
+struct Report {
+    replies: BTreeMap<String, u32>,
+    peers: BTreeMap<String, u32>,
+    errors: BTreeMap<String, u32>,
+    max_error_us: u64,
+}
+
+/// Drop order is field order: agent stops, pins go (detaching the programs), then the
+/// manifests and the cluster.
+struct Fixture {
+    agent: Agent,
+    pins: BpffsDir,
+    manifests: Manifests,
+    cluster: Cluster,
+}
+
+impl Fixture {
+    fn new(files: &[(&str, String)]) -> Fixture {
+        require_root();
+        let cluster = Cluster::new(3, &[9090]).expect("mini cluster");
+        let manifests = Manifests::new().unwrap();
+        for (name, text) in files {
+            manifests.write(name, text).unwrap();
+        }
+        let pins = BpffsDir::new(&unique("bpf"));
+        let agent = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+        Fixture { agent, pins, manifests, cluster }
+    }
+
+    fn client(&self, mode: &str, addr: &str, count: u32) -> Report {
+        let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
+        let args = vec![mode.to_string(), addr.to_string(), "--count".into(), count.to_string(), "--timeout-ms".into(), "1000".into()];
+        let out = self.cluster.run_client(bin, &args).unwrap();
+        assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("client output {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Waits (at most 5 s) until the maps hold `backends` for VIP:port, returning how long.
+    fn wait_backends(&self, port: u16, proto: &str, backends: &[String]) -> Duration {
+        let r = wait_for(Duration::from_secs(5), || {
+            frontends(&self.pins)
+                .into_iter()
+                .find(|f| f.vip.to_string() == VIP && f.port == port && f.protocol == proto)
+                .filter(|f| f.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect::<Vec<_>>() == backends)
+        });
+        match r {
+            Some((_, elapsed)) => elapsed,
+            None => panic!("maps never held {backends:?} for {VIP}:{port}; agent log:\n{}", self.agent.log_text()),
+        }
+    }
+}
+
+fn service(name: &str, vip: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: http, protocol: TCP}}\n  - {{name: dns, port: 53, targetPort: {UDP_PORT}, protocol: UDP}}\n"
+    )
+}
+
+fn slice(service: &str, pods: &[&Pod], http_port: u16, node: &str) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n- {{name: http, port: {http_port}, protocol: TCP}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for p in pods {
+        s.push_str(&format!("- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n", p.ip));
+    }
+    s
+}
+
+fn addrs(pods: &[&Pod], port: u16) -> Vec<String> {
+    pods.iter().map(|p| format!("{}:{port}", p.ip)).collect()
+}
+
+fn web_fixture() -> Fixture {
+    require_root();
+    // Pod IPs are fixed by the cluster layout (10.200.0.10+i), so the manifests can be made
+    // before the cluster exists.
+    let probe = ["10.200.0.10", "10.200.0.11", "10.200.0.12"];
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}, protocol: TCP}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for ip in probe {
+        s.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: node-b\n"));
+    }
+    let f = Fixture::new(&[("web-svc.yaml", service("web", VIP, "")), ("web-slice.yaml", s)]);
+    let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
+    assert_eq!(addrs(&pods, TCP_PORT), probe.iter().map(|ip| format!("{ip}:{TCP_PORT}")).collect::<Vec<_>>());
+    f.wait_backends(80, "TCP", &addrs(&pods, TCP_PORT));
+    f
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn tcp_to_the_vip_reaches_the_target_port_and_the_peer_is_the_vip() {
+    let f = web_fixture();
+    let r = f.client("tcp", &format!("{VIP}:80"), 5);
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.replies.values().sum::<u32>(), 5);
+    assert!(r.replies.keys().all(|k| k.starts_with("pod-")), "{r:?}");
+    // getpeername() reports the ClusterIP, not the pod.
+    assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![&format!("{VIP}:80")]);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn three_hundred_connects_spread_over_three_backends() {
+    let f = web_fixture();
+    let r = f.client("tcp", &format!("{VIP}:80"), 300);
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.replies.len(), 3, "{r:?}");
+    // Expected 100 each; 50 is more than 6 standard deviations away.
+    for (pod, n) in &r.replies {
+        assert!(*n >= 50, "{pod} got only {n} of 300: {r:?}");
+    }
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn udp_sendto_and_connected_udp_see_the_vip_as_the_source() {
+    let f = web_fixture();
+    for mode in ["udp", "udp-connected"] {
+        let r = f.client(mode, &format!("{VIP}:53"), 20);
+        assert!(r.errors.is_empty(), "{mode}: {r:?}");
+        assert_eq!(r.replies.values().sum::<u32>(), 20, "{mode}: {r:?}");
+        assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![&format!("{VIP}:53")], "{mode}: {r:?}");
+    }
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn no_endpoints_is_refused_at_once_and_other_addresses_are_left_alone() {
+    require_root();
+    let empty_slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: empty-1\n  namespace: default\n  labels: {kubernetes.io/service-name: empty}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"10.200.0.10\"]\n  conditions: {ready: false, serving: false}\n";
+    let local = service("local", "10.96.0.12", "  internalTrafficPolicy: Local\n");
+    let local_slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: local-1\n  namespace: default\n  labels: {kubernetes.io/service-name: local}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"10.200.0.10\"]\n  nodeName: node-b\n";
+    let f = Fixture::new(&[
+        ("empty.yaml", service("empty", "10.96.0.11", "")),
+        ("empty-slice.yaml", empty_slice.to_string()),
+        ("local.yaml", local),
+        ("local-slice.yaml", local_slice.to_string()),
+    ]);
+    wait_for(Duration::from_secs(5), || (frontends(&f.pins).len() == 4).then_some(())).expect("programmed");
+
+    // No ready or serving endpoint: ECONNREFUSED (kube-proxy's REJECT), well under 50 ms.
+    let r = f.client("tcp", "10.96.0.11:80", 20);
+    assert_eq!(r.errors.get("ECONNREFUSED"), Some(&20), "{r:?}");
+    assert!(r.max_error_us < 50_000, "slowest refusal took {} us", r.max_error_us);
+    let r = f.client("udp-connected", "10.96.0.11:53", 1);
+    assert_eq!(r.errors.get("ECONNREFUSED"), Some(&1), "{r:?}");
+
+    // iTP=Local with only remote endpoints: never a remote pod, never ECONNREFUSED.
+    let r = f.client("tcp", "10.96.0.12:80", 5);
+    assert_eq!(r.errors.get("EHOSTUNREACH"), Some(&5), "{r:?}");
+
+    // A port that is no Service's, and a pod IP directly, are not touched.
+    let r = f.client("tcp", "10.96.0.11:81", 1);
+    assert!(r.errors.get("ECONNREFUSED").is_none() && r.replies.is_empty(), "{r:?}");
+    let r = f.client("tcp", &format!("{}:{TCP_PORT}", f.cluster.pods[1].ip), 3);
+    assert_eq!(r.replies.get("pod-1"), Some(&3), "{r:?}");
+    assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![&format!("{}:{TCP_PORT}", f.cluster.pods[1].ip)]);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn manifest_edits_are_followed_within_a_second() {
+    let f = web_fixture();
+    let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
+
+    // Remove a backend.
+    f.manifests.write("web-slice.yaml", &slice("web", &[pods[0], pods[2]], TCP_PORT, "node-b")).unwrap();
+    let took = f.wait_backends(80, "TCP", &addrs(&[pods[0], pods[2]], TCP_PORT));
+    assert!(took < Duration::from_secs(1), "backend removal took {took:?}");
+    let r = f.client("tcp", &format!("{VIP}:80"), 60);
+    assert!(r.errors.is_empty() && !r.replies.contains_key("pod-1") && r.replies.len() == 2, "{r:?}");
+
+    // Change the target port (the named port now resolves to 9090).
+    f.manifests.write("web-slice.yaml", &slice("web", &pods, 9090, "node-b")).unwrap();
+    let took = f.wait_backends(80, "TCP", &addrs(&pods, 9090));
+    assert!(took < Duration::from_secs(1), "port change took {took:?}");
+    let r = f.client("tcp", &format!("{VIP}:80"), 10);
+    assert!(r.errors.is_empty(), "{r:?}");
+
+    // Delete the Service's file: its frontends go, and the VIP is no longer translated.
+    f.manifests.remove("web-svc.yaml").unwrap();
+    let gone = wait_for(Duration::from_secs(1), || frontends(&f.pins).is_empty().then_some(()));
+    assert!(gone.is_some(), "frontends still programmed: {:?}", frontends(&f.pins));
+    let r = f.client("tcp", &format!("{VIP}:80"), 1);
+    assert!(r.replies.is_empty(), "{r:?}");
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn malformed_files_and_invalid_objects_leave_the_previous_state_serving() {
+    let f = web_fixture();
+    let before = frontends(&f.pins);
+
+    f.manifests.write("web-slice.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n").unwrap();
+    f.manifests.write("web-svc.yaml", &service("web", "10.96.0.999", "")).unwrap();
+    let logged = wait_for(Duration::from_secs(3), || {
+        let log = f.agent.log_text();
+        (log.contains("web-slice.yaml") && log.contains("spec.clusterIP")).then_some(())
+    });
+    assert!(logged.is_some(), "problems not reported with file and field:\n{}", f.agent.log_text());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(frontends(&f.pins), before, "the programmed state changed");
+    let r = f.client("tcp", &format!("{VIP}:80"), 30);
+    assert!(r.errors.is_empty() && r.replies.len() == 3, "{r:?}");
+
+    // A good edit after the bad ones is applied.
+    let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
+    f.manifests.write("web-svc.yaml", &service("web", VIP, "")).unwrap();
+    f.manifests.write("web-slice.yaml", &slice("web", &[pods[1]], TCP_PORT, "node-b")).unwrap();
+    f.wait_backends(80, "TCP", &addrs(&[pods[1]], TCP_PORT));
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_datapath_outlives_the_agent_and_a_restart_rewrites_nothing() {
+    let mut f = web_fixture();
+    let before = frontends(&f.pins);
+    f.agent.stop();
+    let r = f.client("tcp", &format!("{VIP}:80"), 20);
+    assert!(r.errors.is_empty() && r.replies.values().sum::<u32>() == 20, "stopped agent: {r:?}");
+
+    f.agent = Agent::start(&f.manifests.dir, &f.cluster.cgroup_path(), &f.pins).unwrap();
+    assert_eq!(frontends(&f.pins), before, "rev-NAT ids and backends unchanged");
+    assert!(!f.agent.log_text().contains("synced"), "a restart on unchanged input wrote maps:\n{}", f.agent.log_text());
+    let r = f.client("tcp", &format!("{VIP}:80"), 20);
+    assert!(r.errors.is_empty(), "{r:?}");
+
+    // `cleanup` detaches: the VIP is no longer translated.
+    f.agent.stop();
+    let out = std::process::Command::new(proxy_tests::agent::agent_bin()).args(["cleanup", "--bpffs-dir"]).arg(&f.pins.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!f.pins.path.exists());
+    let r = f.client("tcp", &format!("{VIP}:80"), 1);
+    assert!(r.replies.is_empty(), "{r:?}");
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn services_command_prints_the_table_and_json() {
+    let f = web_fixture();
+    let f2 = &f;
+    let run = |fmt: &str| {
+        let out = std::process::Command::new(proxy_tests::agent::agent_bin())
+            .args(["services", "-o", fmt, "--bpffs-dir"])
+            .arg(&f2.pins.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    let svcs = json["services"].as_array().unwrap();
+    assert_eq!(svcs.len(), 2);
+    let tcp = svcs.iter().find(|s| s["protocol"] == "TCP").unwrap();
+    assert_eq!(tcp["vip"], VIP);
+    assert_eq!(tcp["state"], "active");
+    assert_eq!(tcp["backends"].as_array().unwrap().len(), 3);
+    let table = run("table");
+    assert!(table.contains("10.96.0.10:80") && table.contains("10.200.0.11:8080"), "{table}");
+
+    // bpftool reads the pinned BTF maps with field names.
+    let out = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(f.pins.path.join("PROXY_SVC_V1")).output().unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && dump.contains("\"vip_be\"") && dump.contains("\"rev_nat_id\""), "{dump}");
+}
