@@ -6,7 +6,6 @@
 //! Here we detect which of the two the machine has.
 use std::{
     env,
-    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -22,15 +21,22 @@ fn main() {
 }
 
 fn run() -> Result<(), String> {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or("no CARGO_MANIFEST_DIR")?);
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or("no CARGO_MANIFEST_DIR")?);
     let root = manifest_dir.parent().ok_or("no workspace root")?;
     let ebpf_dir = root.join("proxy-ebpf");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("no OUT_DIR")?);
     for p in ["src", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("proxy-common/src").display());
-    println!("cargo:rerun-if-changed={}", root.join("proxy-common/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("proxy-common/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("proxy-common/Cargo.toml").display()
+    );
     println!("cargo:rerun-if-env-changed=PROXY_EBPF_TOOLCHAIN");
 
     let toolchain = env::var("PROXY_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
@@ -66,7 +72,9 @@ fn run() -> Result<(), String> {
     }
     let libdir = PathBuf::from(String::from_utf8_lossy(&libdir.stdout).trim());
     let prebuilt_core = has_core(&libdir);
-    let sysroot = rustup(&["rustc", "--print", "sysroot"]).output().map_err(|e| e.to_string())?;
+    let sysroot = rustup(&["rustc", "--print", "sysroot"])
+        .output()
+        .map_err(|e| e.to_string())?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     let rust_src = sysroot.join("lib/rustlib/src/rust/library/core").is_dir();
     if !prebuilt_core && !rust_src {
@@ -77,9 +85,11 @@ fn run() -> Result<(), String> {
         ));
     }
     let Some(linker) = which("bpf-linker") else {
-        return Err("bpf-linker is not on PATH.\n  fix: cargo install bpf-linker \
+        return Err(
+            "bpf-linker is not on PATH.\n  fix: cargo install bpf-linker \
                     (or run ../shared/toolchain/install-ebpf-toolchain)"
-            .into());
+                .into(),
+        );
     };
 
     let target_dir = out_dir.join("ebpf-target");
@@ -90,14 +100,19 @@ fn run() -> Result<(), String> {
         cmd.args(["-Z", "build-std=core"]);
     }
     // BTF for the maps (field names in `bpftool map dump`) needs debug info and --btf.
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     // rustc finds bpf-linker on PATH; it may only be in ~/.cargo/bin.
     let path = env::var_os("PATH").unwrap_or_default();
     let linker_dir = linker.parent().map(Path::to_path_buf).unwrap_or_default();
     let path = env::join_paths(std::iter::once(linker_dir).chain(env::split_paths(&path)))
         .map_err(|e| e.to_string())?;
     cmd.env("PATH", path);
-    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if !status.success() {
         return Err(format!("{cmd:?} failed with {status}"));
     }
@@ -117,7 +132,7 @@ fn has_core(libdir: &Path) -> bool {
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH").unwrap_or_else(OsString::new);
+    let path = env::var_os("PATH").unwrap_or_default();
     env::split_paths(&path)
         .chain(env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin")))
         .map(|d| d.join(bin))

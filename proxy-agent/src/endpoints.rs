@@ -66,7 +66,11 @@ pub fn categorize(
             // No ready endpoint anywhere (topology was already ignored if none were ready for
             // it): fall back to serving+terminating ones.
             if reachable.is_empty() {
-                reachable = endpoints.iter().filter(|ep| ep.usable_fallback()).cloned().collect();
+                reachable = endpoints
+                    .iter()
+                    .filter(|ep| ep.usable_fallback())
+                    .cloned()
+                    .collect();
             }
             let has_any = !reachable.is_empty();
             Selection { reachable, has_any }
@@ -77,7 +81,12 @@ pub fn categorize(
             let reachable = endpoints
                 .iter()
                 .filter(|ep| {
-                    ep.local && if local_ready { ep.ready } else { ep.usable_fallback() }
+                    ep.local
+                        && if local_ready {
+                            ep.ready
+                        } else {
+                            ep.usable_fallback()
+                        }
                 })
                 .cloned()
                 .collect();
@@ -174,8 +183,11 @@ mod tests {
         for c in cases {
             let eps: Vec<Endpoint> = c.endpoints.into_iter().map(|e| e.0).collect();
             let sel = categorize(&eps, c.policy, "node-a", c.zone);
-            let got: BTreeSet<String> =
-                sel.reachable.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
+            let got: BTreeSet<String> = sel
+                .reachable
+                .iter()
+                .map(|e| format!("{}:{}", e.ip, e.port))
+                .collect();
             let want: BTreeSet<String> = c.reachable.iter().map(|s| s.to_string()).collect();
             assert_eq!(got, want, "case {:?}: reachable", c.name);
             assert_eq!(sel.has_any, c.has_any, "case {:?}: has_any", c.name);
@@ -276,7 +288,9 @@ mod tests {
                 zone: Some("zone-c"),
                 policy: Cluster,
                 endpoints: vec![
-                    ep("10.1.2.3:80").zones(&["zone-a", "zone-b", "zone-c"]).ready(),
+                    ep("10.1.2.3:80")
+                        .zones(&["zone-a", "zone-b", "zone-c"])
+                        .ready(),
                     ep("10.1.2.4:80").zones(&["zone-b", "zone-c"]).ready(),
                     ep("10.1.2.5:80").zones(&["zone-b", "zone-d"]).ready(),
                     ep("10.1.2.6:80").zones(&["zone-c"]).ready(),
@@ -289,8 +303,14 @@ mod tests {
                 zone: Some("zone-a"),
                 policy: Cluster,
                 endpoints: vec![
-                    ep("10.1.2.3:80").zones(&["zone-a"]).nodes(&["node-a"]).ready(),
-                    ep("10.1.2.4:80").zones(&["zone-a"]).nodes(&["node-b"]).ready(),
+                    ep("10.1.2.3:80")
+                        .zones(&["zone-a"])
+                        .nodes(&["node-a"])
+                        .ready(),
+                    ep("10.1.2.4:80")
+                        .zones(&["zone-a"])
+                        .nodes(&["node-b"])
+                        .ready(),
                 ],
                 reachable: &["10.1.2.3:80"],
                 has_any: true,
@@ -300,8 +320,14 @@ mod tests {
                 zone: Some("zone-a"),
                 policy: Cluster,
                 endpoints: vec![
-                    ep("10.1.2.3:80").zones(&["zone-a"]).nodes(&["node-c"]).ready(),
-                    ep("10.1.2.4:80").zones(&["zone-b"]).nodes(&["node-b"]).ready(),
+                    ep("10.1.2.3:80")
+                        .zones(&["zone-a"])
+                        .nodes(&["node-c"])
+                        .ready(),
+                    ep("10.1.2.4:80")
+                        .zones(&["zone-b"])
+                        .nodes(&["node-b"])
+                        .ready(),
                 ],
                 reachable: &["10.1.2.3:80"],
                 has_any: true,
@@ -326,7 +352,10 @@ mod tests {
                 name: "iTP Local, all endpoints are local",
                 zone: None,
                 policy: Local,
-                endpoints: vec![ep("10.0.0.0:80").ready().local(), ep("10.0.0.1:80").ready().local()],
+                endpoints: vec![
+                    ep("10.0.0.0:80").ready().local(),
+                    ep("10.0.0.1:80").ready().local(),
+                ],
                 reachable: &["10.0.0.0:80", "10.0.0.1:80"],
                 has_any: true,
             },

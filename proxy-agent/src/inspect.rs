@@ -36,8 +36,15 @@ pub struct Inspection {
 pub fn inspect(dir: &Path) -> Result<Inspection, MapsError> {
     let maps = PinnedMaps::open(dir)?;
     let state = maps.dump()?;
-    let counters = maps.counters()?.into_iter().map(|(c, v)| (c.name(), v)).collect();
-    Ok(Inspection { services: frontends(&state), counters })
+    let counters = maps
+        .counters()?
+        .into_iter()
+        .map(|(c, v)| (c.name(), v))
+        .collect();
+    Ok(Inspection {
+        services: frontends(&state),
+        counters,
+    })
 }
 
 /// Frontends as a reader sees them: masters and the backends their slots resolve to.
@@ -48,28 +55,53 @@ pub fn frontends(state: &MapState) -> Vec<FrontendView> {
         let backends = (1..=m.count)
             .filter_map(|slot| state.services.get(&ServiceKey { slot, ..*k }))
             .filter_map(|s| state.backends.get(&s.backend_id))
-            .map(|b| BackendView { ip: Ipv4Addr::from(u32::from_be(b.addr_be)), port: u16::from_be(b.port_be) })
+            .map(|b| BackendView {
+                ip: Ipv4Addr::from(u32::from_be(b.addr_be)),
+                port: u16::from_be(b.port_be),
+            })
             .collect();
         let state = match (m.count, m.flags & SVC_FLAG_NO_LOCAL_ENDPOINTS != 0) {
             (0, true) => "no-local-endpoints",
             (0, false) => "reject",
             _ => "active",
         };
-        out.push(FrontendView { vip: f.vip, port: f.port, protocol: f.proto.to_string(), state, rev_nat_id: m.rev_nat_id, backends });
+        out.push(FrontendView {
+            vip: f.vip,
+            port: f.port,
+            protocol: f.proto.to_string(),
+            state,
+            rev_nat_id: m.rev_nat_id,
+            backends,
+        });
     }
     out
 }
 
 pub fn render_table(i: &Inspection) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<22} {:<5} {:<19} BACKENDS", "FRONTEND", "PROTO", "STATE");
+    let _ = writeln!(
+        s,
+        "{:<22} {:<5} {:<19} BACKENDS",
+        "FRONTEND", "PROTO", "STATE"
+    );
     for f in &i.services {
         let backends = if f.backends.is_empty() {
             "-".to_string()
         } else {
-            f.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect::<Vec<_>>().join(", ")
+            f.backends
+                .iter()
+                .map(|b| format!("{}:{}", b.ip, b.port))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        let _ = writeln!(s, "{:<22} {:<5} {:<19} {}", format!("{}:{}", f.vip, f.port), f.protocol, f.state, backends);
+        let _ = writeln!(
+            s,
+            "{:<22} {:<5} {:<19} {}",
+            format!("{}:{}", f.vip, f.port),
+            f.protocol,
+            f.state,
+            backends
+        );
     }
     let _ = writeln!(s, "\nCOUNTER                        VALUE");
     for (name, v) in &i.counters {

@@ -6,8 +6,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
@@ -21,10 +20,16 @@ use proxy_common::MAP_NAMES;
 use crate::maps::{self, MapsError};
 
 /// The eBPF object built by build.rs (aligned: the ELF parser reads it in place).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy.bpf.o"));
 
 /// Socket programs, by function name in proxy-ebpf.
-pub const PROGRAMS: [&str; 4] = ["proxy_connect4", "proxy_sendmsg4", "proxy_recvmsg4", "proxy_getpeername4"];
+pub const PROGRAMS: [&str; 4] = [
+    "proxy_connect4",
+    "proxy_sendmsg4",
+    "proxy_recvmsg4",
+    "proxy_getpeername4",
+];
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/proxy";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -33,9 +38,13 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
-    #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root")]
+    #[error(
+        "loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root"
+    )]
     NotRoot,
-    #[error("the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); a kernel built with CONFIG_DEBUG_INFO_BTF=y is required")]
+    #[error(
+        "the kernel has no BTF (/sys/kernel/btf/vmlinux is missing); a kernel built with CONFIG_DEBUG_INFO_BTF=y is required"
+    )]
     NoBtf,
     #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/mounts)")]
     NoCgroup2,
@@ -70,7 +79,10 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
-    move |source| LoaderError::Io { path: path.to_path_buf(), source }
+    move |source| LoaderError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn statfs_type(path: &Path) -> io::Result<i64> {
@@ -106,7 +118,10 @@ pub fn preflight(cgroup: &Path) -> Result<(), LoaderError> {
     match statfs_type(cgroup) {
         Ok(CGROUP2_SUPER_MAGIC) => Ok(()),
         Ok(_) => Err(LoaderError::NotCgroup2(cgroup.to_path_buf())),
-        Err(source) => Err(LoaderError::Io { path: cgroup.to_path_buf(), source }),
+        Err(source) => Err(LoaderError::Io {
+            path: cgroup.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -117,7 +132,15 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
         let (src, fstype) = (c"bpf", c"bpf");
         let target = CString::new(BPFFS_ROOT).expect("no NUL");
         // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if rc != 0 {
             return Err(LoaderError::Bpffs {
                 path: root.to_path_buf(),
@@ -128,8 +151,14 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
     fs::create_dir_all(dir.join("links")).map_err(io_err(dir))?;
     match statfs_type(dir) {
         Ok(BPF_FS_MAGIC) => Ok(()),
-        Ok(_) => Err(LoaderError::Bpffs { path: dir.to_path_buf(), detail: "not on a bpf filesystem".into() }),
-        Err(e) => Err(LoaderError::Bpffs { path: dir.to_path_buf(), detail: e.to_string() }),
+        Ok(_) => Err(LoaderError::Bpffs {
+            path: dir.to_path_buf(),
+            detail: "not on a bpf filesystem".into(),
+        }),
+        Err(e) => Err(LoaderError::Bpffs {
+            path: dir.to_path_buf(),
+            detail: e.to_string(),
+        }),
     }
 }
 
@@ -146,7 +175,9 @@ pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf: Ebpf = loader.load(EBPF_OBJECT).map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let mut ebpf: Ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
     let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
     for name in PROGRAMS {
         let perr = |detail: String| LoaderError::Program { name, detail };
@@ -155,7 +186,8 @@ pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
             .ok_or_else(|| perr("missing from the object".into()))?
             .try_into()
             .map_err(|e| perr(chain(&e)))?;
-        prog.load().map_err(|e| perr(format!("verifier/load: {}", chain(&e))))?;
+        prog.load()
+            .map_err(|e| perr(format!("verifier/load: {}", chain(&e))))?;
         let id = prog
             // bpf_link attachments to a cgroup always coexist with others (the kernel rejects
             // BPF_F_ALLOW_MULTI on BPF_LINK_CREATE): "Single" passes no flags.
@@ -170,7 +202,8 @@ pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
         // bpffs refuses names with a dot.
         let tmp = dir.join("links").join(format!("{name}_next"));
         let _ = fs::remove_file(&tmp);
-        link.pin(&tmp).map_err(|e| perr(format!("pin {}: {}", tmp.display(), chain(&e))))?;
+        link.pin(&tmp)
+            .map_err(|e| perr(format!("pin {}: {}", tmp.display(), chain(&e))))?;
         fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
     }
     Ok(())
@@ -224,7 +257,10 @@ mod tests {
     fn built_object_matches_the_map_abi() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
         for layout in MAP_LAYOUTS {
-            let map = obj.maps.get(layout.name).unwrap_or_else(|| panic!("map {} missing from object", layout.name));
+            let map = obj
+                .maps
+                .get(layout.name)
+                .unwrap_or_else(|| panic!("map {} missing from object", layout.name));
             assert_eq!(
                 (map.key_size(), map.value_size(), map.max_entries()),
                 (layout.key_size, layout.value_size, layout.max_entries),

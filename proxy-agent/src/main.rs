@@ -53,7 +53,9 @@ enum Output {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,9 +66,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, kubeconfig, node_name, cgroup, bpffs_dir } => {
+        Command::Run {
+            manifests,
+            kubeconfig,
+            node_name,
+            cgroup,
+            bpffs_dir,
+        } => {
             let Some(manifests) = manifests else {
-                let which = kubeconfig.map(|k| format!("--kubeconfig {}", k.display())).unwrap_or("in-cluster config".into());
+                let which = kubeconfig
+                    .map(|k| format!("--kubeconfig {}", k.display()))
+                    .unwrap_or("in-cluster config".into());
                 bail!(
                     "the Kubernetes API source ({which}) is not available in this version; \
                      run with --manifests DIR"
@@ -77,8 +87,16 @@ fn main() -> anyhow::Result<()> {
                 None => loader::cgroup2_mount()?,
             };
             let node_name = node_name.unwrap_or_else(hostname);
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(run::run(run::RunConfig { manifests, node_name, cgroup, bpffs_dir }))
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(run::run(run::RunConfig {
+                manifests,
+                node_name,
+                cgroup,
+                bpffs_dir,
+            }))
         }
         Command::Services { bpffs_dir, output } => {
             let view = inspect::inspect(&bpffs_dir)?;
@@ -89,7 +107,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { bpffs_dir } => {
-            let done = loader::cleanup(&bpffs_dir).with_context(|| format!("cleaning up {}", bpffs_dir.display()))?;
+            let done = loader::cleanup(&bpffs_dir)
+                .with_context(|| format!("cleaning up {}", bpffs_dir.display()))?;
             println!(
                 "removed {} links and {} maps from {}",
                 done.links.len(),

@@ -14,7 +14,9 @@ use crate::sync::{Datapath, DatapathError, MapState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
-    #[error("cannot open pinned map {path}: {source} (is the datapath loaded? run `proxy-agent run` first)")]
+    #[error(
+        "cannot open pinned map {path}: {source} (is the datapath loaded? run `proxy-agent run` first)"
+    )]
     Open {
         path: PathBuf,
         #[source]
@@ -25,7 +27,11 @@ pub enum MapsError {
          it was made by an incompatible version: run `proxy-agent cleanup` (connections through \
          the old datapath will stop being translated) and start again"
     )]
-    Layout { path: PathBuf, expected: (u32, u32, u32), found: (u32, u32, u32) },
+    Layout {
+        path: PathBuf,
+        expected: (u32, u32, u32),
+        found: (u32, u32, u32),
+    },
     #[error("reading map {map}: {source}")]
     Read {
         map: &'static str,
@@ -42,12 +48,22 @@ pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
         if !path.exists() {
             continue;
         }
-        let md = MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.clone(), source })?;
-        let info = md.info().map_err(|source| MapsError::Open { path: path.clone(), source })?;
+        let md = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let info = md.info().map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         let expected = (layout.key_size, layout.value_size, layout.max_entries);
         if found != expected {
-            return Err(MapsError::Layout { path, expected, found });
+            return Err(MapsError::Layout {
+                path,
+                expected,
+                found,
+            });
         }
     }
     Ok(())
@@ -71,9 +87,12 @@ impl PinnedMaps {
         check_pinned_layouts(dir)?;
         let read = |map: &'static str| move |source| MapsError::Read { map, source };
         Ok(PinnedMaps {
-            services: HashMap::try_from(open(dir, SVC_MAP, Map::HashMap)?).map_err(read(SVC_MAP))?,
-            backends: HashMap::try_from(open(dir, BACKEND_MAP, Map::HashMap)?).map_err(read(BACKEND_MAP))?,
-            rev_nat: HashMap::try_from(open(dir, REV_NAT_MAP, Map::HashMap)?).map_err(read(REV_NAT_MAP))?,
+            services: HashMap::try_from(open(dir, SVC_MAP, Map::HashMap)?)
+                .map_err(read(SVC_MAP))?,
+            backends: HashMap::try_from(open(dir, BACKEND_MAP, Map::HashMap)?)
+                .map_err(read(BACKEND_MAP))?,
+            rev_nat: HashMap::try_from(open(dir, REV_NAT_MAP, Map::HashMap)?)
+                .map_err(read(REV_NAT_MAP))?,
             counters: PerCpuArray::try_from(open(dir, COUNTERS_MAP, Map::PerCpuArray)?)
                 .map_err(read(COUNTERS_MAP))?,
         })
@@ -83,15 +102,24 @@ impl PinnedMaps {
     pub fn dump(&self) -> Result<MapState, MapsError> {
         let mut state = MapState::default();
         for kv in self.services.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read { map: SVC_MAP, source })?;
+            let (k, v) = kv.map_err(|source| MapsError::Read {
+                map: SVC_MAP,
+                source,
+            })?;
             state.services.insert(k, v);
         }
         for kv in self.backends.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read { map: BACKEND_MAP, source })?;
+            let (k, v) = kv.map_err(|source| MapsError::Read {
+                map: BACKEND_MAP,
+                source,
+            })?;
             state.backends.insert(k, v);
         }
         for kv in self.rev_nat.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read { map: REV_NAT_MAP, source })?;
+            let (k, v) = kv.map_err(|source| MapsError::Read {
+                map: REV_NAT_MAP,
+                source,
+            })?;
             state.rev_nat.insert(k, v);
         }
         Ok(state)
@@ -102,10 +130,13 @@ impl PinnedMaps {
         Counter::ALL
             .iter()
             .map(|c| {
-                let per_cpu = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map_err(|source| MapsError::Read { map: COUNTERS_MAP, source })?;
+                let per_cpu =
+                    self.counters
+                        .get(&(*c as u32), 0)
+                        .map_err(|source| MapsError::Read {
+                            map: COUNTERS_MAP,
+                            source,
+                        })?;
                 Ok((*c, per_cpu.iter().sum()))
             })
             .collect()
@@ -131,19 +162,29 @@ fn absent_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), DatapathE
 
 impl Datapath for PinnedMaps {
     fn update_backend(&mut self, id: u32, b: Backend) -> Result<(), DatapathError> {
-        self.backends.insert(id, b, 0).map_err(|e| map_err(BACKEND_MAP, "update", e))
+        self.backends
+            .insert(id, b, 0)
+            .map_err(|e| map_err(BACKEND_MAP, "update", e))
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         absent_ok(self.backends.remove(&id), BACKEND_MAP)
     }
-    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError> {
-        self.services.insert(key, value, 0).map_err(|e| map_err(SVC_MAP, "update", e))
+    fn update_service(
+        &mut self,
+        key: ServiceKey,
+        value: ServiceValue,
+    ) -> Result<(), DatapathError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| map_err(SVC_MAP, "update", e))
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), DatapathError> {
         absent_ok(self.services.remove(&key), SVC_MAP)
     }
     fn update_rev_nat(&mut self, id: u16, value: RevNat) -> Result<(), DatapathError> {
-        self.rev_nat.insert(id, value, 0).map_err(|e| map_err(REV_NAT_MAP, "update", e))
+        self.rev_nat
+            .insert(id, value, 0)
+            .map_err(|e| map_err(REV_NAT_MAP, "update", e))
     }
     fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError> {
         absent_ok(self.rev_nat.remove(&id), REV_NAT_MAP)

@@ -187,7 +187,10 @@ pub fn build(objects: &Objects, node_name: &str) -> Desired {
     let mut services: Vec<&Sourced<Service>> = objects.services.iter().collect();
     services.sort_by(|a, b| {
         let key = |s: &Sourced<Service>| {
-            (s.object.metadata.namespace.clone(), s.object.metadata.name.clone())
+            (
+                s.object.metadata.namespace.clone(),
+                s.object.metadata.name.clone(),
+            )
         };
         key(a).cmp(&key(b))
     });
@@ -196,10 +199,15 @@ pub fn build(objects: &Objects, node_name: &str) -> Desired {
         match service_frontends(svc, &slices, node_name, zone.as_deref(), &mut problems) {
             ServiceOutcome::Skipped => {}
             ServiceOutcome::Frontends { vips, frontends } => {
-                let mut held = !problems.iter().all(|p| p.reason == ProblemReason::UnsupportedProtocol);
+                let mut held = !problems
+                    .iter()
+                    .all(|p| p.reason == ProblemReason::UnsupportedProtocol);
                 if !held {
-                    let clash: Vec<Frontend> =
-                        frontends.iter().map(|(f, _)| *f).filter(|f| out.frontends.contains_key(f)).collect();
+                    let clash: Vec<Frontend> = frontends
+                        .iter()
+                        .map(|(f, _)| *f)
+                        .filter(|f| out.frontends.contains_key(f))
+                        .collect();
                     for f in &clash {
                         let owner = &out.frontends[f].service;
                         problems.push(problem(
@@ -231,7 +239,11 @@ pub fn build(objects: &Objects, node_name: &str) -> Desired {
 
 fn service_ref(svc: &Service) -> Option<ServiceRef> {
     Some(ServiceRef {
-        namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: svc.metadata.name.clone().filter(|n| !n.is_empty())?,
     })
 }
@@ -239,12 +251,17 @@ fn service_ref(svc: &Service) -> Option<ServiceRef> {
 enum ServiceOutcome {
     /// Not ours to proxy (headless, ExternalName, another proxy's, IPv6-only).
     Skipped,
-    Frontends { vips: Vec<Ipv4Addr>, frontends: Vec<(Frontend, FrontendSpec)> },
+    Frontends {
+        vips: Vec<Ipv4Addr>,
+        frontends: Vec<(Frontend, FrontendSpec)>,
+    },
     /// Invalid: nothing is changed for these VIPs.
     Invalid { vips: Vec<Ipv4Addr> },
 }
 
-fn problem<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+fn problem<
+    T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+>(
     src: &Sourced<T>,
     kind: &'static str,
     field: impl Into<String>,
@@ -265,22 +282,34 @@ fn problem<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::m
 
 fn service_frontends(
     src: &Sourced<Service>,
-    slices: &BTreeMap<(ServiceRef, String, Proto), Vec<Endpoint>>,
+    slices: &EndpointsByPort,
     node_name: &str,
     zone: Option<&str>,
     problems: &mut Vec<Problem>,
 ) -> ServiceOutcome {
     let svc = &src.object;
     let labels = svc.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)) {
+    if labels
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+    {
         return ServiceOutcome::Skipped;
     }
     let Some(name) = svc.metadata.name.clone().filter(|n| !n.is_empty()) else {
-        problems.push(problem(src, "Service", "metadata.name", ProblemReason::MissingField, "a Service needs a name"));
+        problems.push(problem(
+            src,
+            "Service",
+            "metadata.name",
+            ProblemReason::MissingField,
+            "a Service needs a name",
+        ));
         return ServiceOutcome::Invalid { vips: vec![] };
     };
     let service = ServiceRef {
-        namespace: svc.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name,
     };
     let Some(spec) = svc.spec.as_ref() else {
@@ -302,17 +331,33 @@ fn service_frontends(
     let mut vips = Vec::new();
     let mut invalid = false;
     for (i, ip) in ips.iter().enumerate() {
-        let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.to_string() };
+        let field = if field == "spec.clusterIPs" {
+            format!("{field}[{i}]")
+        } else {
+            field.to_string()
+        };
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
-                problems.push(problem(src, "Service", field, ProblemReason::InvalidIp, format!("{ip:?} is not a usable ClusterIP")));
+                problems.push(problem(
+                    src,
+                    "Service",
+                    field,
+                    ProblemReason::InvalidIp,
+                    format!("{ip:?} is not a usable ClusterIP"),
+                ));
                 invalid = true;
             }
             Ok(IpAddr::V4(v4)) => vips.push(v4),
             // IPv6 is not supported by the datapath yet; the IPv4 family is still proxied.
             Ok(IpAddr::V6(_)) => {}
             Err(_) => {
-                problems.push(problem(src, "Service", field, ProblemReason::InvalidIp, format!("{ip:?} is not an IP address")));
+                problems.push(problem(
+                    src,
+                    "Service",
+                    field,
+                    ProblemReason::InvalidIp,
+                    format!("{ip:?} is not an IP address"),
+                ));
                 invalid = true;
             }
         }
@@ -341,17 +386,38 @@ fn service_frontends(
             Some("UDP") => Proto::Udp,
             Some("SCTP") => {
                 // Valid Kubernetes, not supported by this datapath: skip only this port.
-                problems.push(problem(src, "Service", format!("spec.ports[{i}].protocol"), ProblemReason::UnsupportedProtocol, "SCTP is not supported; this port is not proxied"));
+                problems.push(problem(
+                    src,
+                    "Service",
+                    format!("spec.ports[{i}].protocol"),
+                    ProblemReason::UnsupportedProtocol,
+                    "SCTP is not supported; this port is not proxied",
+                ));
                 continue;
             }
             Some(other) => {
-                problems.push(problem(src, "Service", format!("spec.ports[{i}].protocol"), ProblemReason::UnsupportedProtocol, format!("unknown protocol {other:?}")));
+                problems.push(problem(
+                    src,
+                    "Service",
+                    format!("spec.ports[{i}].protocol"),
+                    ProblemReason::UnsupportedProtocol,
+                    format!("unknown protocol {other:?}"),
+                ));
                 invalid = true;
                 continue;
             }
         };
-        let Ok(port) = u16::try_from(p.port).map_err(drop).and_then(|v| if v == 0 { Err(()) } else { Ok(v) }) else {
-            problems.push(problem(src, "Service", format!("spec.ports[{i}].port"), ProblemReason::InvalidPort, format!("{} is not in 1..65535", p.port)));
+        let Ok(port) = u16::try_from(p.port)
+            .map_err(drop)
+            .and_then(|v| if v == 0 { Err(()) } else { Ok(v) })
+        else {
+            problems.push(problem(
+                src,
+                "Service",
+                format!("spec.ports[{i}].port"),
+                ProblemReason::InvalidPort,
+                format!("{} is not in 1..65535", p.port),
+            ));
             invalid = true;
             continue;
         };
@@ -371,8 +437,14 @@ fn service_frontends(
             .map(Vec::as_slice)
             .unwrap_or_default();
         let sel = endpoints::categorize(eps, policy, node_name, zone);
-        let mut backends: Vec<BackendAddr> =
-            sel.reachable.iter().map(|e| BackendAddr { ip: e.ip, port: e.port }).collect();
+        let mut backends: Vec<BackendAddr> = sel
+            .reachable
+            .iter()
+            .map(|e| BackendAddr {
+                ip: e.ip,
+                port: e.port,
+            })
+            .collect();
         backends.sort();
         backends.dedup();
         if backends.len() > proxy_common::MAX_BACKENDS_PER_SERVICE {
@@ -381,20 +453,35 @@ fn service_frontends(
                 "Service",
                 "spec.ports",
                 ProblemReason::TooManyBackends,
-                format!("port {port_name:?} has {} endpoints; at most {} are supported", backends.len(), proxy_common::MAX_BACKENDS_PER_SERVICE),
+                format!(
+                    "port {port_name:?} has {} endpoints; at most {} are supported",
+                    backends.len(),
+                    proxy_common::MAX_BACKENDS_PER_SERVICE
+                ),
             ));
             return ServiceOutcome::Invalid { vips };
         }
         let no_local_endpoints = backends.is_empty() && sel.has_any;
         for vip in &vips {
             frontends.push((
-                Frontend { vip: *vip, port, proto },
-                FrontendSpec { service: service.clone(), backends: backends.clone(), no_local_endpoints },
+                Frontend {
+                    vip: *vip,
+                    port,
+                    proto,
+                },
+                FrontendSpec {
+                    service: service.clone(),
+                    backends: backends.clone(),
+                    no_local_endpoints,
+                },
             ));
         }
     }
     ServiceOutcome::Frontends { vips, frontends }
 }
+
+/// Endpoints of one Service port: (Service, port name, protocol) -> endpoints.
+type EndpointsByPort = BTreeMap<(ServiceRef, String, Proto), Vec<Endpoint>>;
 
 /// kube-proxy's EndpointSliceCache: endpoints per (Service, port name, protocol), merged over
 /// all slices of the Service, deduplicated by ip:port (a local copy wins, as in kube-proxy).
@@ -403,13 +490,19 @@ fn merge_slices(
     slices: &[Sourced<EndpointSlice>],
     node_name: &str,
     problems: &mut Vec<Problem>,
-) -> BTreeMap<(ServiceRef, String, Proto), Vec<Endpoint>> {
+) -> EndpointsByPort {
     let mut sorted: Vec<&Sourced<EndpointSlice>> = slices.iter().collect();
     sorted.sort_by(|a, b| {
-        let key = |s: &Sourced<EndpointSlice>| (s.object.metadata.namespace.clone(), s.object.metadata.name.clone());
+        let key = |s: &Sourced<EndpointSlice>| {
+            (
+                s.object.metadata.namespace.clone(),
+                s.object.metadata.name.clone(),
+            )
+        };
         key(a).cmp(&key(b))
     });
-    let mut merged: BTreeMap<(ServiceRef, String, Proto), BTreeMap<(Ipv4Addr, u16), Endpoint>> = BTreeMap::new();
+    // Deduplicated by ip:port while merging.
+    let mut merged: BTreeMap<_, BTreeMap<(Ipv4Addr, u16), Endpoint>> = BTreeMap::new();
     for src in sorted {
         let slice = &src.object;
         // IPv6 and FQDN slices are not for this (IPv4) datapath.
@@ -417,22 +510,45 @@ fn merge_slices(
             continue;
         }
         let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)) {
+        if labels.is_some_and(|l| {
+            l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
+        }) {
             continue;
         }
-        let Some(svc_name) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).filter(|n| !n.is_empty()) else {
-            problems.push(problem(src, "EndpointSlice", format!("metadata.labels[{LABEL_SERVICE_NAME}]"), ProblemReason::MissingField, "the slice names no Service; ignored"));
+        let Some(svc_name) = labels
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .filter(|n| !n.is_empty())
+        else {
+            problems.push(problem(
+                src,
+                "EndpointSlice",
+                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+                ProblemReason::MissingField,
+                "the slice names no Service; ignored",
+            ));
             continue;
         };
         let service = ServiceRef {
-            namespace: slice.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            namespace: slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             name: svc_name.clone(),
         };
         let mut endpoints = Vec::new();
         for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
-            let Some(addr) = ep.addresses.first() else { continue };
+            let Some(addr) = ep.addresses.first() else {
+                continue;
+            };
             let Ok(ip) = addr.parse::<Ipv4Addr>() else {
-                problems.push(problem(src, "EndpointSlice", format!("endpoints[{i}].addresses[0]"), ProblemReason::InvalidIp, format!("{addr:?} is not an IPv4 address; endpoint ignored")));
+                problems.push(problem(
+                    src,
+                    "EndpointSlice",
+                    format!("endpoints[{i}].addresses[0]"),
+                    ProblemReason::InvalidIp,
+                    format!("{addr:?} is not an IPv4 address; endpoint ignored"),
+                ));
                 continue;
             };
             let cond = ep.conditions.as_ref();
@@ -458,10 +574,20 @@ fn merge_slices(
         }
         for (i, port) in slice.ports.iter().flatten().enumerate() {
             // kube-proxy ignores ports with a nil name or a nil/zero port.
-            let Some(name) = port.name.clone() else { continue };
-            let Some(num) = port.port.filter(|p| *p != 0) else { continue };
+            let Some(name) = port.name.clone() else {
+                continue;
+            };
+            let Some(num) = port.port.filter(|p| *p != 0) else {
+                continue;
+            };
             let Ok(num) = u16::try_from(num) else {
-                problems.push(problem(src, "EndpointSlice", format!("ports[{i}].port"), ProblemReason::InvalidPort, format!("{num} is not in 1..65535; port ignored")));
+                problems.push(problem(
+                    src,
+                    "EndpointSlice",
+                    format!("ports[{i}].port"),
+                    ProblemReason::InvalidPort,
+                    format!("{num} is not in 1..65535; port ignored"),
+                ));
                 continue;
             };
             let proto = match port.protocol.as_deref() {
@@ -473,12 +599,21 @@ fn merge_slices(
             let set = merged.entry((service.clone(), name, proto)).or_default();
             for e in &endpoints {
                 if e.local || !set.contains_key(&(e.ip, num)) {
-                    set.insert((e.ip, num), Endpoint { port: num, ..e.clone() });
+                    set.insert(
+                        (e.ip, num),
+                        Endpoint {
+                            port: num,
+                            ..e.clone()
+                        },
+                    );
                 }
             }
         }
     }
-    merged.into_iter().map(|(k, v)| (k, v.into_values().collect())).collect()
+    merged
+        .into_iter()
+        .map(|(k, v)| (k, v.into_values().collect()))
+        .collect()
 }
 
 #[cfg(test)]

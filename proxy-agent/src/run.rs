@@ -88,7 +88,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.tick().await;
 
-    sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, true)?;
+    sync_once(
+        &mut source,
+        &mut syncer,
+        &cfg.node_name,
+        &mut rejections,
+        true,
+    )?;
     info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), "ready");
     loop {
         tokio::select! {
@@ -125,8 +131,14 @@ fn sync_once(
         warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
     }
     if report.updates + report.deletes > 0 || !report.errors.is_empty() {
-        info!(frontends = desired.frontends.len(), updates = report.updates, deletes = report.deletes,
-              errors = report.errors.len(), elapsed_us = started.elapsed().as_micros() as u64, "synced");
+        info!(
+            frontends = desired.frontends.len(),
+            updates = report.updates,
+            deletes = report.deletes,
+            errors = report.errors.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "synced"
+        );
     }
     Ok(())
 }

@@ -66,19 +66,28 @@ fn is_manifest(path: &Path) -> bool {
     // Editors' swap and backup files are not manifests.
     !name.starts_with('.')
         && !name.ends_with('~')
-        && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
 }
 
 impl ManifestDir {
     pub fn new(dir: &Path) -> Result<Self, SourceError> {
-        let meta = fs::metadata(dir).map_err(|source| SourceError::Dir { path: dir.to_path_buf(), source })?;
+        let meta = fs::metadata(dir).map_err(|source| SourceError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         if !meta.is_dir() {
             return Err(SourceError::Dir {
                 path: dir.to_path_buf(),
                 source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
             });
         }
-        Ok(ManifestDir { dir: dir.to_path_buf(), files: BTreeMap::new() })
+        Ok(ManifestDir {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -88,7 +97,10 @@ impl ManifestDir {
     /// Re-reads files whose size or mtime changed, drops removed ones.
     pub fn rescan(&mut self) -> Result<Rescan, SourceError> {
         let mut out = Rescan::default();
-        let entries = fs::read_dir(&self.dir).map_err(|source| SourceError::Dir { path: self.dir.clone(), source })?;
+        let entries = fs::read_dir(&self.dir).map_err(|source| SourceError::Dir {
+            path: self.dir.clone(),
+            source,
+        })?;
         let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
         let mut seen = Vec::new();
@@ -96,13 +108,22 @@ impl ManifestDir {
             if !is_manifest(&path) {
                 continue;
             }
-            let Ok(meta) = fs::metadata(&path) else { continue };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
             seen.push(path.clone());
-            let fingerprint = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
-            if self.files.get(&path).is_some_and(|f| f.fingerprint == fingerprint) {
+            let fingerprint = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|f| f.fingerprint == fingerprint)
+            {
                 continue;
             }
             out.changed = true;
@@ -110,12 +131,24 @@ impl ManifestDir {
             let parsed = fs::read_to_string(&path)
                 .map_err(|e| vec![file_problem(&origin, "file", e.to_string())])
                 .and_then(|text| parse_file(&origin, &path, &text));
-            let previous = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
+            let previous = self
+                .files
+                .remove(&path)
+                .map(|f| f.objects)
+                .unwrap_or_default();
             let entry = match parsed {
-                Ok(objects) => FileEntry { fingerprint, objects, problems: vec![] },
+                Ok(objects) => FileEntry {
+                    fingerprint,
+                    objects,
+                    problems: vec![],
+                },
                 Err(problems) => {
                     out.new_problems.extend(problems.iter().cloned());
-                    FileEntry { fingerprint, objects: previous, problems }
+                    FileEntry {
+                        fingerprint,
+                        objects: previous,
+                        problems,
+                    }
                 }
             };
             self.files.insert(path, entry);
@@ -135,10 +168,22 @@ impl ManifestDir {
         let mut out = Objects::default();
         for (path, f) in &self.files {
             let origin: Arc<str> = Arc::from(path.display().to_string());
-            let wrap = |o| Sourced { origin: origin.clone(), object: o };
-            out.services.extend(f.objects.services.iter().cloned().map(wrap));
-            out.slices.extend(f.objects.slices.iter().cloned().map(|o| Sourced { origin: origin.clone(), object: o }));
-            out.nodes.extend(f.objects.nodes.iter().cloned().map(|o| Sourced { origin: origin.clone(), object: o }));
+            let wrap = |o| Sourced {
+                origin: origin.clone(),
+                object: o,
+            };
+            out.services
+                .extend(f.objects.services.iter().cloned().map(wrap));
+            out.slices
+                .extend(f.objects.slices.iter().cloned().map(|o| Sourced {
+                    origin: origin.clone(),
+                    object: o,
+                }));
+            out.nodes
+                .extend(f.objects.nodes.iter().cloned().map(|o| Sourced {
+                    origin: origin.clone(),
+                    object: o,
+                }));
         }
         out
     }
@@ -159,12 +204,21 @@ fn file_problem(origin: &Arc<str>, field: impl Into<String>, detail: impl Into<S
 /// Parses one file into objects; any problem rejects the whole file.
 fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects, Vec<Problem>> {
     let docs: Vec<Value> = if path.extension().and_then(|e| e.to_str()) == Some("json") {
-        vec![serde_json::from_str(text).map_err(|e| vec![file_problem(origin, format!("line {} column {}", e.line(), e.column()), e.to_string())])?]
+        vec![serde_json::from_str(text).map_err(|e| {
+            vec![file_problem(
+                origin,
+                format!("line {} column {}", e.line(), e.column()),
+                e.to_string(),
+            )]
+        })?]
     } else {
         let mut docs = Vec::new();
         for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
             let v = Value::deserialize(doc).map_err(|e| {
-                let at = e.location().map(|l| format!("line {} column {}", l.line(), l.column())).unwrap_or_else(|| format!("document {i}"));
+                let at = e
+                    .location()
+                    .map(|l| format!("line {} column {}", l.line(), l.column()))
+                    .unwrap_or_else(|| format!("document {i}"));
                 vec![file_problem(origin, at, e.to_string())]
             })?;
             docs.push(v);
@@ -173,25 +227,63 @@ fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects,
     };
     let mut out = FileObjects::default();
     let mut problems = Vec::new();
-    let mut queue: Vec<(String, Value)> = docs.into_iter().enumerate().map(|(i, d)| (format!("document {i}"), d)).collect();
+    let mut queue: Vec<(String, Value)> = docs
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| (format!("document {i}"), d))
+        .collect();
     while let Some((at, doc)) = queue.pop() {
         if doc.is_null() {
             continue; // an empty document between `---` separators
         }
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
-        let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
-        let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
-        let namespace = doc.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default").to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let api = doc
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let namespace = doc
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
         let mut bad = |kind: &'static str, field: String, reason, detail: String| {
-            problems.push(Problem { origin: origin.clone(), kind, namespace: namespace.clone(), name: name.clone(), field, reason, detail });
+            problems.push(Problem {
+                origin: origin.clone(),
+                kind,
+                namespace: namespace.clone(),
+                name: name.clone(),
+                field,
+                reason,
+                detail,
+            });
         };
         match (api.as_str(), kind.as_str()) {
             (_, k) if k == "List" || (k.ends_with("List") && doc.get("items").is_some()) => {
                 match doc.get("items").and_then(Value::as_array) {
                     Some(items) => {
-                        queue.extend(items.iter().enumerate().map(|(j, it)| (format!("{at} items[{j}]"), it.clone())));
+                        queue.extend(
+                            items
+                                .iter()
+                                .enumerate()
+                                .map(|(j, it)| (format!("{at} items[{j}]"), it.clone())),
+                        );
                     }
-                    None => bad("List", "items".into(), ProblemReason::MissingField, format!("{at}: a List needs an items array")),
+                    None => bad(
+                        "List",
+                        "items".into(),
+                        ProblemReason::MissingField,
+                        format!("{at}: a List needs an items array"),
+                    ),
                 }
             }
             ("v1", "Service") => match typed::<Service>(doc) {
@@ -206,7 +298,12 @@ fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects,
                 Ok(n) => out.nodes.push(n),
                 Err((field, e)) => bad("Node", field, ProblemReason::InvalidValue, e),
             },
-            ("", _) | (_, "") => bad("Object", format!("{at} apiVersion/kind"), ProblemReason::MissingField, "every object needs apiVersion and kind".into()),
+            ("", _) | (_, "") => bad(
+                "Object",
+                format!("{at} apiVersion/kind"),
+                ProblemReason::MissingField,
+                "every object needs apiVersion and kind".into(),
+            ),
             ("v1" | "discovery.k8s.io/v1beta1", "EndpointSlice" | "Endpoints") => bad(
                 "Object",
                 format!("{at} apiVersion"),
@@ -221,7 +318,11 @@ fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects,
     out.services.reverse();
     out.slices.reverse();
     out.nodes.reverse();
-    if problems.is_empty() { Ok(out) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Deserializes into a k8s-openapi type, naming the field that failed.

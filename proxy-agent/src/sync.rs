@@ -32,14 +32,19 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error("map {map} is full ({capacity} entries): {what}")]
-    Full { map: &'static str, capacity: u32, what: String },
+    Full {
+        map: &'static str,
+        capacity: u32,
+        what: String,
+    },
 }
 
 /// Where the sync writes: the pinned BPF maps, or a fake in tests.
 pub trait Datapath {
     fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError>;
-    fn update_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError>;
+    fn update_service(&mut self, key: ServiceKey, value: ServiceValue)
+    -> Result<(), DatapathError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), DatapathError>;
     fn update_rev_nat(&mut self, id: u16, value: RevNat) -> Result<(), DatapathError>;
     fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError>;
@@ -83,11 +88,20 @@ pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
 }
 
 fn backend_value(b: &BackendAddr, proto: Proto) -> Backend {
-    Backend { addr_be: u32::from(b.ip).to_be(), port_be: b.port.to_be(), proto: proto.number(), _pad: 0 }
+    Backend {
+        addr_be: u32::from(b.ip).to_be(),
+        port_be: b.port.to_be(),
+        proto: proto.number(),
+        _pad: 0,
+    }
 }
 
 fn rev_nat_value(f: &Frontend) -> RevNat {
-    RevNat { vip_be: u32::from(f.vip).to_be(), port_be: f.port.to_be(), _pad: 0 }
+    RevNat {
+        vip_be: u32::from(f.vip).to_be(),
+        port_be: f.port.to_be(),
+        _pad: 0,
+    }
 }
 
 pub struct Syncer<D: Datapath> {
@@ -119,8 +133,12 @@ impl<D: Datapath> Syncer<D> {
                 *backend_refs.entry(v.backend_id).or_insert(0) += 1;
             }
         }
-        let unreferenced =
-            state.backends.keys().filter(|id| !backend_refs.contains_key(*id)).copied().collect();
+        let unreferenced = state
+            .backends
+            .keys()
+            .filter(|id| !backend_refs.contains_key(*id))
+            .copied()
+            .collect();
         Syncer {
             dp,
             state,
@@ -146,10 +164,17 @@ impl<D: Datapath> Syncer<D> {
         let mut report = SyncReport::default();
 
         // Frontends present in the maps (masters, and slots left without a master by a crash).
-        let applied: BTreeSet<Frontend> = self.state.services.keys().filter_map(frontend_of).collect();
+        let applied: BTreeSet<Frontend> =
+            self.state.services.keys().filter_map(frontend_of).collect();
         for f in applied {
-            let held_owner = self.owners.get(&f).is_some_and(|o| desired.held_services.contains(o));
-            if desired.frontends.contains_key(&f) || desired.held_vips.contains(&f.vip) || held_owner {
+            let held_owner = self
+                .owners
+                .get(&f)
+                .is_some_and(|o| desired.held_services.contains(o));
+            if desired.frontends.contains_key(&f)
+                || desired.held_vips.contains(&f.vip)
+                || held_owner
+            {
                 continue;
             }
             match self.delete_frontend(&f, &mut report) {
@@ -160,7 +185,11 @@ impl<D: Datapath> Syncer<D> {
             }
         }
         for (f, spec) in &desired.frontends {
-            let flags = if spec.no_local_endpoints { SVC_FLAG_NO_LOCAL_ENDPOINTS } else { 0 };
+            let flags = if spec.no_local_endpoints {
+                SVC_FLAG_NO_LOCAL_ENDPOINTS
+            } else {
+                0
+            };
             match self.update_frontend(f, &spec.backends, flags, &mut report) {
                 Ok(()) => {
                     self.owners.insert(*f, spec.service.clone());
@@ -177,9 +206,20 @@ impl<D: Datapath> Syncer<D> {
 
     fn collect_orphans(&mut self, report: &mut SyncReport) -> Result<(), DatapathError> {
         self.collect_backends(report)?;
-        let used: BTreeSet<u16> =
-            self.state.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.rev_nat_id).collect();
-        let orphans: Vec<u16> = self.state.rev_nat.keys().filter(|id| !used.contains(id)).copied().collect();
+        let used: BTreeSet<u16> = self
+            .state
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
+        let orphans: Vec<u16> = self
+            .state
+            .rev_nat
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
         for id in orphans {
             self.dp.delete_rev_nat(id)?;
             self.state.rev_nat.remove(&id);
@@ -201,8 +241,11 @@ impl<D: Datapath> Syncer<D> {
         let values: Vec<Backend> = backends.iter().map(|b| backend_value(b, f.proto)).collect();
 
         // Capacity first: refuse the whole frontend rather than half-write it.
-        let new_backends: BTreeSet<Backend> =
-            values.iter().filter(|b| !self.backend_ids.contains_key(b)).copied().collect();
+        let new_backends: BTreeSet<Backend> = values
+            .iter()
+            .filter(|b| !self.backend_ids.contains_key(b))
+            .copied()
+            .collect();
         if self.state.backends.len() + new_backends.len() > BACKEND_MAP_ENTRIES as usize {
             return Err(DatapathError::Full {
                 map: BACKEND_MAP,
@@ -210,7 +253,8 @@ impl<D: Datapath> Syncer<D> {
                 what: format!("{f} needs {} new backends", new_backends.len()),
             });
         }
-        let extra = (values.len() + 1).saturating_sub(old_slots + usize::from(old_master.is_some()));
+        let extra =
+            (values.len() + 1).saturating_sub(old_slots + usize::from(old_master.is_some()));
         if self.state.services.len() + extra > SVC_MAP_ENTRIES as usize {
             return Err(DatapathError::Full {
                 map: SVC_MAP,
@@ -238,7 +282,10 @@ impl<D: Datapath> Syncer<D> {
         // 2. slots 1..n
         for (i, id) in ids.iter().enumerate() {
             let key = service_key(f, i as u16 + 1);
-            let value = ServiceValue { backend_id: *id, ..Default::default() };
+            let value = ServiceValue {
+                backend_id: *id,
+                ..Default::default()
+            };
             self.put_slot(key, value, report)?;
         }
         // 3. rev-NAT: keep the master's id while it still maps to this frontend.
@@ -279,7 +326,11 @@ impl<D: Datapath> Syncer<D> {
         self.collect_backends(report)
     }
 
-    fn delete_frontend(&mut self, f: &Frontend, report: &mut SyncReport) -> Result<(), DatapathError> {
+    fn delete_frontend(
+        &mut self,
+        f: &Frontend,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
         let master_key = service_key(f, 0);
         let old_master = self.state.services.get(&master_key).copied();
         if old_master.is_some() {
@@ -300,10 +351,21 @@ impl<D: Datapath> Syncer<D> {
     fn slot_count(&self, f: &Frontend) -> usize {
         let lo = service_key(f, 1);
         let hi = service_key(f, u16::MAX);
-        self.state.services.range(lo..=hi).filter(|(k, _)| frontend_of(k) == Some(*f)).map(|(k, _)| k.slot as usize).max().unwrap_or(0)
+        self.state
+            .services
+            .range(lo..=hi)
+            .filter(|(k, _)| frontend_of(k) == Some(*f))
+            .map(|(k, _)| k.slot as usize)
+            .max()
+            .unwrap_or(0)
     }
 
-    fn put_slot(&mut self, key: ServiceKey, value: ServiceValue, report: &mut SyncReport) -> Result<(), DatapathError> {
+    fn put_slot(
+        &mut self,
+        key: ServiceKey,
+        value: ServiceValue,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
         let old = self.state.services.get(&key).copied();
         if old == Some(value) {
             return Ok(());
@@ -319,8 +381,14 @@ impl<D: Datapath> Syncer<D> {
         Ok(())
     }
 
-    fn remove_slot(&mut self, key: ServiceKey, report: &mut SyncReport) -> Result<(), DatapathError> {
-        let Some(old) = self.state.services.get(&key).copied() else { return Ok(()) };
+    fn remove_slot(
+        &mut self,
+        key: ServiceKey,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
+        let Some(old) = self.state.services.get(&key).copied() else {
+            return Ok(());
+        };
         self.dp.delete_service(key)?;
         self.state.services.remove(&key);
         self.unref_backend(old.backend_id);
@@ -355,7 +423,12 @@ impl<D: Datapath> Syncer<D> {
 
     /// Deletes the rev-NAT entry of a frontend that no longer uses it. Each frontend gets an
     /// id of its own, so an entry still holding this frontend's address is no one else's.
-    fn release_rev_nat(&mut self, id: u16, f: &Frontend, report: &mut SyncReport) -> Result<(), DatapathError> {
+    fn release_rev_nat(
+        &mut self,
+        id: u16,
+        f: &Frontend,
+        report: &mut SyncReport,
+    ) -> Result<(), DatapathError> {
         if self.state.rev_nat.get(&id) == Some(&rev_nat_value(f)) {
             self.dp.delete_rev_nat(id)?;
             self.state.rev_nat.remove(&id);
@@ -368,7 +441,11 @@ impl<D: Datapath> Syncer<D> {
         // The capacity check above guarantees a free id exists; ids are never 0.
         loop {
             let id = self.next_backend_id;
-            self.next_backend_id = if id >= BACKEND_MAP_ENTRIES * 2 { 1 } else { id + 1 };
+            self.next_backend_id = if id >= BACKEND_MAP_ENTRIES * 2 {
+                1
+            } else {
+                id + 1
+            };
             if !self.state.backends.contains_key(&id) {
                 return id;
             }
@@ -383,7 +460,11 @@ impl<D: Datapath> Syncer<D> {
                 return Ok(id);
             }
         }
-        Err(DatapathError::Full { map: REV_NAT_MAP, capacity: REV_NAT_MAP_ENTRIES, what: format!("no rev-NAT id left for {f}") })
+        Err(DatapathError::Full {
+            map: REV_NAT_MAP,
+            capacity: REV_NAT_MAP_ENTRIES,
+            what: format!("no rev-NAT id left for {f}"),
+        })
     }
 }
 

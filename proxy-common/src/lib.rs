@@ -26,7 +26,13 @@ pub const SOCK_REV_NAT_MAP: &str = "PROXY_SKNAT_V1";
 pub const COUNTERS_MAP: &str = "PROXY_CNT_V1";
 
 /// Every map the programs use, for pinning and ABI checks.
-pub const MAP_NAMES: [&str; 5] = [SVC_MAP, BACKEND_MAP, REV_NAT_MAP, SOCK_REV_NAT_MAP, COUNTERS_MAP];
+pub const MAP_NAMES: [&str; 5] = [
+    SVC_MAP,
+    BACKEND_MAP,
+    REV_NAT_MAP,
+    SOCK_REV_NAT_MAP,
+    COUNTERS_MAP,
+];
 
 /// Capacity of [`SVC_MAP`]: masters plus backend slots of all frontends.
 pub const SVC_MAP_ENTRIES: u32 = 262_144;
@@ -181,16 +187,36 @@ const _: () = assert!(Counter::ALL.len() <= COUNTERS_MAP_ENTRIES as usize);
 /// Key and value sizes of every map, as the agent expects them; compared with existing pins
 /// and with the built object.
 pub const MAP_LAYOUTS: [MapLayout; 5] = [
-    MapLayout { name: SVC_MAP, key_size: 12, value_size: 16, max_entries: SVC_MAP_ENTRIES },
-    MapLayout { name: BACKEND_MAP, key_size: 4, value_size: 8, max_entries: BACKEND_MAP_ENTRIES },
-    MapLayout { name: REV_NAT_MAP, key_size: 2, value_size: 8, max_entries: REV_NAT_MAP_ENTRIES },
+    MapLayout {
+        name: SVC_MAP,
+        key_size: 12,
+        value_size: 16,
+        max_entries: SVC_MAP_ENTRIES,
+    },
+    MapLayout {
+        name: BACKEND_MAP,
+        key_size: 4,
+        value_size: 8,
+        max_entries: BACKEND_MAP_ENTRIES,
+    },
+    MapLayout {
+        name: REV_NAT_MAP,
+        key_size: 2,
+        value_size: 8,
+        max_entries: REV_NAT_MAP_ENTRIES,
+    },
     MapLayout {
         name: SOCK_REV_NAT_MAP,
         key_size: 16,
         value_size: 8,
         max_entries: SOCK_REV_NAT_MAP_ENTRIES,
     },
-    MapLayout { name: COUNTERS_MAP, key_size: 4, value_size: 8, max_entries: COUNTERS_MAP_ENTRIES },
+    MapLayout {
+        name: COUNTERS_MAP,
+        key_size: 4,
+        value_size: 8,
+        max_entries: COUNTERS_MAP_ENTRIES,
+    },
 ];
 const _: () = {
     assert!(MAP_LAYOUTS[0].key_size as usize == size_of::<ServiceKey>());

@@ -70,9 +70,15 @@ fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     let vip_be = sa.user_ip4;
     // user_port holds the port in network byte order in its low 16 bits.
     let port_be = sa.user_port as u16;
-    let mut key = ServiceKey { vip_be, port_be, slot: 0, proto, _pad: [0; 3] };
+    let mut key = ServiceKey {
+        vip_be,
+        port_be,
+        slot: 0,
+        proto,
+        _pad: [0; 3],
+    };
     // SAFETY: values are copied out at once; the writer replaces entries, never mutates them.
-    let master = match unsafe { PROXY_SVC_V1.get(&key) } {
+    let master = match unsafe { PROXY_SVC_V1.get(key) } {
         Some(v) => *v,
         None => return ALLOW,
     };
@@ -91,14 +97,14 @@ fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     // SAFETY: plain helper call.
     let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
     key.slot = pick as u16 + 1;
-    let backend_id = match unsafe { PROXY_SVC_V1.get(&key) } {
+    let backend_id = match unsafe { PROXY_SVC_V1.get(key) } {
         Some(v) => v.backend_id,
         None => {
             count(Counter::BackendMissing);
             return ALLOW;
         }
     };
-    let backend = match unsafe { PROXY_BE_V1.get(&backend_id) } {
+    let backend = match unsafe { PROXY_BE_V1.get(backend_id) } {
         Some(b) => *b,
         None => {
             count(Counter::BackendMissing);
@@ -115,8 +121,12 @@ fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
         port_be: backend.port_be,
         _pad: 0,
     };
-    let rval = SockRevNatValue { vip_be, port_be, rev_nat_id: master.rev_nat_id };
-    if PROXY_SKNAT_V1.insert(&rkey, &rval, BPF_ANY).is_err() {
+    let rval = SockRevNatValue {
+        vip_be,
+        port_be,
+        rev_nat_id: master.rev_nat_id,
+    };
+    if PROXY_SKNAT_V1.insert(rkey, rval, BPF_ANY).is_err() {
         count(Counter::SockRevNatUpdateFailed);
     }
 
@@ -143,13 +153,13 @@ fn reverse(ctx: &SockAddrContext, counter: Counter) -> i32 {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    let rval = match unsafe { PROXY_SKNAT_V1.get(&rkey) } {
+    let rval = match unsafe { PROXY_SKNAT_V1.get(rkey) } {
         Some(v) => *v,
         None => return ALLOW,
     };
     // Only while the frontend still exists with that address: a stale entry must not make a
     // socket claim to talk to a VIP that has since been reassigned.
-    match unsafe { PROXY_RNAT_V1.get(&rval.rev_nat_id) } {
+    match unsafe { PROXY_RNAT_V1.get(rval.rev_nat_id) } {
         Some(rn) if rn.vip_be == rval.vip_be && rn.port_be == rval.port_be => {}
         _ => return ALLOW,
     }

@@ -16,9 +16,11 @@ use crate::{host::BpffsDir, unique};
 /// Where the agent binary is: `$PROXY_AGENT_BIN` (set by `cargo xtask test`), else the
 /// workspace's debug build.
 pub fn agent_bin() -> PathBuf {
-    std::env::var_os("PROXY_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/proxy-agent")
-    })
+    std::env::var_os("PROXY_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/proxy-agent")
+        })
 }
 
 /// A manifests directory, removed on drop.
@@ -74,8 +76,16 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
-            .with_context(|| format!("starting {} (build it with `cargo xtask test`)", agent_bin().display()))?;
-        let mut agent = Agent { child: Some(child), log };
+            .with_context(|| {
+                format!(
+                    "starting {} (build it with `cargo xtask test`)",
+                    agent_bin().display()
+                )
+            })?;
+        let mut agent = Agent {
+            child: Some(child),
+            log,
+        };
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -86,7 +96,11 @@ impl Agent {
             if self.log_text().contains(" ready") {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("agent exited with {status}:\n{}", self.log_text());
             }
             sleep(Duration::from_millis(20));
@@ -100,7 +114,9 @@ impl Agent {
 
     /// Stops the agent as an operator would (SIGTERM), bounded; SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -124,5 +140,7 @@ impl Drop for Agent {
 
 /// The frontends in the pinned maps.
 pub fn frontends(pins: &BpffsDir) -> Vec<FrontendView> {
-    inspect::inspect(&pins.path).map(|i| i.services).unwrap_or_default()
+    inspect::inspect(&pins.path)
+        .map(|i| i.services)
+        .unwrap_or_default()
 }

@@ -43,7 +43,9 @@ pub const TCP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
 
 fn attach(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
-    node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name])?;
+    node.ip(&[
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ])?;
     node.ip(&["link", "set", host_if, "master", "br0", "up"])?;
     pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
     pod.ip(&["link", "set", "eth0", "up"])?;
@@ -62,7 +64,13 @@ impl Cluster {
         node.ip(&["link", "set", "br0", "up"])?;
         let client = Netns::new(&format!("{id}-client"))?;
         attach(&node, &client, "vclient", Ipv4Addr::new(10, 200, 0, 2))?;
-        let mut cluster = Cluster { servers: vec![], pods: vec![], client, node, cgroup };
+        let mut cluster = Cluster {
+            servers: vec![],
+            pods: vec![],
+            client,
+            node,
+            cgroup,
+        };
         let mut tcp = vec![TCP_PORT];
         tcp.extend_from_slice(extra_tcp);
         for i in 0..pods {
@@ -70,7 +78,9 @@ impl Cluster {
             let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
             let netns = Netns::new(&format!("{id}-p{i}"))?;
             attach(&cluster.node, &netns, &format!("vpod{i}"), ip)?;
-            cluster.servers.push(PodServers::start(&netns.path(), &name, &tcp, &[UDP_PORT])?);
+            cluster
+                .servers
+                .push(PodServers::start(&netns.path(), &name, &tcp, &[UDP_PORT])?);
             cluster.pods.push(Pod { name, ip, netns });
         }
         Ok(cluster)

@@ -12,16 +12,27 @@ use anyhow::{Context as _, bail};
 
 /// Runs a command, failing with its stderr.
 pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn require_root() {
     // SAFETY: no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "privileged test: run as root (`cargo xtask test` does)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "privileged test: run as root (`cargo xtask test` does)"
+    );
 }
 
 /// A child cgroup of the cgroup2 mount.
@@ -58,7 +69,9 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         sh("ip", &["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -88,7 +101,9 @@ pub struct BpffsDir {
 
 impl BpffsDir {
     pub fn new(name: &str) -> Self {
-        BpffsDir { path: Path::new("/sys/fs/bpf").join(name) }
+        BpffsDir {
+            path: Path::new("/sys/fs/bpf").join(name),
+        }
     }
 }
 

@@ -18,5 +18,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// A short name unique to this process and call, for namespaces, cgroups and bpffs dirs.
 pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("pxt{}{}{}", std::process::id() % 100_000, tag, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "pxt{}{}{}",
+        std::process::id() % 100_000,
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }

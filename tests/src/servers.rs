@@ -29,21 +29,38 @@ fn enter_netns(ns_path: &Path) -> anyhow::Result<()> {
     let f = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
     // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(anyhow!("setns {}: {}", ns_path.display(), std::io::Error::last_os_error()));
+        return Err(anyhow!(
+            "setns {}: {}",
+            ns_path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
 
 impl PodServers {
     /// Serves `name` on every TCP and UDP port given, on all addresses of the pod.
-    pub fn start(ns_path: &Path, name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> anyhow::Result<Self> {
+    pub fn start(
+        ns_path: &Path,
+        name: &str,
+        tcp_ports: &[u16],
+        udp_ports: &[u16],
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
-        let jobs: Vec<(bool, u16)> =
-            tcp_ports.iter().map(|p| (true, *p)).chain(udp_ports.iter().map(|p| (false, *p))).collect();
+        let jobs: Vec<(bool, u16)> = tcp_ports
+            .iter()
+            .map(|p| (true, *p))
+            .chain(udp_ports.iter().map(|p| (false, *p)))
+            .collect();
         for (tcp, port) in jobs.iter().copied() {
-            let (stop, ns, name, ready) = (stop.clone(), ns_path.to_path_buf(), name.to_string(), ready_tx.clone());
+            let (stop, ns, name, ready) = (
+                stop.clone(),
+                ns_path.to_path_buf(),
+                name.to_string(),
+                ready_tx.clone(),
+            );
             threads.push(thread::spawn(move || {
                 let setup = enter_netns(&ns).and_then(|()| {
                     if tcp {
@@ -75,7 +92,9 @@ impl PodServers {
                                 let _ = c.set_nonblocking(false);
                                 let _ = c.write_all(reply.as_bytes());
                             }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => sleep(Duration::from_millis(1)),
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                                sleep(Duration::from_millis(1))
+                            }
                             Err(_) => sleep(Duration::from_millis(5)),
                         }
                     }
@@ -90,7 +109,9 @@ impl PodServers {
         }
         let servers = PodServers { stop, threads };
         for _ in &jobs {
-            ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")??;
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .context("server did not start")??;
         }
         Ok(servers)
     }

@@ -40,16 +40,38 @@ impl Fixture {
             manifests.write(name, text).unwrap();
         }
         let pins = BpffsDir::new(&unique("bpf"));
-        let agent = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
-        Fixture { agent, pins, manifests, cluster }
+        let agent =
+            Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+        Fixture {
+            agent,
+            pins,
+            manifests,
+            cluster,
+        }
     }
 
     fn client(&self, mode: &str, addr: &str, count: u32) -> Report {
         let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
-        let args = vec![mode.to_string(), addr.to_string(), "--count".into(), count.to_string(), "--timeout-ms".into(), "1000".into()];
+        let args = vec![
+            mode.to_string(),
+            addr.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--timeout-ms".into(),
+            "1000".into(),
+        ];
         let out = self.cluster.run_client(bin, &args).unwrap();
-        assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("client output {e}: {}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "client output {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Waits (at most 5 s) until the maps hold `backends` for VIP:port, returning how long.
@@ -58,11 +80,20 @@ impl Fixture {
             frontends(&self.pins)
                 .into_iter()
                 .find(|f| f.vip.to_string() == VIP && f.port == port && f.protocol == proto)
-                .filter(|f| f.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect::<Vec<_>>() == backends)
+                .filter(|f| {
+                    f.backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .collect::<Vec<_>>()
+                        == backends
+                })
         });
         match r {
             Some((_, elapsed)) => elapsed,
-            None => panic!("maps never held {backends:?} for {VIP}:{port}; agent log:\n{}", self.agent.log_text()),
+            None => panic!(
+                "maps never held {backends:?} for {VIP}:{port}; agent log:\n{}",
+                self.agent.log_text()
+            ),
         }
     }
 }
@@ -78,7 +109,10 @@ fn slice(service: &str, pods: &[&Pod], http_port: u16, node: &str) -> String {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n- {{name: http, port: {http_port}, protocol: TCP}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
     );
     for p in pods {
-        s.push_str(&format!("- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n", p.ip));
+        s.push_str(&format!(
+            "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {node}\n",
+            p.ip
+        ));
     }
     s
 }
@@ -96,11 +130,22 @@ fn web_fixture() -> Fixture {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}, protocol: TCP}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
     );
     for ip in probe {
-        s.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: node-b\n"));
+        s.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: node-b\n"
+        ));
     }
-    let f = Fixture::new(&[("web-svc.yaml", service("web", VIP, "")), ("web-slice.yaml", s)]);
+    let f = Fixture::new(&[
+        ("web-svc.yaml", service("web", VIP, "")),
+        ("web-slice.yaml", s),
+    ]);
     let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
-    assert_eq!(addrs(&pods, TCP_PORT), probe.iter().map(|ip| format!("{ip}:{TCP_PORT}")).collect::<Vec<_>>());
+    assert_eq!(
+        addrs(&pods, TCP_PORT),
+        probe
+            .iter()
+            .map(|ip| format!("{ip}:{TCP_PORT}"))
+            .collect::<Vec<_>>()
+    );
     f.wait_backends(80, "TCP", &addrs(&pods, TCP_PORT));
     f
 }
@@ -114,7 +159,10 @@ fn tcp_to_the_vip_reaches_the_target_port_and_the_peer_is_the_vip() {
     assert_eq!(r.replies.values().sum::<u32>(), 5);
     assert!(r.replies.keys().all(|k| k.starts_with("pod-")), "{r:?}");
     // getpeername() reports the ClusterIP, not the pod.
-    assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![&format!("{VIP}:80")]);
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{VIP}:80")]
+    );
 }
 
 #[test]
@@ -138,7 +186,11 @@ fn udp_sendto_and_connected_udp_see_the_vip_as_the_source() {
         let r = f.client(mode, &format!("{VIP}:53"), 20);
         assert!(r.errors.is_empty(), "{mode}: {r:?}");
         assert_eq!(r.replies.values().sum::<u32>(), 20, "{mode}: {r:?}");
-        assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![&format!("{VIP}:53")], "{mode}: {r:?}");
+        assert_eq!(
+            r.peers.keys().collect::<Vec<_>>(),
+            vec![&format!("{VIP}:53")],
+            "{mode}: {r:?}"
+        );
     }
 }
 
@@ -155,12 +207,19 @@ fn no_endpoints_is_refused_at_once_and_other_addresses_are_left_alone() {
         ("local.yaml", local),
         ("local-slice.yaml", local_slice.to_string()),
     ]);
-    wait_for(Duration::from_secs(5), || (frontends(&f.pins).len() == 4).then_some(())).expect("programmed");
+    wait_for(Duration::from_secs(5), || {
+        (frontends(&f.pins).len() == 4).then_some(())
+    })
+    .expect("programmed");
 
     // No ready or serving endpoint: ECONNREFUSED (kube-proxy's REJECT), well under 50 ms.
     let r = f.client("tcp", "10.96.0.11:80", 20);
     assert_eq!(r.errors.get("ECONNREFUSED"), Some(&20), "{r:?}");
-    assert!(r.max_error_us < 50_000, "slowest refusal took {} us", r.max_error_us);
+    assert!(
+        r.max_error_us < 50_000,
+        "slowest refusal took {} us",
+        r.max_error_us
+    );
     let r = f.client("udp-connected", "10.96.0.11:53", 1);
     assert_eq!(r.errors.get("ECONNREFUSED"), Some(&1), "{r:?}");
 
@@ -170,10 +229,16 @@ fn no_endpoints_is_refused_at_once_and_other_addresses_are_left_alone() {
 
     // A port that is no Service's, and a pod IP directly, are not touched.
     let r = f.client("tcp", "10.96.0.11:81", 1);
-    assert!(r.errors.get("ECONNREFUSED").is_none() && r.replies.is_empty(), "{r:?}");
+    assert!(
+        !r.errors.contains_key("ECONNREFUSED") && r.replies.is_empty(),
+        "{r:?}"
+    );
     let r = f.client("tcp", &format!("{}:{TCP_PORT}", f.cluster.pods[1].ip), 3);
     assert_eq!(r.replies.get("pod-1"), Some(&3), "{r:?}");
-    assert_eq!(r.peers.keys().collect::<Vec<_>>(), vec![&format!("{}:{TCP_PORT}", f.cluster.pods[1].ip)]);
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{}:{TCP_PORT}", f.cluster.pods[1].ip)]
+    );
 }
 
 #[test]
@@ -183,14 +248,27 @@ fn manifest_edits_are_followed_within_a_second() {
     let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
 
     // Remove a backend.
-    f.manifests.write("web-slice.yaml", &slice("web", &[pods[0], pods[2]], TCP_PORT, "node-b")).unwrap();
+    f.manifests
+        .write(
+            "web-slice.yaml",
+            &slice("web", &[pods[0], pods[2]], TCP_PORT, "node-b"),
+        )
+        .unwrap();
     let took = f.wait_backends(80, "TCP", &addrs(&[pods[0], pods[2]], TCP_PORT));
-    assert!(took < Duration::from_secs(1), "backend removal took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "backend removal took {took:?}"
+    );
     let r = f.client("tcp", &format!("{VIP}:80"), 60);
-    assert!(r.errors.is_empty() && !r.replies.contains_key("pod-1") && r.replies.len() == 2, "{r:?}");
+    assert!(
+        r.errors.is_empty() && !r.replies.contains_key("pod-1") && r.replies.len() == 2,
+        "{r:?}"
+    );
 
     // Change the target port (the named port now resolves to 9090).
-    f.manifests.write("web-slice.yaml", &slice("web", &pods, 9090, "node-b")).unwrap();
+    f.manifests
+        .write("web-slice.yaml", &slice("web", &pods, 9090, "node-b"))
+        .unwrap();
     let took = f.wait_backends(80, "TCP", &addrs(&pods, 9090));
     assert!(took < Duration::from_secs(1), "port change took {took:?}");
     let r = f.client("tcp", &format!("{VIP}:80"), 10);
@@ -198,8 +276,14 @@ fn manifest_edits_are_followed_within_a_second() {
 
     // Delete the Service's file: its frontends go, and the VIP is no longer translated.
     f.manifests.remove("web-svc.yaml").unwrap();
-    let gone = wait_for(Duration::from_secs(1), || frontends(&f.pins).is_empty().then_some(()));
-    assert!(gone.is_some(), "frontends still programmed: {:?}", frontends(&f.pins));
+    let gone = wait_for(Duration::from_secs(1), || {
+        frontends(&f.pins).is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "frontends still programmed: {:?}",
+        frontends(&f.pins)
+    );
     let r = f.client("tcp", &format!("{VIP}:80"), 1);
     assert!(r.replies.is_empty(), "{r:?}");
 }
@@ -210,13 +294,24 @@ fn malformed_files_and_invalid_objects_leave_the_previous_state_serving() {
     let f = web_fixture();
     let before = frontends(&f.pins);
 
-    f.manifests.write("web-slice.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n").unwrap();
-    f.manifests.write("web-svc.yaml", &service("web", "10.96.0.999", "")).unwrap();
+    f.manifests
+        .write(
+            "web-slice.yaml",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nendpoints: [\n",
+        )
+        .unwrap();
+    f.manifests
+        .write("web-svc.yaml", &service("web", "10.96.0.999", ""))
+        .unwrap();
     let logged = wait_for(Duration::from_secs(3), || {
         let log = f.agent.log_text();
         (log.contains("web-slice.yaml") && log.contains("spec.clusterIP")).then_some(())
     });
-    assert!(logged.is_some(), "problems not reported with file and field:\n{}", f.agent.log_text());
+    assert!(
+        logged.is_some(),
+        "problems not reported with file and field:\n{}",
+        f.agent.log_text()
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(frontends(&f.pins), before, "the programmed state changed");
     let r = f.client("tcp", &format!("{VIP}:80"), 30);
@@ -224,8 +319,15 @@ fn malformed_files_and_invalid_objects_leave_the_previous_state_serving() {
 
     // A good edit after the bad ones is applied.
     let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
-    f.manifests.write("web-svc.yaml", &service("web", VIP, "")).unwrap();
-    f.manifests.write("web-slice.yaml", &slice("web", &[pods[1]], TCP_PORT, "node-b")).unwrap();
+    f.manifests
+        .write("web-svc.yaml", &service("web", VIP, ""))
+        .unwrap();
+    f.manifests
+        .write(
+            "web-slice.yaml",
+            &slice("web", &[pods[1]], TCP_PORT, "node-b"),
+        )
+        .unwrap();
     f.wait_backends(80, "TCP", &addrs(&[pods[1]], TCP_PORT));
 }
 
@@ -236,18 +338,37 @@ fn the_datapath_outlives_the_agent_and_a_restart_rewrites_nothing() {
     let before = frontends(&f.pins);
     f.agent.stop();
     let r = f.client("tcp", &format!("{VIP}:80"), 20);
-    assert!(r.errors.is_empty() && r.replies.values().sum::<u32>() == 20, "stopped agent: {r:?}");
+    assert!(
+        r.errors.is_empty() && r.replies.values().sum::<u32>() == 20,
+        "stopped agent: {r:?}"
+    );
 
     f.agent = Agent::start(&f.manifests.dir, &f.cluster.cgroup_path(), &f.pins).unwrap();
-    assert_eq!(frontends(&f.pins), before, "rev-NAT ids and backends unchanged");
-    assert!(!f.agent.log_text().contains("synced"), "a restart on unchanged input wrote maps:\n{}", f.agent.log_text());
+    assert_eq!(
+        frontends(&f.pins),
+        before,
+        "rev-NAT ids and backends unchanged"
+    );
+    assert!(
+        !f.agent.log_text().contains("synced"),
+        "a restart on unchanged input wrote maps:\n{}",
+        f.agent.log_text()
+    );
     let r = f.client("tcp", &format!("{VIP}:80"), 20);
     assert!(r.errors.is_empty(), "{r:?}");
 
     // `cleanup` detaches: the VIP is no longer translated.
     f.agent.stop();
-    let out = std::process::Command::new(proxy_tests::agent::agent_bin()).args(["cleanup", "--bpffs-dir"]).arg(&f.pins.path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(proxy_tests::agent::agent_bin())
+        .args(["cleanup", "--bpffs-dir"])
+        .arg(&f.pins.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!f.pins.path.exists());
     let r = f.client("tcp", &format!("{VIP}:80"), 1);
     assert!(r.replies.is_empty(), "{r:?}");
@@ -264,7 +385,11 @@ fn services_command_prints_the_table_and_json() {
             .arg(&f2.pins.path)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
@@ -275,10 +400,20 @@ fn services_command_prints_the_table_and_json() {
     assert_eq!(tcp["state"], "active");
     assert_eq!(tcp["backends"].as_array().unwrap().len(), 3);
     let table = run("table");
-    assert!(table.contains("10.96.0.10:80") && table.contains("10.200.0.11:8080"), "{table}");
+    assert!(
+        table.contains("10.96.0.10:80") && table.contains("10.200.0.11:8080"),
+        "{table}"
+    );
 
     // bpftool reads the pinned BTF maps with field names.
-    let out = std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(f.pins.path.join("PROXY_SVC_V1")).output().unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(f.pins.path.join("PROXY_SVC_V1"))
+        .output()
+        .unwrap();
     let dump = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && dump.contains("\"vip_be\"") && dump.contains("\"rev_nat_id\""), "{dump}");
+    assert!(
+        out.status.success() && dump.contains("\"vip_be\"") && dump.contains("\"rev_nat_id\""),
+        "{dump}"
+    );
 }

@@ -1,1 +1,169 @@
-fn main(){}
+//! `cargo xtask`: the project's entry points. Deliberately depends on nothing of the project,
+//! so it can check (and install) the eBPF toolchain before anything needs it.
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check the eBPF toolchain, installing what can be installed.
+    Toolchain,
+    /// Build the agent (release) and run `proxy-agent run <ARGS>` as root.
+    BuildAndLoad {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the privileged end-to-end tests (as root).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A netns mini-cluster, the agent on it, requests to a ClusterIP; cleans up after itself.
+    Demo,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} loads eBPF programs and creates network namespaces: run it as root (e.g. `sudo -E cargo xtask ...`)"
+        );
+    }
+    Ok(())
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<ExitStatus> {
+    cmd.status().with_context(|| format!("running {cmd:?}"))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = status(cmd)?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and sums the "test result:" lines.
+fn run_counting(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| {
+                rest.split(';').find_map(|part| {
+                    part.trim()
+                        .trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ")
+                        .strip_suffix(word)?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            passed += num(" passed").unwrap_or(0);
+            failed += num(" failed").unwrap_or(0);
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        println!("xtask: {passed} passed, {failed} failed");
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok((passed, failed))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Toolchain => toolchain::ensure(),
+        Cmd::BuildAndLoad { args } => {
+            toolchain::ensure()?;
+            require_root("build-and-load")?;
+            run(cargo().args(["build", "--release", "-p", "proxy-agent"]))?;
+            let bin = root().join("target/release/proxy-agent");
+            let mut args = args;
+            if args.first().map(String::as_str) != Some("run") {
+                args.insert(0, "run".into());
+            }
+            let st = status(Command::new(&bin).args(&args))?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        Cmd::Test { args } => {
+            toolchain::ensure()?;
+            require_root("cargo xtask test")?;
+            run(cargo().args(["build", "-p", "proxy-agent", "-p", "proxy-tests", "--bins"]))?;
+            let mut cmd = cargo();
+            cmd.args([
+                "test",
+                "--workspace",
+                "--",
+                "--include-ignored",
+                "--test-threads=2",
+            ])
+            .args(&args);
+            cmd.env("PROXY_AGENT_BIN", root().join("target/debug/proxy-agent"));
+            let (passed, failed) = run_counting(&mut cmd)?;
+            toolchain::check_host_clean()?;
+            // One closing line for the whole suite (cargo prints one per test binary).
+            println!("xtask: {passed} passed, {failed} failed");
+            Ok(())
+        }
+        Cmd::Demo => {
+            toolchain::ensure()?;
+            require_root("cargo xtask demo")?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "proxy-agent",
+                "-p",
+                "proxy-tests",
+                "--bins",
+            ]))?;
+            let dir = root().join("target/release");
+            run(Command::new(dir.join("pxt-demo"))
+                .arg("--agent")
+                .arg(dir.join("proxy-agent"))
+                .arg("--client")
+                .arg(dir.join("pxt-client")))
+        }
+    }
+}

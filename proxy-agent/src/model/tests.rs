@@ -5,7 +5,10 @@ use serde_json::{Value, json};
 use super::*;
 
 fn sourced<T: serde::de::DeserializeOwned>(v: Value) -> Sourced<T> {
-    Sourced { origin: Arc::from("test.yaml"), object: serde_json::from_value(v).expect("valid test object") }
+    Sourced {
+        origin: Arc::from("test.yaml"),
+        object: serde_json::from_value(v).expect("valid test object"),
+    }
 }
 
 fn svc(name: &str, ip: &str, ports: Value) -> Value {
@@ -28,12 +31,17 @@ fn ep(ip: &str) -> Value {
 fn with(mut v: Value, path: &[&str], value: Value) -> Value {
     let mut cur = &mut v;
     for p in &path[..path.len() - 1] {
-        cur = cur.as_object_mut().unwrap().entry(p.to_string()).or_insert(json!({}));
+        cur = cur
+            .as_object_mut()
+            .unwrap()
+            .entry(p.to_string())
+            .or_insert(json!({}));
     }
     cur[path[path.len() - 1]] = value;
     v
 }
 
+#[derive(Default)]
 struct Case {
     name: &'static str,
     services: Vec<Value>,
@@ -45,12 +53,6 @@ struct Case {
     problems: &'static [(&'static str, ProblemReason)],
     held: &'static [&'static str],
     held_services: &'static [&'static str],
-}
-
-impl Default for Case {
-    fn default() -> Self {
-        Case { name: "", services: vec![], slices: vec![], nodes: vec![], want: &[], problems: &[], held: &[], held_services: &[] }
-    }
 }
 
 fn run(cases: Vec<Case>) {
@@ -69,19 +71,44 @@ fn run(cases: Vec<Case>) {
                 if s.no_local_endpoints {
                     key.insert(0, '!');
                 }
-                (key, s.backends.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect())
+                (
+                    key,
+                    s.backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .collect(),
+                )
             })
             .collect();
-        let want: Vec<(String, Vec<String>)> =
-            c.want.iter().map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect())).collect();
+        let want: Vec<(String, Vec<String>)> = c
+            .want
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+            .collect();
         assert_eq!(got, want, "case {:?}: frontends", c.name);
-        let problems: Vec<(String, ProblemReason)> = d.problems.iter().map(|p| (p.field.clone(), p.reason)).collect();
-        let want_p: Vec<(String, ProblemReason)> = c.problems.iter().map(|(f, r)| (f.to_string(), *r)).collect();
-        assert_eq!(problems, want_p, "case {:?}: problems {:?}", c.name, d.problems);
+        let problems: Vec<(String, ProblemReason)> = d
+            .problems
+            .iter()
+            .map(|p| (p.field.clone(), p.reason))
+            .collect();
+        let want_p: Vec<(String, ProblemReason)> = c
+            .problems
+            .iter()
+            .map(|(f, r)| (f.to_string(), *r))
+            .collect();
+        assert_eq!(
+            problems, want_p,
+            "case {:?}: problems {:?}",
+            c.name, d.problems
+        );
         let held: Vec<String> = d.held_vips.iter().map(|v| v.to_string()).collect();
         assert_eq!(held, c.held, "case {:?}: held VIPs", c.name);
         let held_svcs: Vec<String> = d.held_services.iter().map(|s| s.to_string()).collect();
-        assert_eq!(held_svcs, c.held_services, "case {:?}: held Services", c.name);
+        assert_eq!(
+            held_svcs, c.held_services,
+            "case {:?}: held Services",
+            c.name
+        );
     }
 }
 
@@ -98,29 +125,60 @@ fn translation_follows_kube_proxy() {
         Case {
             name: "basic: three ready endpoints, sorted",
             services: vec![svc("web", "10.96.0.10", http())],
-            slices: vec![slice("web-1", "web", http_slice_port(), json!([ep("10.1.0.3"), ep("10.1.0.1"), ep("10.1.0.2")]))],
-            want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"])],
+            slices: vec![slice(
+                "web-1",
+                "web",
+                http_slice_port(),
+                json!([ep("10.1.0.3"), ep("10.1.0.1"), ep("10.1.0.2")]),
+            )],
+            want: &[(
+                "10.96.0.10:80/TCP",
+                &["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
+            )],
             ..Default::default()
         },
         Case {
             name: "named targetPort: each slice carries its own port number",
-            services: vec![svc("web", "10.96.0.10", json!([{"name": "http", "port": 80, "targetPort": "web"}]))],
+            services: vec![svc(
+                "web",
+                "10.96.0.10",
+                json!([{"name": "http", "port": 80, "targetPort": "web"}]),
+            )],
             slices: vec![
-                slice("web-a", "web", json!([{"name": "http", "port": 8080}]), json!([ep("10.1.0.1")])),
-                slice("web-b", "web", json!([{"name": "http", "port": 9090}]), json!([ep("10.1.0.2")])),
+                slice(
+                    "web-a",
+                    "web",
+                    json!([{"name": "http", "port": 8080}]),
+                    json!([ep("10.1.0.1")]),
+                ),
+                slice(
+                    "web-b",
+                    "web",
+                    json!([{"name": "http", "port": 9090}]),
+                    json!([ep("10.1.0.2")]),
+                ),
             ],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080", "10.1.0.2:9090"])],
             ..Default::default()
         },
         Case {
             name: "ports are joined by name and protocol",
-            services: vec![svc("dns", "10.96.0.53", json!([
+            services: vec![svc(
+                "dns",
+                "10.96.0.53",
+                json!([
                 {"name": "dns", "port": 53, "protocol": "UDP"},
-                {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]))],
-            slices: vec![slice("dns-1", "dns", json!([
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]),
+            )],
+            slices: vec![slice(
+                "dns-1",
+                "dns",
+                json!([
                 {"name": "dns", "port": 5353, "protocol": "UDP"},
                 {"name": "dns-tcp", "port": 5354, "protocol": "TCP"},
-                {"name": "dns", "port": 9999, "protocol": "TCP"}]), json!([ep("10.1.0.1")]))],
+                {"name": "dns", "port": 9999, "protocol": "TCP"}]),
+                json!([ep("10.1.0.1")]),
+            )],
             want: &[
                 ("10.96.0.53:53/TCP", &["10.1.0.1:5354"]),
                 ("10.96.0.53:53/UDP", &["10.1.0.1:5353"]),
@@ -129,10 +187,24 @@ fn translation_follows_kube_proxy() {
         },
         Case {
             name: "unnamed port matches unnamed slice port; nil-name slice ports are ignored",
-            services: vec![svc("one", "10.96.0.11", json!([{"port": 80, "targetPort": 8080}]))],
+            services: vec![svc(
+                "one",
+                "10.96.0.11",
+                json!([{"port": 80, "targetPort": 8080}]),
+            )],
             slices: vec![
-                slice("one-1", "one", json!([{"name": "", "port": 8080}]), json!([ep("10.1.0.1")])),
-                slice("one-2", "one", json!([{"port": 8081}]), json!([ep("10.1.0.2")])),
+                slice(
+                    "one-1",
+                    "one",
+                    json!([{"name": "", "port": 8080}]),
+                    json!([ep("10.1.0.1")]),
+                ),
+                slice(
+                    "one-2",
+                    "one",
+                    json!([{"port": 8081}]),
+                    json!([ep("10.1.0.2")]),
+                ),
             ],
             want: &[("10.96.0.11:80/TCP", &["10.1.0.1:8080"])],
             ..Default::default()
@@ -140,19 +212,29 @@ fn translation_follows_kube_proxy() {
         Case {
             name: "conditions: unready excluded, nil conditions mean ready",
             services: vec![svc("web", "10.96.0.10", http())],
-            slices: vec![slice("web-1", "web", http_slice_port(), json!([
+            slices: vec![slice(
+                "web-1",
+                "web",
+                http_slice_port(),
+                json!([
                 {"addresses": ["10.1.0.1"], "conditions": {"ready": false, "serving": false}},
                 {"addresses": ["10.1.0.2"], "conditions": {}},
-                {"addresses": ["10.1.0.3"]}]))],
+                {"addresses": ["10.1.0.3"]}]),
+            )],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.2:8080", "10.1.0.3:8080"])],
             ..Default::default()
         },
         Case {
             name: "serving+terminating used only when nothing is ready",
             services: vec![svc("web", "10.96.0.10", http())],
-            slices: vec![slice("web-1", "web", http_slice_port(), json!([
+            slices: vec![slice(
+                "web-1",
+                "web",
+                http_slice_port(),
+                json!([
                 {"addresses": ["10.1.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}},
-                {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}}]))],
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}}]),
+            )],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
             ..Default::default()
         },
@@ -164,17 +246,35 @@ fn translation_follows_kube_proxy() {
         },
         Case {
             name: "iTP Local: only local endpoints",
-            services: vec![with(svc("web", "10.96.0.10", http()), &["spec", "internalTrafficPolicy"], json!("Local"))],
-            slices: vec![slice("web-1", "web", http_slice_port(), json!([
+            services: vec![with(
+                svc("web", "10.96.0.10", http()),
+                &["spec", "internalTrafficPolicy"],
+                json!("Local"),
+            )],
+            slices: vec![slice(
+                "web-1",
+                "web",
+                http_slice_port(),
+                json!([
                 ep("10.1.0.1"),
-                {"addresses": ["10.1.0.2"], "conditions": {"ready": true}, "nodeName": "node-a"}]))],
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": true}, "nodeName": "node-a"}]),
+            )],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.2:8080"])],
             ..Default::default()
         },
         Case {
             name: "iTP Local with only remote endpoints: no backends, flagged (not REJECT)",
-            services: vec![with(svc("web", "10.96.0.10", http()), &["spec", "internalTrafficPolicy"], json!("Local"))],
-            slices: vec![slice("web-1", "web", http_slice_port(), json!([ep("10.1.0.1")]))],
+            services: vec![with(
+                svc("web", "10.96.0.10", http()),
+                &["spec", "internalTrafficPolicy"],
+                json!("Local"),
+            )],
+            slices: vec![slice(
+                "web-1",
+                "web",
+                http_slice_port(),
+                json!([ep("10.1.0.1")]),
+            )],
             want: &[("!10.96.0.10:80/TCP", &[])],
             ..Default::default()
         },
@@ -182,7 +282,12 @@ fn translation_follows_kube_proxy() {
             name: "duplicate endpoints across slices count once",
             services: vec![svc("web", "10.96.0.10", http())],
             slices: vec![
-                slice("web-1", "web", http_slice_port(), json!([ep("10.1.0.1"), ep("10.1.0.2")])),
+                slice(
+                    "web-1",
+                    "web",
+                    http_slice_port(),
+                    json!([ep("10.1.0.1"), ep("10.1.0.2")]),
+                ),
                 slice("web-2", "web", http_slice_port(), json!([ep("10.1.0.2")])),
             ],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080", "10.1.0.2:8080"])],
@@ -190,10 +295,19 @@ fn translation_follows_kube_proxy() {
         },
         Case {
             name: "duplicate endpoint: the local copy wins (kube-proxy addEndpoints)",
-            services: vec![with(svc("web", "10.96.0.10", http()), &["spec", "internalTrafficPolicy"], json!("Local"))],
+            services: vec![with(
+                svc("web", "10.96.0.10", http()),
+                &["spec", "internalTrafficPolicy"],
+                json!("Local"),
+            )],
             slices: vec![
                 slice("web-1", "web", http_slice_port(), json!([ep("10.1.0.1")])),
-                slice("web-2", "web", http_slice_port(), json!([{"addresses": ["10.1.0.1"], "nodeName": "node-a"}])),
+                slice(
+                    "web-2",
+                    "web",
+                    http_slice_port(),
+                    json!([{"addresses": ["10.1.0.1"], "nodeName": "node-a"}]),
+                ),
             ],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
             ..Default::default()
@@ -202,18 +316,49 @@ fn translation_follows_kube_proxy() {
             name: "slices of other Services and namespaces do not join",
             services: vec![svc("web", "10.96.0.10", http())],
             slices: vec![
-                slice("other-1", "other", http_slice_port(), json!([ep("10.1.0.9")])),
-                with(slice("web-x", "web", http_slice_port(), json!([ep("10.1.0.8")])), &["metadata", "namespace"], json!("prod")),
+                slice(
+                    "other-1",
+                    "other",
+                    http_slice_port(),
+                    json!([ep("10.1.0.9")]),
+                ),
+                with(
+                    slice("web-x", "web", http_slice_port(), json!([ep("10.1.0.8")])),
+                    &["metadata", "namespace"],
+                    json!("prod"),
+                ),
             ],
             want: &[("10.96.0.10:80/TCP", &[])],
             ..Default::default()
         },
         Case {
             name: "IPv6 and FQDN slices are ignored; dual-stack Service uses its IPv4 ClusterIP",
-            services: vec![with(svc("web", "fd00::10", http()), &["spec", "clusterIPs"], json!(["fd00::10", "10.96.0.10"]))],
+            services: vec![with(
+                svc("web", "fd00::10", http()),
+                &["spec", "clusterIPs"],
+                json!(["fd00::10", "10.96.0.10"]),
+            )],
             slices: vec![
-                with(slice("web-v6", "web", http_slice_port(), json!([{"addresses": ["fd00::1"]}])), &["addressType"], json!("IPv6")),
-                with(slice("web-fqdn", "web", http_slice_port(), json!([{"addresses": ["a.example"]}])), &["addressType"], json!("FQDN")),
+                with(
+                    slice(
+                        "web-v6",
+                        "web",
+                        http_slice_port(),
+                        json!([{"addresses": ["fd00::1"]}]),
+                    ),
+                    &["addressType"],
+                    json!("IPv6"),
+                ),
+                with(
+                    slice(
+                        "web-fqdn",
+                        "web",
+                        http_slice_port(),
+                        json!([{"addresses": ["a.example"]}]),
+                    ),
+                    &["addressType"],
+                    json!("FQDN"),
+                ),
                 slice("web-v4", "web", http_slice_port(), json!([ep("10.1.0.1")])),
             ],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
@@ -222,9 +367,14 @@ fn translation_follows_kube_proxy() {
         Case {
             name: "zone hints: this node's zone from its Node labels",
             services: vec![svc("web", "10.96.0.10", http())],
-            slices: vec![slice("web-1", "web", http_slice_port(), json!([
+            slices: vec![slice(
+                "web-1",
+                "web",
+                http_slice_port(),
+                json!([
                 {"addresses": ["10.1.0.1"], "hints": {"forZones": [{"name": "zone-a"}]}},
-                {"addresses": ["10.1.0.2"], "hints": {"forZones": [{"name": "zone-b"}]}}]))],
+                {"addresses": ["10.1.0.2"], "hints": {"forZones": [{"name": "zone-b"}]}}]),
+            )],
             nodes: vec![json!({"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}}})],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
@@ -236,24 +386,50 @@ fn translation_follows_kube_proxy() {
 #[test]
 fn services_kube_proxy_does_not_proxy_are_skipped() {
     run(vec![
-        Case { name: "headless", services: vec![svc("h", "None", http())], ..Default::default() },
-        Case { name: "no clusterIP", services: vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "n"}, "spec": {"ports": [{"port": 80}]}})], ..Default::default() },
+        Case {
+            name: "headless",
+            services: vec![svc("h", "None", http())],
+            ..Default::default()
+        },
+        Case {
+            name: "no clusterIP",
+            services: vec![
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "n"}, "spec": {"ports": [{"port": 80}]}}),
+            ],
+            ..Default::default()
+        },
         Case {
             name: "ExternalName",
-            services: vec![with(svc("e", "10.96.0.12", http()), &["spec", "type"], json!("ExternalName"))],
+            services: vec![with(
+                svc("e", "10.96.0.12", http()),
+                &["spec", "type"],
+                json!("ExternalName"),
+            )],
             ..Default::default()
         },
         Case {
             name: "another proxy's Service",
-            services: vec![with(svc("p", "10.96.0.13", http()), &["metadata", "labels"], json!({"service.kubernetes.io/service-proxy-name": "other"}))],
+            services: vec![with(
+                svc("p", "10.96.0.13", http()),
+                &["metadata", "labels"],
+                json!({"service.kubernetes.io/service-proxy-name": "other"}),
+            )],
             ..Default::default()
         },
         Case {
             name: "headless label",
-            services: vec![with(svc("p", "10.96.0.14", http()), &["metadata", "labels"], json!({"service.kubernetes.io/headless": ""}))],
+            services: vec![with(
+                svc("p", "10.96.0.14", http()),
+                &["metadata", "labels"],
+                json!({"service.kubernetes.io/headless": ""}),
+            )],
             ..Default::default()
         },
-        Case { name: "IPv6-only", services: vec![svc("v6", "fd00::1", http())], ..Default::default() },
+        Case {
+            name: "IPv6-only",
+            services: vec![svc("v6", "fd00::1", http())],
+            ..Default::default()
+        },
     ]);
 }
 
@@ -270,7 +446,11 @@ fn invalid_objects_are_reported_by_field_and_held() {
         },
         Case {
             name: "port out of range: held at its VIP",
-            services: vec![svc("bad", "10.96.0.10", json!([{"name": "http", "port": 70000}]))],
+            services: vec![svc(
+                "bad",
+                "10.96.0.10",
+                json!([{"name": "http", "port": 70000}]),
+            )],
             problems: &[("spec.ports[0].port", InvalidPort)],
             held: &["10.96.0.10"],
             held_services: &["default/bad"],
@@ -278,7 +458,11 @@ fn invalid_objects_are_reported_by_field_and_held() {
         },
         Case {
             name: "unknown protocol: held",
-            services: vec![svc("bad", "10.96.0.10", json!([{"name": "x", "port": 80, "protocol": "QUIC"}]))],
+            services: vec![svc(
+                "bad",
+                "10.96.0.10",
+                json!([{"name": "x", "port": 80, "protocol": "QUIC"}]),
+            )],
             problems: &[("spec.ports[0].protocol", UnsupportedProtocol)],
             held: &["10.96.0.10"],
             held_services: &["default/bad"],
@@ -286,16 +470,29 @@ fn invalid_objects_are_reported_by_field_and_held() {
         },
         Case {
             name: "SCTP: only that port is skipped",
-            services: vec![svc("mix", "10.96.0.10", json!([
-                {"name": "s", "port": 9, "protocol": "SCTP"}, {"name": "http", "port": 80}]))],
-            slices: vec![slice("mix-1", "mix", http_slice_port(), json!([ep("10.1.0.1")]))],
+            services: vec![svc(
+                "mix",
+                "10.96.0.10",
+                json!([
+                {"name": "s", "port": 9, "protocol": "SCTP"}, {"name": "http", "port": 80}]),
+            )],
+            slices: vec![slice(
+                "mix-1",
+                "mix",
+                http_slice_port(),
+                json!([ep("10.1.0.1")]),
+            )],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
             problems: &[("spec.ports[0].protocol", UnsupportedProtocol)],
             ..Default::default()
         },
         Case {
             name: "bad internalTrafficPolicy",
-            services: vec![with(svc("bad", "10.96.0.10", http()), &["spec", "internalTrafficPolicy"], json!("Nearby"))],
+            services: vec![with(
+                svc("bad", "10.96.0.10", http()),
+                &["spec", "internalTrafficPolicy"],
+                json!("Nearby"),
+            )],
             problems: &[("spec.internalTrafficPolicy", InvalidValue)],
             held: &["10.96.0.10"],
             held_services: &["default/bad"],
@@ -303,8 +500,16 @@ fn invalid_objects_are_reported_by_field_and_held() {
         },
         Case {
             name: "two Services claim one frontend: the first (by namespace/name) keeps it",
-            services: vec![svc("b", "10.96.0.10", http()), svc("a", "10.96.0.10", http())],
-            slices: vec![slice("a-1", "a", http_slice_port(), json!([ep("10.1.0.1")]))],
+            services: vec![
+                svc("b", "10.96.0.10", http()),
+                svc("a", "10.96.0.10", http()),
+            ],
+            slices: vec![slice(
+                "a-1",
+                "a",
+                http_slice_port(),
+                json!([ep("10.1.0.1")]),
+            )],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
             problems: &[("spec.clusterIP", DuplicateFrontend)],
             held: &["10.96.0.10"],
@@ -315,10 +520,20 @@ fn invalid_objects_are_reported_by_field_and_held() {
             name: "slice: bad endpoint address dropped, others kept; nameless slice ignored",
             services: vec![svc("web", "10.96.0.10", http())],
             slices: vec![
-                slice("web-1", "web", http_slice_port(), json!([{"addresses": ["10.1.0.300"]}, ep("10.1.0.1")])),
+                slice(
+                    "web-1",
+                    "web",
+                    http_slice_port(),
+                    json!([{"addresses": ["10.1.0.300"]}, ep("10.1.0.1")]),
+                ),
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
                        "metadata": {"name": "orphan", "namespace": "default"}, "endpoints": []}),
-                slice("web-2", "web", json!([{"name": "http", "port": 70000}]), json!([ep("10.1.0.2")])),
+                slice(
+                    "web-2",
+                    "web",
+                    json!([{"name": "http", "port": 70000}]),
+                    json!([ep("10.1.0.2")]),
+                ),
             ],
             want: &[("10.96.0.10:80/TCP", &["10.1.0.1:8080"])],
             problems: &[

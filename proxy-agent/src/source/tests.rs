@@ -48,7 +48,10 @@ fn multi_document_files_lists_and_json() {
     assert!(r.changed);
     assert!(r.new_problems.is_empty(), "{:?}", r.new_problems);
     assert_eq!(counts(&m), (1, 1, 1));
-    assert!(!m.rescan().unwrap().changed, "nothing changed, nothing reported");
+    assert!(
+        !m.rescan().unwrap().changed,
+        "nothing changed, nothing reported"
+    );
 }
 
 #[test]
@@ -57,7 +60,11 @@ fn a_file_that_does_not_parse_keeps_its_last_good_objects() {
     write(tmp.path(), "web.yaml", SVC);
     let mut m = ManifestDir::new(tmp.path()).unwrap();
     m.rescan().unwrap();
-    write(tmp.path(), "web.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web\n");
+    write(
+        tmp.path(),
+        "web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web\n",
+    );
     let r = m.rescan().unwrap();
     assert_eq!(r.new_problems.len(), 1);
     let p = &r.new_problems[0];
@@ -67,23 +74,40 @@ fn a_file_that_does_not_parse_keeps_its_last_good_objects() {
     assert_eq!(counts(&m), (1, 0, 0), "the last good Service is kept");
     assert_eq!(m.problems().count(), 1);
 
-    write(tmp.path(), "web.yaml", &SVC.replace("10.96.0.10", "10.96.0.20"));
+    write(
+        tmp.path(),
+        "web.yaml",
+        &SVC.replace("10.96.0.10", "10.96.0.20"),
+    );
     let r = m.rescan().unwrap();
     assert!(r.new_problems.is_empty());
     assert_eq!(m.problems().count(), 0);
-    let ip = m.objects().services[0].object.spec.as_ref().unwrap().cluster_ip.clone();
+    let ip = m.objects().services[0]
+        .object
+        .spec
+        .as_ref()
+        .unwrap()
+        .cluster_ip
+        .clone();
     assert_eq!(ip.as_deref(), Some("10.96.0.20"));
 }
 
 #[test]
 fn a_field_of_the_wrong_type_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    write(tmp.path(), "web.yaml", &SVC.replace("port: 80,", "port: eighty,"));
+    write(
+        tmp.path(),
+        "web.yaml",
+        &SVC.replace("port: 80,", "port: eighty,"),
+    );
     let mut m = ManifestDir::new(tmp.path()).unwrap();
     let r = m.rescan().unwrap();
     assert_eq!(r.new_problems.len(), 1);
     let p = &r.new_problems[0];
-    assert_eq!((p.kind, p.name.as_str(), p.field.as_str()), ("Service", "web", "spec.ports[0].port"));
+    assert_eq!(
+        (p.kind, p.name.as_str(), p.field.as_str()),
+        ("Service", "web", "spec.ports[0].port")
+    );
     assert_eq!(counts(&m), (0, 0, 0));
 }
 
@@ -91,11 +115,18 @@ fn a_field_of_the_wrong_type_is_named() {
 fn objects_without_kind_and_old_apis_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), "a.yaml", "metadata: {name: x}\n");
-    write(tmp.path(), "b.yaml", &SLICE.replace("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"));
+    write(
+        tmp.path(),
+        "b.yaml",
+        &SLICE.replace("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"),
+    );
     let mut m = ManifestDir::new(tmp.path()).unwrap();
     let r = m.rescan().unwrap();
     let reasons: Vec<_> = r.new_problems.iter().map(|p| p.reason).collect();
-    assert_eq!(reasons, vec![ProblemReason::MissingField, ProblemReason::InvalidValue]);
+    assert_eq!(
+        reasons,
+        vec![ProblemReason::MissingField, ProblemReason::InvalidValue]
+    );
 }
 
 #[test]

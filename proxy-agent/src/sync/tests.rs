@@ -48,10 +48,22 @@ impl Fake {
             }
             for slot in 1..=v.count {
                 let sk = ServiceKey { slot, ..*k };
-                let s = self.maps.services.get(&sk).unwrap_or_else(|| panic!("torn: {k:?} slot {slot} missing"));
-                assert!(self.maps.backends.contains_key(&s.backend_id), "torn: backend {} missing", s.backend_id);
+                let s = self
+                    .maps
+                    .services
+                    .get(&sk)
+                    .unwrap_or_else(|| panic!("torn: {k:?} slot {slot} missing"));
+                assert!(
+                    self.maps.backends.contains_key(&s.backend_id),
+                    "torn: backend {} missing",
+                    s.backend_id
+                );
             }
-            let rn = self.maps.rev_nat.get(&v.rev_nat_id).expect("torn: rev-NAT missing");
+            let rn = self
+                .maps
+                .rev_nat
+                .get(&v.rev_nat_id)
+                .expect("torn: rev-NAT missing");
             assert_eq!((rn.vip_be, rn.port_be), (k.vip_be, k.port_be));
         }
     }
@@ -71,13 +83,21 @@ impl Datapath for Fake {
         Ok(())
     }
     fn update_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), DatapathError> {
-        self.step(if k.slot == 0 { Op::Master(v.count) } else { Op::Slot(k.slot) })?;
+        self.step(if k.slot == 0 {
+            Op::Master(v.count)
+        } else {
+            Op::Slot(k.slot)
+        })?;
         self.maps.services.insert(k, v);
         self.check_reader_view();
         Ok(())
     }
     fn delete_service(&mut self, k: ServiceKey) -> Result<(), DatapathError> {
-        self.step(if k.slot == 0 { Op::DelMaster } else { Op::DelSlot(k.slot) })?;
+        self.step(if k.slot == 0 {
+            Op::DelMaster
+        } else {
+            Op::DelSlot(k.slot)
+        })?;
         self.maps.services.remove(&k);
         self.check_reader_view();
         Ok(())
@@ -97,7 +117,11 @@ impl Datapath for Fake {
 }
 
 fn fe(vip: &str, port: u16) -> Frontend {
-    Frontend { vip: vip.parse().unwrap(), port, proto: Proto::Tcp }
+    Frontend {
+        vip: vip.parse().unwrap(),
+        port,
+        proto: Proto::Tcp,
+    }
 }
 
 fn desired(entries: &[(Frontend, &[(&str, u16)])]) -> Desired {
@@ -106,8 +130,17 @@ fn desired(entries: &[(Frontend, &[(&str, u16)])]) -> Desired {
         d.frontends.insert(
             *f,
             FrontendSpec {
-                service: ServiceRef { namespace: "default".into(), name: "svc".into() },
-                backends: bs.iter().map(|(ip, port)| BackendAddr { ip: ip.parse().unwrap(), port: *port }).collect(),
+                service: ServiceRef {
+                    namespace: "default".into(),
+                    name: "svc".into(),
+                },
+                backends: bs
+                    .iter()
+                    .map(|(ip, port)| BackendAddr {
+                        ip: ip.parse().unwrap(),
+                        port: *port,
+                    })
+                    .collect(),
                 no_local_endpoints: false,
             },
         );
@@ -127,7 +160,14 @@ fn create_writes_backends_then_slots_then_rev_nat_then_master() {
     assert!(r.errors.is_empty());
     assert_eq!(
         ops(&mut s),
-        vec![Op::Backend(1), Op::Backend(2), Op::Slot(1), Op::Slot(2), Op::RevNat(1), Op::Master(2)]
+        vec![
+            Op::Backend(1),
+            Op::Backend(2),
+            Op::Slot(1),
+            Op::Slot(2),
+            Op::RevNat(1),
+            Op::Master(2)
+        ]
     );
     assert_eq!(s.state(), &s.dp.maps, "mirror equals the maps");
 }
@@ -147,10 +187,21 @@ fn unchanged_state_writes_nothing() {
 fn shrink_commits_master_before_deleting_slots_and_backends() {
     let mut s = Syncer::new(Fake::default(), MapState::default());
     let f = fe("10.96.0.10", 80);
-    s.sync(&desired(&[(f, &[("10.1.0.1", 8080), ("10.1.0.2", 8080), ("10.1.0.3", 8080)])]));
+    s.sync(&desired(&[(
+        f,
+        &[("10.1.0.1", 8080), ("10.1.0.2", 8080), ("10.1.0.3", 8080)],
+    )]));
     ops(&mut s);
     s.sync(&desired(&[(f, &[("10.1.0.1", 8080), ("10.1.0.3", 8080)])]));
-    assert_eq!(ops(&mut s), vec![Op::Slot(2), Op::Master(2), Op::DelSlot(3), Op::DelBackend(2)]);
+    assert_eq!(
+        ops(&mut s),
+        vec![
+            Op::Slot(2),
+            Op::Master(2),
+            Op::DelSlot(3),
+            Op::DelBackend(2)
+        ]
+    );
     assert_eq!(s.state(), &s.dp.maps);
 }
 
@@ -163,7 +214,10 @@ fn port_change_adds_new_backends_before_commit() {
     s.sync(&desired(&[(f, &[("10.1.0.1", 9090)])]));
     // The slot now names the new backend; the master is unchanged (same count), so the slot
     // write is itself atomic; then the old backend goes.
-    assert_eq!(ops(&mut s), vec![Op::Backend(2), Op::Slot(1), Op::DelBackend(1)]);
+    assert_eq!(
+        ops(&mut s),
+        vec![Op::Backend(2), Op::Slot(1), Op::DelBackend(1)]
+    );
 }
 
 #[test]
@@ -175,7 +229,14 @@ fn delete_removes_master_first() {
     s.sync(&Desired::default());
     assert_eq!(
         ops(&mut s),
-        vec![Op::DelMaster, Op::DelSlot(1), Op::DelSlot(2), Op::DelRevNat(1), Op::DelBackend(1), Op::DelBackend(2)]
+        vec![
+            Op::DelMaster,
+            Op::DelSlot(1),
+            Op::DelSlot(2),
+            Op::DelRevNat(1),
+            Op::DelBackend(1),
+            Op::DelBackend(2)
+        ]
     );
     assert_eq!(s.dp.maps, MapState::default());
 }
@@ -184,11 +245,17 @@ fn delete_removes_master_first() {
 fn shared_backends_are_written_once_and_kept_while_referenced() {
     let mut s = Syncer::new(Fake::default(), MapState::default());
     let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
-    s.sync(&desired(&[(a, &[("10.1.0.1", 8080)]), (b, &[("10.1.0.1", 8080)])]));
+    s.sync(&desired(&[
+        (a, &[("10.1.0.1", 8080)]),
+        (b, &[("10.1.0.1", 8080)]),
+    ]));
     assert_eq!(s.dp.maps.backends.len(), 1);
     ops(&mut s);
     s.sync(&desired(&[(b, &[("10.1.0.1", 8080)])]));
-    assert_eq!(ops(&mut s), vec![Op::DelMaster, Op::DelSlot(1), Op::DelRevNat(1)]);
+    assert_eq!(
+        ops(&mut s),
+        vec![Op::DelMaster, Op::DelSlot(1), Op::DelRevNat(1)]
+    );
     assert_eq!(s.dp.maps.backends.len(), 1);
 }
 
@@ -212,7 +279,10 @@ fn held_services_keep_their_frontends_even_without_a_readable_vip() {
     s.sync(&desired(&[(f, &[("10.1.0.1", 8080)])]));
     ops(&mut s);
     let mut d = Desired::default();
-    d.held_services.insert(ServiceRef { namespace: "default".into(), name: "svc".into() });
+    d.held_services.insert(ServiceRef {
+        namespace: "default".into(),
+        name: "svc".into(),
+    });
     s.sync(&d);
     assert!(ops(&mut s).is_empty());
     // Once the Service is gone for good, so are its frontends.
@@ -254,7 +324,11 @@ fn a_failed_write_keeps_the_old_state_and_the_next_sync_converges() {
         assert!(r.errors.is_empty());
         let mut fresh = Syncer::new(Fake::default(), MapState::default());
         fresh.sync(&after);
-        assert_eq!(view(&s.dp.maps), view(&fresh.dp.maps), "fail at {fail}: converged");
+        assert_eq!(
+            view(&s.dp.maps),
+            view(&fresh.dp.maps),
+            "fail at {fail}: converged"
+        );
     }
 }
 
@@ -264,7 +338,9 @@ fn view(m: &MapState) -> BTreeMap<ServiceKey, (u16, Vec<Backend>)> {
         .iter()
         .filter(|(k, _)| k.slot == 0)
         .map(|(k, v)| {
-            let bs = (1..=v.count).map(|i| m.backends[&m.services[&ServiceKey { slot: i, ..*k }].backend_id]).collect();
+            let bs = (1..=v.count)
+                .map(|i| m.backends[&m.services[&ServiceKey { slot: i, ..*k }].backend_id])
+                .collect();
             (*k, (v.flags, bs))
         })
         .collect()
@@ -274,12 +350,29 @@ fn view(m: &MapState) -> BTreeMap<ServiceKey, (u16, Vec<Backend>)> {
 fn restart_from_the_maps_rewrites_nothing_and_removes_stale_entries() {
     let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 53));
     let mut s = Syncer::new(Fake::default(), MapState::default());
-    s.sync(&desired(&[(a, &[("10.1.0.1", 8080)]), (b, &[("10.1.0.2", 53)])]));
+    s.sync(&desired(&[
+        (a, &[("10.1.0.1", 8080)]),
+        (b, &[("10.1.0.2", 53)]),
+    ]));
     let maps = s.dp.maps.clone();
 
-    let mut restarted = Syncer::new(Fake { maps: maps.clone(), ..Default::default() }, maps);
+    let mut restarted = Syncer::new(
+        Fake {
+            maps: maps.clone(),
+            ..Default::default()
+        },
+        maps,
+    );
     restarted.sync(&desired(&[(a, &[("10.1.0.1", 8080)])]));
-    assert_eq!(ops(&mut restarted), vec![Op::DelMaster, Op::DelSlot(1), Op::DelRevNat(2), Op::DelBackend(2)]);
+    assert_eq!(
+        ops(&mut restarted),
+        vec![
+            Op::DelMaster,
+            Op::DelSlot(1),
+            Op::DelRevNat(2),
+            Op::DelBackend(2)
+        ]
+    );
 }
 
 #[test]
@@ -287,10 +380,30 @@ fn restart_after_a_crash_mid_update_cleans_orphans() {
     let f = fe("10.96.0.10", 80);
     let mut maps = MapState::default();
     // A writer died after writing a backend, a slot and a rev-NAT, before the master.
-    maps.backends.insert(7, Backend { addr_be: 1, port_be: 1, proto: 6, _pad: 0 });
-    maps.services.insert(service_key(&f, 1), ServiceValue { backend_id: 7, ..Default::default() });
+    maps.backends.insert(
+        7,
+        Backend {
+            addr_be: 1,
+            port_be: 1,
+            proto: 6,
+            _pad: 0,
+        },
+    );
+    maps.services.insert(
+        service_key(&f, 1),
+        ServiceValue {
+            backend_id: 7,
+            ..Default::default()
+        },
+    );
     maps.rev_nat.insert(3, rev_nat_value(&f));
-    let mut s = Syncer::new(Fake { maps: maps.clone(), ..Default::default() }, maps);
+    let mut s = Syncer::new(
+        Fake {
+            maps: maps.clone(),
+            ..Default::default()
+        },
+        maps,
+    );
     s.sync(&Desired::default());
     assert_eq!(s.dp.maps, MapState::default());
 }
@@ -300,13 +413,30 @@ fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
     let mut s = Syncer::new(Fake::default(), MapState::default());
     // Pretend the backend map is nearly full.
     for id in 1..=BACKEND_MAP_ENTRIES - 1 {
-        s.state.backends.insert(id + 1_000_000, Backend { addr_be: id, port_be: 0, proto: 6, _pad: 0 });
+        s.state.backends.insert(
+            id + 1_000_000,
+            Backend {
+                addr_be: id,
+                port_be: 0,
+                proto: 6,
+                _pad: 0,
+            },
+        );
     }
     let (ok, big) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
-    let r = s.sync(&desired(&[(ok, &[("10.1.0.1", 8080)]), (big, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]));
+    let r = s.sync(&desired(&[
+        (ok, &[("10.1.0.1", 8080)]),
+        (big, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)]),
+    ]));
     assert_eq!(r.errors.len(), 1);
     assert_eq!(r.errors[0].0, big);
-    assert!(matches!(r.errors[0].1, DatapathError::Full { map: BACKEND_MAP, .. }));
+    assert!(matches!(
+        r.errors[0].1,
+        DatapathError::Full {
+            map: BACKEND_MAP,
+            ..
+        }
+    ));
     assert!(s.dp.maps.services.contains_key(&service_key(&ok, 0)));
     assert!(!s.dp.maps.services.contains_key(&service_key(&big, 0)));
 }
@@ -326,9 +456,28 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
     for _ in 0..300 {
         let mut d = Desired::default();
         for svc in 0..rnd(6) {
-            let f = Frontend { vip: Ipv4Addr::new(10, 96, 0, svc as u8), port: 80, proto: if rnd(2) == 0 { Proto::Tcp } else { Proto::Udp } };
-            let backends = (0..rnd(5)).map(|_| BackendAddr { ip: Ipv4Addr::new(10, 1, 0, rnd(8) as u8), port: 8080 + rnd(2) as u16 }).collect::<BTreeSet<_>>();
-            d.frontends.insert(f, FrontendSpec { service: ServiceRef { namespace: "d".into(), name: format!("s{svc}") }, backends: backends.into_iter().collect(), no_local_endpoints: false });
+            let f = Frontend {
+                vip: Ipv4Addr::new(10, 96, 0, svc as u8),
+                port: 80,
+                proto: if rnd(2) == 0 { Proto::Tcp } else { Proto::Udp },
+            };
+            let backends = (0..rnd(5))
+                .map(|_| BackendAddr {
+                    ip: Ipv4Addr::new(10, 1, 0, rnd(8) as u8),
+                    port: 8080 + rnd(2) as u16,
+                })
+                .collect::<BTreeSet<_>>();
+            d.frontends.insert(
+                f,
+                FrontendSpec {
+                    service: ServiceRef {
+                        namespace: "d".into(),
+                        name: format!("s{svc}"),
+                    },
+                    backends: backends.into_iter().collect(),
+                    no_local_endpoints: false,
+                },
+            );
         }
         let r = s.sync(&d);
         assert!(r.errors.is_empty());
@@ -336,7 +485,15 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
         let mut fresh = Syncer::new(Fake::default(), MapState::default());
         fresh.sync(&d);
         assert_eq!(view(&s.dp.maps), view(&fresh.dp.maps));
-        assert_eq!(s.dp.maps.backends.len(), fresh.dp.maps.backends.len(), "no leaked backends");
-        assert_eq!(s.dp.maps.rev_nat.len(), fresh.dp.maps.rev_nat.len(), "no leaked rev-NAT entries");
+        assert_eq!(
+            s.dp.maps.backends.len(),
+            fresh.dp.maps.backends.len(),
+            "no leaked backends"
+        );
+        assert_eq!(
+            s.dp.maps.rev_nat.len(),
+            fresh.dp.maps.rev_nat.len(),
+            "no leaked rev-NAT entries"
+        );
     }
 }

@@ -82,7 +82,9 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
                 s.send_to(b"hello", addr)?;
                 s.recv_from(&mut buf)?
             };
-            *r.replies.entry(String::from_utf8_lossy(&buf[..n]).trim().to_string()).or_default() += 1;
+            *r.replies
+                .entry(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+                .or_default() += 1;
             *r.peers.entry(from.to_string()).or_default() += 1;
         }
     }

@@ -1,0 +1,44 @@
+//! The command-line contract, unprivileged parts.
+use std::process::Command;
+
+fn agent(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_without_a_manifests_dir_says_the_api_source_is_not_there_yet() {
+    let (ok, err) = agent(&["run", "--kubeconfig", "/nonexistent/kubeconfig"]);
+    assert!(!ok);
+    assert!(err.contains("--manifests"), "{err}");
+}
+
+#[test]
+fn manifests_and_kubeconfig_are_exclusive() {
+    let (ok, err) = agent(&["run", "--manifests", "/tmp", "--kubeconfig", "/k"]);
+    assert!(!ok);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn services_without_a_datapath_names_the_missing_pin() {
+    let (ok, err) = agent(&["services", "--bpffs-dir", "/nonexistent/bpffs/proxy"]);
+    assert!(!ok);
+    assert!(
+        err.contains("/nonexistent/bpffs/proxy/PROXY_SVC_V1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cleanup_of_nothing_succeeds() {
+    let (ok, err) = agent(&["cleanup", "--bpffs-dir", "/nonexistent/bpffs/proxy"]);
+    assert!(ok, "{err}");
+}
