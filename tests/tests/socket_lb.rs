@@ -417,3 +417,50 @@ fn services_command_prints_the_table_and_json() {
         "{dump}"
     );
 }
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn run_refuses_clearly_without_root_or_cgroup_v2() {
+    require_root();
+    let m = Manifests::new().unwrap();
+    let pins = BpffsDir::new(&unique("bpf"));
+    let bin = proxy_tests::agent::agent_bin();
+    let run = |prefix: &[&str], cgroup: &str| {
+        let mut args: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        args.push(bin.display().to_string());
+        args.extend(["run", "--manifests"].map(String::from));
+        args.push(m.dir.display().to_string());
+        args.extend([
+            "--cgroup".into(),
+            cgroup.into(),
+            "--bpffs-dir".into(),
+            pins.path.display().to_string(),
+        ]);
+        let out = std::process::Command::new(&args[0])
+            .args(&args[1..])
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cg2 = proxy_agent::loader::cgroup2_mount().unwrap();
+    let (ok, err) = run(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        &cg2.display().to_string(),
+    );
+    assert!(!ok && err.contains("needs root"), "{err}");
+    let (ok, err) = run(&[], "/tmp");
+    assert!(
+        !ok && err.contains("/tmp is not a cgroup v2 directory"),
+        "{err}"
+    );
+    assert!(!pins.path.exists(), "nothing was loaded");
+}
