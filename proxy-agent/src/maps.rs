@@ -2,9 +2,15 @@
 //! `proxy-agent services`. Opening from the pins (not from the loaded object) gives the agent
 //! and the inspection command one code path, and works without a running agent.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+};
 use proxy_common::{
     BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAP_LAYOUTS, REV_NAT_MAP, RevNat, SVC_MAP,
     ServiceKey, ServiceValue,
@@ -100,29 +106,11 @@ impl PinnedMaps {
 
     /// Everything the writer owns, as it is in the kernel now.
     pub fn dump(&self) -> Result<MapState, MapsError> {
-        let mut state = MapState::default();
-        for kv in self.services.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read {
-                map: SVC_MAP,
-                source,
-            })?;
-            state.services.insert(k, v);
-        }
-        for kv in self.backends.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read {
-                map: BACKEND_MAP,
-                source,
-            })?;
-            state.backends.insert(k, v);
-        }
-        for kv in self.rev_nat.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read {
-                map: REV_NAT_MAP,
-                source,
-            })?;
-            state.rev_nat.insert(k, v);
-        }
-        Ok(state)
+        Ok(MapState {
+            services: read_all(&self.services, SVC_MAP)?,
+            backends: read_all(&self.backends, BACKEND_MAP)?,
+            rev_nat: read_all(&self.rev_nat, REV_NAT_MAP)?,
+        })
     }
 
     /// Datapath counters, summed over CPUs.
@@ -141,6 +129,15 @@ impl PinnedMaps {
             })
             .collect()
     }
+}
+
+fn read_all<K: Pod + Ord, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, MapsError> {
+    map.iter()
+        .map(|kv| kv.map_err(|source| MapsError::Read { map: name, source }))
+        .collect()
 }
 
 fn map_err(map: &'static str, op: &'static str, e: MapError) -> DatapathError {

@@ -47,9 +47,11 @@ impl Rejections {
         for p in problems {
             let text = p.to_string();
             if !self.logged.contains(&text) {
-                *self.by_reason.entry(p.reason).or_default() += 1;
+                let total = self.by_reason.entry(p.reason).or_default();
+                *total += 1;
                 warn!(origin = %p.origin, kind = p.kind, namespace = %p.namespace, name = %p.name,
-                      field = %p.field, reason = p.reason.as_str(), "{}", p.detail);
+                      field = %p.field, reason = p.reason.as_str(), rejected_total = *total,
+                      "{}", p.detail);
             }
             current.insert(text);
         }
@@ -120,7 +122,14 @@ fn sync_once(
     full: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let rescan = source.rescan()?;
+    let rescan = match source.rescan() {
+        Ok(r) => r,
+        Err(e) => {
+            // A directory that vanished is not "every object deleted": keep what is programmed.
+            warn!(error = %e, "cannot read the manifests; the programmed state is kept");
+            return Ok(());
+        }
+    };
     if !rescan.changed && !full {
         return Ok(());
     }

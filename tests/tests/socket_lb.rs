@@ -32,12 +32,14 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(files: &[(&str, String)]) -> Fixture {
+    /// A 3-pod cluster, its manifests (made from the cluster, so they can name pod IPs), an
+    /// agent serving them.
+    fn new(files: impl FnOnce(&Cluster) -> Vec<(&'static str, String)>) -> Fixture {
         require_root();
         let cluster = Cluster::new(3, &[9090]).expect("mini cluster");
         let manifests = Manifests::new().unwrap();
-        for (name, text) in files {
-            manifests.write(name, text).unwrap();
+        for (name, text) in files(&cluster) {
+            manifests.write(name, &text).unwrap();
         }
         let pins = BpffsDir::new(&unique("bpf"));
         let agent =
@@ -48,6 +50,32 @@ impl Fixture {
             manifests,
             cluster,
         }
+    }
+
+    fn pods(&self) -> Vec<&Pod> {
+        self.cluster.pods.iter().collect()
+    }
+
+    /// Runs `proxy-agent ARGS --bpffs-dir <this fixture's pins>`, which must succeed.
+    fn agent_cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(proxy_tests::agent::agent_bin())
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(&self.pins.path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The VIP is not translated any more: a connect reaches no pod.
+    fn assert_vip_not_served(&self) {
+        let r = self.client("tcp", &format!("{VIP}:80"), 1);
+        assert!(r.replies.is_empty(), "{r:?}");
     }
 
     fn client(&self, mode: &str, addr: &str, count: u32) -> Report {
@@ -122,31 +150,14 @@ fn addrs(pods: &[&Pod], port: u16) -> Vec<String> {
 }
 
 fn web_fixture() -> Fixture {
-    require_root();
-    // Pod IPs are fixed by the cluster layout (10.200.0.10+i), so the manifests can be made
-    // before the cluster exists.
-    let probe = ["10.200.0.10", "10.200.0.11", "10.200.0.12"];
-    let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}, protocol: TCP}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
-    );
-    for ip in probe {
-        s.push_str(&format!(
-            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: node-b\n"
-        ));
-    }
-    let f = Fixture::new(&[
-        ("web-svc.yaml", service("web", VIP, "")),
-        ("web-slice.yaml", s),
-    ]);
-    let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
-    assert_eq!(
-        addrs(&pods, TCP_PORT),
-        probe
-            .iter()
-            .map(|ip| format!("{ip}:{TCP_PORT}"))
-            .collect::<Vec<_>>()
-    );
-    f.wait_backends(80, "TCP", &addrs(&pods, TCP_PORT));
+    let f = Fixture::new(|c| {
+        let pods: Vec<&Pod> = c.pods.iter().collect();
+        vec![
+            ("web-svc.yaml", service("web", VIP, "")),
+            ("web-slice.yaml", slice("web", &pods, TCP_PORT, "node-b")),
+        ]
+    });
+    f.wait_backends(80, "TCP", &addrs(&f.pods(), TCP_PORT));
     f
 }
 
@@ -201,12 +212,14 @@ fn no_endpoints_is_refused_at_once_and_other_addresses_are_left_alone() {
     let empty_slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: empty-1\n  namespace: default\n  labels: {kubernetes.io/service-name: empty}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"10.200.0.10\"]\n  conditions: {ready: false, serving: false}\n";
     let local = service("local", "10.96.0.12", "  internalTrafficPolicy: Local\n");
     let local_slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: local-1\n  namespace: default\n  labels: {kubernetes.io/service-name: local}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"10.200.0.10\"]\n  nodeName: node-b\n";
-    let f = Fixture::new(&[
-        ("empty.yaml", service("empty", "10.96.0.11", "")),
-        ("empty-slice.yaml", empty_slice.to_string()),
-        ("local.yaml", local),
-        ("local-slice.yaml", local_slice.to_string()),
-    ]);
+    let f = Fixture::new(|_| {
+        vec![
+            ("empty.yaml", service("empty", "10.96.0.11", "")),
+            ("empty-slice.yaml", empty_slice.to_string()),
+            ("local.yaml", local),
+            ("local-slice.yaml", local_slice.to_string()),
+        ]
+    });
     wait_for(Duration::from_secs(5), || {
         (frontends(&f.pins).len() == 4).then_some(())
     })
@@ -245,7 +258,7 @@ fn no_endpoints_is_refused_at_once_and_other_addresses_are_left_alone() {
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn manifest_edits_are_followed_within_a_second() {
     let f = web_fixture();
-    let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
+    let pods = f.pods();
 
     // Remove a backend.
     f.manifests
@@ -284,8 +297,7 @@ fn manifest_edits_are_followed_within_a_second() {
         "frontends still programmed: {:?}",
         frontends(&f.pins)
     );
-    let r = f.client("tcp", &format!("{VIP}:80"), 1);
-    assert!(r.replies.is_empty(), "{r:?}");
+    f.assert_vip_not_served();
 }
 
 #[test]
@@ -318,7 +330,7 @@ fn malformed_files_and_invalid_objects_leave_the_previous_state_serving() {
     assert!(r.errors.is_empty() && r.replies.len() == 3, "{r:?}");
 
     // A good edit after the bad ones is applied.
-    let pods: Vec<&Pod> = f.cluster.pods.iter().collect();
+    let pods = f.pods();
     f.manifests
         .write("web-svc.yaml", &service("web", VIP, ""))
         .unwrap();
@@ -359,39 +371,16 @@ fn the_datapath_outlives_the_agent_and_a_restart_rewrites_nothing() {
 
     // `cleanup` detaches: the VIP is no longer translated.
     f.agent.stop();
-    let out = std::process::Command::new(proxy_tests::agent::agent_bin())
-        .args(["cleanup", "--bpffs-dir"])
-        .arg(&f.pins.path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    f.agent_cli(&["cleanup"]);
     assert!(!f.pins.path.exists());
-    let r = f.client("tcp", &format!("{VIP}:80"), 1);
-    assert!(r.replies.is_empty(), "{r:?}");
+    f.assert_vip_not_served();
 }
 
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn services_command_prints_the_table_and_json() {
     let f = web_fixture();
-    let f2 = &f;
-    let run = |fmt: &str| {
-        let out = std::process::Command::new(proxy_tests::agent::agent_bin())
-            .args(["services", "-o", fmt, "--bpffs-dir"])
-            .arg(&f2.pins.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |fmt: &str| f.agent_cli(&["services", "-o", fmt]);
     let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
     let svcs = json["services"].as_array().unwrap();
     assert_eq!(svcs.len(), 2);
