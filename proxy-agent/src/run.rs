@@ -96,15 +96,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         &cfg.node_name,
         &mut rejections,
         true,
-    )?;
+    );
     info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), "ready");
     loop {
         tokio::select! {
             _ = wake.notified() => {
                 tokio::time::sleep(DEBOUNCE).await;
-                sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, false)?;
+                sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, false);
             }
-            _ = resync.tick() => sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, true)?,
+            _ = resync.tick() => sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, true),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -120,18 +120,18 @@ fn sync_once(
     node_name: &str,
     rejections: &mut Rejections,
     full: bool,
-) -> anyhow::Result<()> {
+) {
     let started = Instant::now();
     let rescan = match source.rescan() {
         Ok(r) => r,
         Err(e) => {
             // A directory that vanished is not "every object deleted": keep what is programmed.
             warn!(error = %e, "cannot read the manifests; the programmed state is kept");
-            return Ok(());
+            return;
         }
     };
     if !rescan.changed && !full {
-        return Ok(());
+        return;
     }
     let desired = model::build(&source.objects(), node_name);
     rejections.report(source.problems().chain(desired.problems.iter()));
@@ -149,5 +149,4 @@ fn sync_once(
             "synced"
         );
     }
-    Ok(())
 }

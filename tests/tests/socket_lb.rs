@@ -453,3 +453,23 @@ fn run_refuses_clearly_without_root_or_cgroup_v2() {
     );
     assert!(!pins.path.exists(), "nothing was loaded");
 }
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_vanished_manifests_directory_keeps_the_datapath_serving() {
+    let f = web_fixture();
+    let before = frontends(&f.pins);
+    let moved = f.manifests.dir.with_extension("away");
+    std::fs::rename(&f.manifests.dir, &moved).unwrap();
+    let warned = wait_for(Duration::from_secs(3), || {
+        f.agent
+            .log_text()
+            .contains("cannot read the manifests")
+            .then_some(())
+    });
+    std::fs::rename(&moved, &f.manifests.dir).unwrap();
+    assert!(warned.is_some(), "{}", f.agent.log_text());
+    assert_eq!(frontends(&f.pins), before);
+    let r = f.client("tcp", &format!("{VIP}:80"), 10);
+    assert!(r.errors.is_empty(), "{r:?}");
+}
