@@ -116,14 +116,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::Toolchain => toolchain::ensure(),
         Cmd::BuildAndLoad { args } => {
             toolchain::ensure()?;
-            require_root("build-and-load")?;
             run(cargo().args(["build", "--release", "-p", "proxy-agent"]))?;
             let bin = root().join("target/release/proxy-agent");
             let mut args = args;
             if args.first().map(String::as_str) != Some("run") {
                 args.insert(0, "run".into());
             }
-            let st = status(Command::new(&bin).args(&args))?;
+            // Loading eBPF needs root: use sudo when we are not root (the build stays ours).
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else {
+                let Some(sudo) = toolchain::which("sudo") else {
+                    bail!(
+                        "loading eBPF programs needs root; run `cargo xtask build-and-load` as root"
+                    );
+                };
+                let mut c = Command::new(sudo);
+                c.arg("--preserve-env=RUST_LOG,NODE_NAME").arg(&bin);
+                c
+            };
+            let st = status(cmd.args(&args))?;
             std::process::exit(st.code().unwrap_or(1));
         }
         Cmd::Test { args } => {
