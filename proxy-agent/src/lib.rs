@@ -4,6 +4,7 @@ pub mod endpoints;
 pub mod inspect;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod source;

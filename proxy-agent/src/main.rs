@@ -1,6 +1,6 @@
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_agent::{inspect, loader, run};
 
@@ -31,6 +31,18 @@ enum Command {
         /// bpffs directory for the pinned maps and links.
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
+        /// Where /healthz and /livez are served (kube-proxy's port).
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        health_addr: SocketAddr,
+        /// Where /metrics is served (kube-proxy's port).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_addr: SocketAddr,
+        /// Full resync period, in seconds (a safety net; changes are applied as they come).
+        #[arg(long, default_value_t = 30)]
+        sync_period_seconds: u64,
+        /// /healthz fails when the last successful sync is older than this, in seconds.
+        #[arg(long, default_value_t = 120)]
+        healthz_max_age_seconds: u64,
     },
     /// Print the frontends and backends programmed in the pinned maps (no agent needed).
     Services {
@@ -73,15 +85,15 @@ fn main() -> anyhow::Result<()> {
             node_name,
             cgroup,
             bpffs_dir,
+            health_addr,
+            metrics_addr,
+            sync_period_seconds,
+            healthz_max_age_seconds,
         } => {
-            let Some(manifests) = manifests else {
-                let which = kubeconfig
-                    .map(|k| format!("--kubeconfig {}", k.display()))
-                    .unwrap_or("in-cluster config".into());
-                bail!(
-                    "the Kubernetes API source ({which}) is not available in this version; \
-                     run with --manifests DIR"
-                );
+            let source = match (manifests, kubeconfig) {
+                (Some(dir), _) => run::SourceConfig::Manifests(dir),
+                (None, Some(path)) => run::SourceConfig::Kubeconfig(path),
+                (None, None) => run::SourceConfig::InCluster,
             };
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -93,10 +105,14 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(run::run(run::RunConfig {
-                manifests,
+                source,
                 node_name,
                 cgroup,
                 bpffs_dir,
+                health_addr,
+                metrics_addr,
+                healthz_max_age: Duration::from_secs(healthz_max_age_seconds),
+                resync: Duration::from_secs(sync_period_seconds.max(1)),
             }))
         }
         Command::Services { bpffs_dir, output } => {

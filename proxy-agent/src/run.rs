@@ -2,51 +2,63 @@
 //! direction only: source -> model -> sync -> maps.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use notify::{RecursiveMode, Watcher as _};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::{signal::unix::SignalKind, sync::Notify};
 use tracing::{info, warn};
 
 use crate::{
     loader,
     maps::PinnedMaps,
-    model::{self, ProblemReason},
-    source::ManifestDir,
+    metrics::{self, Health, Metrics, SyncKind},
+    model::{self, Objects, Problem, ProblemReason, ServiceRef},
+    source::{kube::KubeSource, manifests::ManifestDir},
     sync::Syncer,
 };
 
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    Kubeconfig(PathBuf),
+    InCluster,
+}
+
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub cgroup: PathBuf,
     pub bpffs_dir: PathBuf,
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// /healthz fails when the last successful sync is older than this.
+    pub healthz_max_age: Duration,
+    /// Full resync period (safety net).
+    pub resync: Duration,
 }
 
-/// Coalesces bursts of file events (an editor's save is several) into one rescan.
+/// Coalesces bursts of events (an editor's save, a rollout) into one sync.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-/// Safety net for missed file events.
-const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
-/// Objects rejected so far, by reason (exported as a metric once the agent serves metrics).
+/// Problems are logged once each (not at every sync) and counted by reason.
 #[derive(Default)]
 struct Rejections {
-    by_reason: BTreeMap<ProblemReason, u64>,
-    /// Problems already logged: each is logged once, not at every sync.
     logged: HashSet<String>,
+    by_reason: BTreeMap<ProblemReason, u64>,
 }
 
 impl Rejections {
-    fn report<'a>(&mut self, problems: impl Iterator<Item = &'a model::Problem>) {
+    fn report<'a>(&mut self, problems: impl Iterator<Item = &'a Problem>, metrics: &Metrics) {
         let mut current = HashSet::new();
         for p in problems {
             let text = p.to_string();
             if !self.logged.contains(&text) {
+                metrics.record_problem(p.reason);
                 let total = self.by_reason.entry(p.reason).or_default();
                 *total += 1;
                 warn!(origin = %p.origin, kind = p.kind, namespace = %p.namespace, name = %p.name,
@@ -59,52 +71,211 @@ impl Rejections {
     }
 }
 
+enum Source {
+    Manifests {
+        dir: ManifestDir,
+        _watcher: RecommendedWatcher,
+    },
+    Kube(KubeSource),
+}
+
+/// What a source has now, and which Services changed (None: all, or unknown).
+struct Snapshot {
+    objects: Objects,
+    file_problems: Vec<Problem>,
+    changed: Option<BTreeSet<ServiceRef>>,
+    /// Nothing changed since the last snapshot.
+    unchanged: bool,
+}
+
+impl Source {
+    fn snapshot(&mut self) -> Option<Snapshot> {
+        match self {
+            Source::Manifests { dir, .. } => match dir.rescan() {
+                Ok(r) => Some(Snapshot {
+                    objects: dir.objects(),
+                    file_problems: dir.problems().cloned().collect(),
+                    changed: None,
+                    unchanged: !r.changed,
+                }),
+                Err(e) => {
+                    // A directory that vanished is not "every object deleted".
+                    warn!(error = %e, "cannot read the manifests; the programmed state is kept");
+                    None
+                }
+            },
+            Source::Kube(k) => {
+                let changed = k
+                    .take_changed()
+                    .map(|v| v.into_iter().collect::<BTreeSet<_>>());
+                Some(Snapshot {
+                    objects: k.objects(),
+                    file_problems: vec![],
+                    unchanged: changed.as_ref().is_some_and(BTreeSet::is_empty),
+                    changed,
+                })
+            }
+        }
+    }
+}
+
+struct Agent {
+    source: Source,
+    syncer: Syncer<PinnedMaps>,
+    node_name: String,
+    rejections: Rejections,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl Agent {
+    /// One pass: snapshot the source, build the model, write what differs.
+    fn sync(&mut self, full: bool) {
+        let started = Instant::now();
+        let Some(snap) = self.source.snapshot() else {
+            return;
+        };
+        if snap.unchanged && !full {
+            return;
+        }
+        let desired = model::build(&snap.objects, &self.node_name);
+        self.rejections.report(
+            snap.file_problems.iter().chain(desired.problems.iter()),
+            &self.metrics,
+        );
+        let scope = if full { None } else { snap.changed.as_ref() };
+        let report = self.syncer.sync_scoped(&desired, scope);
+        for (frontend, err) in &report.errors {
+            warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
+        }
+        self.metrics.sync_errors.inc_by(report.errors.len() as u64);
+        let kind = if scope.is_some() { "partial" } else { "full" };
+        self.metrics
+            .sync_duration
+            .get_or_create(&SyncKind { kind })
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.record_state(self.syncer.state());
+        if let Source::Kube(k) = &self.source
+            && report.updates + report.deletes > 0
+        {
+            let touched: Option<&BTreeSet<ServiceRef>> = scope;
+            for (svc, t) in k.trigger_times() {
+                if touched.is_none_or(|s| s.contains(&svc)) {
+                    self.metrics.record_programming(t);
+                }
+            }
+        }
+        if report.errors.is_empty() {
+            self.health.synced();
+        }
+        if report.updates + report.deletes > 0 || !report.errors.is_empty() {
+            info!(
+                kind,
+                frontends = desired.frontends.len(),
+                updates = report.updates,
+                deletes = report.deletes,
+                errors = report.errors.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "synced"
+            );
+        }
+    }
+}
+
+async fn kube_client(source: &SourceConfig) -> anyhow::Result<kube::Client> {
+    let config = match source {
+        SourceConfig::Kubeconfig(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        _ => kube::Config::incluster().context("in-cluster config (KUBERNETES_SERVICE_HOST and the service account); outside a pod use --kubeconfig or --manifests")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    // Cheap checks of the source first (no network yet), then the host, then the API.
+    let client = match &cfg.source {
+        SourceConfig::Manifests(_) => None,
+        other => Some(kube_client(other).await?),
+    };
+    let manifests = match &cfg.source {
+        SourceConfig::Manifests(dir) => Some((ManifestDir::new(dir)?, dir.clone())),
+        _ => None,
+    };
     loader::preflight(&cfg.cgroup)?;
-    let mut source = ManifestDir::new(&cfg.manifests)?;
+
+    let wake = Arc::new(Notify::new());
+    let source = match (manifests, client) {
+        (Some((manifests, dir)), _) => {
+            // File events only wake the loop; the loop rescans the directory (level-triggered).
+            let waker = wake.clone();
+            let mut watcher =
+                notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                    if res.is_ok() {
+                        waker.notify_one();
+                    }
+                })
+                .context("creating the file watcher")?;
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            Source::Manifests {
+                dir: manifests,
+                _watcher: watcher,
+            }
+        }
+        (None, Some(client)) => {
+            let k = KubeSource::start(client, &cfg.node_name, wake.clone());
+            info!("waiting for the first list of Services, EndpointSlices and this Node");
+            k.wait_ready().await?;
+            Source::Kube(k)
+        }
+        (None, None) => unreachable!("one source is always configured"),
+    };
+
     loader::load_and_attach(&cfg.bpffs_dir, &cfg.cgroup)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
     info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),
-          frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(),
-          "datapath attached");
-    let mut syncer = Syncer::new(maps, state);
-    let mut rejections = Rejections::default();
+          frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(), "datapath attached");
 
-    // File events only wake the loop; the loop rescans the directory (level-triggered).
-    let wake = Arc::new(Notify::new());
-    let waker = wake.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            waker.notify_one();
-        }
-    })
-    .context("creating the file watcher")?;
-    watcher
-        .watch(&cfg.manifests, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", cfg.manifests.display()))?;
+    let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()));
+    let health = Arc::new(Health::new(cfg.healthz_max_age));
+    metrics::serve(
+        cfg.health_addr,
+        cfg.metrics_addr,
+        health.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    let mut agent = Agent {
+        source,
+        syncer: Syncer::new(maps, state),
+        node_name: cfg.node_name.clone(),
+        rejections: Rejections::default(),
+        metrics,
+        health,
+    };
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
 
-    sync_once(
-        &mut source,
-        &mut syncer,
-        &cfg.node_name,
-        &mut rejections,
-        true,
-    );
-    info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), "ready");
+    // Level-triggered start: one full sync against what the pinned maps already hold, then ready.
+    agent.sync(true);
+    info!(node = %cfg.node_name, health = %cfg.health_addr, metrics = %cfg.metrics_addr, "ready");
     loop {
         tokio::select! {
             _ = wake.notified() => {
                 tokio::time::sleep(DEBOUNCE).await;
-                sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, false);
+                agent.sync(false);
             }
-            _ = resync.tick() => sync_once(&mut source, &mut syncer, &cfg.node_name, &mut rejections, true),
+            _ = resync.tick() => agent.sync(true),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -112,41 +283,4 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The pinned datapath stays: connections keep working while the agent is away.
     info!("stopping; the datapath stays pinned (remove it with `proxy-agent cleanup`)");
     Ok(())
-}
-
-fn sync_once(
-    source: &mut ManifestDir,
-    syncer: &mut Syncer<PinnedMaps>,
-    node_name: &str,
-    rejections: &mut Rejections,
-    full: bool,
-) {
-    let started = Instant::now();
-    let rescan = match source.rescan() {
-        Ok(r) => r,
-        Err(e) => {
-            // A directory that vanished is not "every object deleted": keep what is programmed.
-            warn!(error = %e, "cannot read the manifests; the programmed state is kept");
-            return;
-        }
-    };
-    if !rescan.changed && !full {
-        return;
-    }
-    let desired = model::build(&source.objects(), node_name);
-    rejections.report(source.problems().chain(desired.problems.iter()));
-    let report = syncer.sync(&desired);
-    for (frontend, err) in &report.errors {
-        warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
-    }
-    if report.updates + report.deletes > 0 || !report.errors.is_empty() {
-        info!(
-            frontends = desired.frontends.len(),
-            updates = report.updates,
-            deletes = report.deletes,
-            errors = report.errors.len(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "synced"
-        );
-    }
 }

@@ -159,18 +159,36 @@ impl<D: Datapath> Syncer<D> {
         &self.dp
     }
 
-    /// Makes the maps equal to `desired`, except for held VIPs, whose entries are left alone.
+    /// Makes the maps equal to `desired`, except for held VIPs and Services, whose entries are
+    /// left alone.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        self.sync_scoped(desired, None)
+    }
+
+    /// Like [`Self::sync`], but with `scope` only the frontends of those Services are looked
+    /// at (a partial sync after a change to a few Services). Frontends of unknown owner (found
+    /// in the maps at start) are only handled by full syncs.
+    pub fn sync_scoped(
+        &mut self,
+        desired: &Desired,
+        scope: Option<&BTreeSet<ServiceRef>>,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
+        let in_scope = |owner: Option<&ServiceRef>| match (scope, owner) {
+            (None, _) => true,
+            (Some(set), Some(o)) => set.contains(o),
+            (Some(_), None) => false,
+        };
 
         // Frontends present in the maps (masters, and slots left without a master by a crash).
         let applied: BTreeSet<Frontend> =
             self.state.services.keys().filter_map(frontend_of).collect();
         for f in applied {
-            let held_owner = self
-                .owners
-                .get(&f)
-                .is_some_and(|o| desired.held_services.contains(o));
+            let owner = self.owners.get(&f);
+            if !in_scope(owner) {
+                continue;
+            }
+            let held_owner = owner.is_some_and(|o| desired.held_services.contains(o));
             if desired.frontends.contains_key(&f)
                 || desired.held_vips.contains(&f.vip)
                 || held_owner
@@ -185,6 +203,9 @@ impl<D: Datapath> Syncer<D> {
             }
         }
         for (f, spec) in &desired.frontends {
+            if !in_scope(Some(&spec.service)) {
+                continue;
+            }
             let flags = if spec.no_local_endpoints {
                 SVC_FLAG_NO_LOCAL_ENDPOINTS
             } else {
@@ -197,9 +218,11 @@ impl<D: Datapath> Syncer<D> {
                 Err(e) => report.errors.push((*f, e)),
             }
         }
-        // Leftovers of a writer that died mid-update (found in the maps at start).
-        if let Err(e) = self.collect_orphans(&mut report) {
-            tracing::warn!(error = %e, "could not remove orphaned map entries; will retry");
+        if scope.is_none() {
+            // Leftovers of a writer that died mid-update (found in the maps at start).
+            if let Err(e) = self.collect_orphans(&mut report) {
+                tracing::warn!(error = %e, "could not remove orphaned map entries; will retry");
+            }
         }
         report
     }

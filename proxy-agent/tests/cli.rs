@@ -14,10 +14,20 @@ fn agent(args: &[&str]) -> (bool, String) {
 }
 
 #[test]
-fn run_without_a_manifests_dir_says_the_api_source_is_not_there_yet() {
+fn a_missing_kubeconfig_is_named_before_anything_is_loaded() {
     let (ok, err) = agent(&["run", "--kubeconfig", "/nonexistent/kubeconfig"]);
     assert!(!ok);
-    assert!(err.contains("--manifests"), "{err}");
+    assert!(
+        err.contains("reading kubeconfig /nonexistent/kubeconfig"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_manifests_dir_is_named() {
+    let (ok, err) = agent(&["run", "--manifests", "/nonexistent/manifests"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/manifests"), "{err}");
 }
 
 #[test]

@@ -54,25 +54,58 @@ impl Drop for Manifests {
     }
 }
 
+/// A free TCP port on loopback (the agent binds it right after; tests run few agents).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// A running `proxy-agent run`; stopped on drop (its pins stay until `pins` drops).
 pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
+    pub health_addr: String,
+    pub metrics_addr: String,
 }
 
 impl Agent {
+    /// `proxy-agent run --manifests DIR` on `cgroup`, pinned in `pins`.
     pub fn start(manifests: &Path, cgroup: &Path, pins: &BpffsDir) -> anyhow::Result<Self> {
+        Self::start_with(
+            &["--manifests".as_ref(), manifests.as_os_str()],
+            cgroup,
+            pins,
+        )
+    }
+
+    /// `proxy-agent run SOURCE_ARGS` on `cgroup`, pinned in `pins`; waits until it is ready.
+    pub fn start_with(
+        source: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pins: &BpffsDir,
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let out = fs::File::create(&log)?;
+        let health_addr = format!("127.0.0.1:{}", free_port());
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(agent_bin())
-            .args(["run", "--node-name", "node-a", "--manifests"])
-            .arg(manifests)
+            .args([
+                "run",
+                "--node-name",
+                "node-a",
+                "--health-addr",
+                &health_addr,
+                "--metrics-addr",
+                &metrics_addr,
+            ])
+            .args(source)
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--bpffs-dir")
             .arg(&pins.path)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -85,6 +118,8 @@ impl Agent {
         let mut agent = Agent {
             child: Some(child),
             log,
+            health_addr,
+            metrics_addr,
         };
         agent.wait_ready()?;
         Ok(agent)

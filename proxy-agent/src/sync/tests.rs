@@ -497,3 +497,45 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
         );
     }
 }
+
+#[test]
+fn a_scoped_sync_touches_only_the_named_services() {
+    let svc = |name: &str| ServiceRef {
+        namespace: "default".into(),
+        name: name.into(),
+    };
+    let mut d = Desired::default();
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    for (f, name) in [(a, "a"), (b, "b")] {
+        d.frontends.insert(
+            f,
+            FrontendSpec {
+                service: svc(name),
+                backends: vec![BackendAddr {
+                    ip: "10.1.0.1".parse().unwrap(),
+                    port: 80,
+                }],
+                no_local_endpoints: false,
+            },
+        );
+    }
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    s.sync(&d);
+    ops(&mut s);
+    // Both changed, but only "b" is in scope.
+    for spec in d.frontends.values_mut() {
+        spec.backends.push(BackendAddr {
+            ip: "10.1.0.2".parse().unwrap(),
+            port: 80,
+        });
+    }
+    let scope: BTreeSet<ServiceRef> = [svc("b")].into();
+    s.sync_scoped(&d, Some(&scope));
+    assert_eq!(s.dp.maps.services[&service_key(&a, 0)].count, 1);
+    assert_eq!(s.dp.maps.services[&service_key(&b, 0)].count, 2);
+    // Deleting "b" in a scoped sync that names it.
+    d.frontends.remove(&b);
+    s.sync_scoped(&d, Some(&scope));
+    assert!(!s.dp.maps.services.contains_key(&service_key(&b, 0)));
+    assert!(s.dp.maps.services.contains_key(&service_key(&a, 0)));
+}

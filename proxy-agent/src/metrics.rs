@@ -1,0 +1,267 @@
+//! Prometheus metrics (prometheus-client) and the health/metrics HTTP endpoints.
+//!
+//! Names follow kube-proxy's where one exists (`*_sync_proxy_rules_*`,
+//! `network_programming_duration_seconds`), under the `proxy_` prefix.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use proxy_common::{BACKEND_MAP, MAP_LAYOUTS, REV_NAT_MAP, SVC_MAP};
+use tracing::warn;
+
+use crate::{maps::PinnedMaps, model::ProblemReason, sync::MapState};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncKind {
+    /// "full" or "partial".
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapName {
+    pub map: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub sync_duration: Family<SyncKind, Histogram>,
+    pub programming_latency: Histogram,
+    pub frontends: Gauge,
+    pub backends: Gauge,
+    pub rejected: Family<Reason, Counter>,
+    pub map_fill: Family<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub sync_errors: Counter,
+}
+
+/// Reads the datapath's per-CPU counters at scrape time.
+#[derive(Debug)]
+struct DatapathCounters {
+    bpffs_dir: PathBuf,
+}
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = match PinnedMaps::open(&self.bpffs_dir).and_then(|m| m.counters()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read datapath counters for a scrape");
+                return Ok(());
+            }
+        };
+        let mut desc = encoder.encode_descriptor(
+            "proxy_datapath_events",
+            "Datapath decisions by reason (summed over CPUs), read from the pinned counters map",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (c, v) in counters {
+            let labels = Reason { reason: c.name() };
+            ConstCounter::new(v).encode(desc.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub fn new(bpffs_dir: PathBuf) -> Self {
+        let mut registry = Registry::with_prefix("proxy");
+        let sync_duration = Family::<SyncKind, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "sync_proxy_rules_duration_seconds",
+            "Time to compute and write one sync",
+            sync_duration.clone(),
+        );
+        let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the map write",
+            programming_latency.clone(),
+        );
+        let frontends = Gauge::default();
+        registry.register(
+            "frontends_programmed",
+            "ClusterIP:port/protocol frontends in the maps",
+            frontends.clone(),
+        );
+        let backends = Gauge::default();
+        registry.register(
+            "backends_programmed",
+            "Distinct backends in the maps",
+            backends.clone(),
+        );
+        let rejected = Family::<Reason, Counter>::default();
+        registry.register(
+            "objects_rejected",
+            "Objects or fields not programmed, by reason",
+            rejected.clone(),
+        );
+        let map_fill = Family::<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "map_fill_ratio",
+            "Entries / capacity of each writer-owned map",
+            map_fill.clone(),
+        );
+        let sync_errors = Counter::default();
+        registry.register(
+            "sync_errors",
+            "Frontends a sync could not write (kept their old state)",
+            sync_errors.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCounters { bpffs_dir }));
+        Metrics {
+            registry,
+            sync_duration,
+            programming_latency,
+            frontends,
+            backends,
+            rejected,
+            map_fill,
+            sync_errors,
+        }
+    }
+
+    pub fn record_problem(&self, reason: ProblemReason) {
+        self.rejected
+            .get_or_create(&Reason {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn record_state(&self, state: &MapState) {
+        self.frontends
+            .set(state.services.keys().filter(|k| k.slot == 0).count() as i64);
+        self.backends.set(state.backends.len() as i64);
+        for l in MAP_LAYOUTS {
+            let n = match l.name {
+                n if n == SVC_MAP => state.services.len(),
+                n if n == BACKEND_MAP => state.backends.len(),
+                n if n == REV_NAT_MAP => state.rev_nat.len(),
+                _ => continue,
+            };
+            self.map_fill
+                .get_or_create(&MapName { map: l.name })
+                .set(n as f64 / f64::from(l.max_entries));
+        }
+    }
+
+    /// Latency from an EndpointSlice change (its trigger time) to now, when it was written.
+    pub fn record_programming(&self, trigger: SystemTime) {
+        if let Ok(d) = SystemTime::now().duration_since(trigger) {
+            self.programming_latency.observe(d.as_secs_f64());
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// What /healthz and /livez answer from.
+pub struct Health {
+    synced: AtomicBool,
+    last_sync: Mutex<Instant>,
+    max_age: Duration,
+}
+
+impl Health {
+    pub fn new(max_age: Duration) -> Self {
+        Health {
+            synced: AtomicBool::new(false),
+            last_sync: Mutex::new(Instant::now()),
+            max_age,
+        }
+    }
+
+    pub fn synced(&self) {
+        *self.last_sync.lock().expect("not poisoned") = Instant::now();
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// Healthy once the first full sync is done and the last sync is recent enough.
+    pub fn healthy(&self) -> (bool, Duration) {
+        let age = self.last_sync.lock().expect("not poisoned").elapsed();
+        (
+            self.synced.load(Ordering::Acquire) && age <= self.max_age,
+            age,
+        )
+    }
+}
+
+async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let (ok, age) = h.healthy();
+    let body = format!(
+        "{{\"healthy\":{ok},\"lastSyncAgeSeconds\":{:.3}}}\n",
+        age.as_secs_f64()
+    );
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        body,
+    )
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+}
+
+/// Serves /healthz and /livez on `health_addr`, /metrics on `metrics_addr`.
+pub async fn serve(
+    health_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    health: Arc<Health>,
+    m: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let health_app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .with_state(health);
+    let metrics_app = Router::new().route("/metrics", get(metrics)).with_state(m);
+    let hl = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .with_context(|| format!("binding --health-addr {health_addr}"))?;
+    let ml = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {metrics_addr}"))?;
+    tokio::spawn(async move { axum::serve(hl, health_app).await });
+    tokio::spawn(async move { axum::serve(ml, metrics_app).await });
+    Ok(())
+}

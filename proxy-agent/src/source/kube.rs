@@ -1,0 +1,229 @@
+//! The Kubernetes API source: kube-rs reflectors (list+watch, default backoff, relist on
+//! 410 Gone) for Services, EndpointSlices and this node's Node. The stores keep the last
+//! state the API server sent, so an API server that goes away changes nothing: the model keeps
+//! seeing the same objects until the watches resume and the reflectors converge.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Objects, ServiceRef, Sourced};
+
+/// kube-proxy's informer selectors: objects of other proxies and headless ones are not ours.
+const NOT_OURS: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+const _: () = assert!(LABEL_SERVICE_PROXY_NAME.len() + LABEL_HEADLESS.len() + 3 == NOT_OURS.len());
+
+/// EndpointSlice annotation: when the endpoints controller saw the change that made the slice.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+pub struct KubeSource {
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    nodes: reflector::Store<Node>,
+    /// Services whose objects changed since the last `take_changed` (None: everything, e.g.
+    /// after a relist or a Node change).
+    changed: Arc<Mutex<Option<Vec<ServiceRef>>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Which Service an object belongs to, for per-Service (partial) syncs.
+trait Owner {
+    fn owner(&self) -> Option<ServiceRef>;
+}
+
+impl Owner for Service {
+    fn owner(&self) -> Option<ServiceRef> {
+        Some(ServiceRef {
+            namespace: self.metadata.namespace.clone().unwrap_or_default(),
+            name: self.metadata.name.clone()?,
+        })
+    }
+}
+
+impl Owner for EndpointSlice {
+    fn owner(&self) -> Option<ServiceRef> {
+        Some(ServiceRef {
+            namespace: self.metadata.namespace.clone().unwrap_or_default(),
+            name: self
+                .metadata
+                .labels
+                .as_ref()?
+                .get(crate::model::LABEL_SERVICE_NAME)?
+                .clone(),
+        })
+    }
+}
+
+impl Owner for Node {
+    fn owner(&self) -> Option<ServiceRef> {
+        None // a Node change (zone label) may concern every Service
+    }
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wake: Arc<Notify>,
+    changed: Arc<Mutex<Option<Vec<ServiceRef>>>>,
+) -> (reflector::Store<K>, JoinHandle<()>)
+where
+    K: Resource + Owner + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let kind = K::kind(&Default::default()).to_string();
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(ev) => {
+                    if failing {
+                        info!(%kind, "watch resumed");
+                        failing = false;
+                    }
+                    let mut c = changed.lock().expect("not poisoned");
+                    match (&ev, c.as_mut()) {
+                        (watcher::Event::Apply(o) | watcher::Event::Delete(o), Some(list)) => {
+                            match o.owner() {
+                                Some(owner) => list.push(owner),
+                                None => *c = None,
+                            }
+                        }
+                        // (Re)lists and Node changes: recompute everything.
+                        _ => *c = None,
+                    }
+                    drop(c);
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    // The store keeps its last state; the backoff paces the retries.
+                    if !failing {
+                        warn!(%kind, error = %e, "watch failed; keeping the last known state and retrying");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+impl KubeSource {
+    /// Starts the three reflectors; `wake` is notified on every change.
+    pub fn start(client: Client, node_name: &str, wake: Arc<Notify>) -> Self {
+        let changed = Arc::new(Mutex::new(None));
+        let selected = || watcher::Config::default().labels(NOT_OURS);
+        let (services, t1) = spawn_reflector(
+            Api::<Service>::all(client.clone()),
+            selected(),
+            wake.clone(),
+            changed.clone(),
+        );
+        let (slices, t2) = spawn_reflector(
+            Api::<EndpointSlice>::all(client.clone()),
+            selected(),
+            wake.clone(),
+            changed.clone(),
+        );
+        let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let (nodes, t3) =
+            spawn_reflector(Api::<Node>::all(client), node_cfg, wake, changed.clone());
+        KubeSource {
+            services,
+            slices,
+            nodes,
+            changed,
+            tasks: vec![t1, t2, t3],
+        }
+    }
+
+    /// Waits until every store holds a complete first list.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.nodes.wait_until_ready().await?;
+        Ok(())
+    }
+
+    /// The Services changed since the last call, or None when everything must be recomputed.
+    pub fn take_changed(&self) -> Option<Vec<ServiceRef>> {
+        self.changed
+            .lock()
+            .expect("not poisoned")
+            .replace(Vec::new())
+    }
+
+    pub fn objects(&self) -> Objects {
+        fn sourced<K: Clone>(store: &reflector::Store<K>) -> Vec<Sourced<K>>
+        where
+            K: Resource + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            let origin: Arc<str> = Arc::from("kube-apiserver");
+            store
+                .state()
+                .iter()
+                .map(|o| Sourced {
+                    origin: origin.clone(),
+                    object: (**o).clone(),
+                })
+                .collect()
+        }
+        Objects {
+            services: sourced(&self.services),
+            slices: sourced(&self.slices),
+            nodes: sourced(&self.nodes),
+        }
+    }
+
+    /// For network programming latency: the newest `last-change-trigger-time` of each
+    /// Service's EndpointSlices.
+    pub fn trigger_times(&self) -> BTreeMap<ServiceRef, SystemTime> {
+        let mut out = BTreeMap::new();
+        for s in self.slices.state() {
+            let Some(owner) = s.owner() else { continue };
+            let Some(t) = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            else {
+                continue;
+            };
+            let Ok(ts) = t.parse::<Timestamp>() else {
+                continue;
+            };
+            let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ts.as_nanosecond().max(0) as u64);
+            let e = out.entry(owner).or_insert(t);
+            if t > *e {
+                *e = t;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
