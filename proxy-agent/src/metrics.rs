@@ -73,7 +73,7 @@ impl Collector for DatapathCounters {
             }
         };
         let mut desc = encoder.encode_descriptor(
-            "proxy_datapath_events",
+            "datapath_events",
             "Datapath decisions by reason (summed over CPUs), read from the pinned counters map",
             None,
             prometheus_client::metrics::MetricType::Counter,

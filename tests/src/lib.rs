@@ -9,6 +9,7 @@
 //! - every wait is bounded in count and time.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cluster;
 pub mod host;
 pub mod servers;

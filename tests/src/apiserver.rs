@@ -1,0 +1,592 @@
+//! A small HTTP server speaking the Kubernetes list/watch protocol for Services,
+//! EndpointSlices and Nodes, as the API server does: JSON bodies as it sends them (list items
+//! without kind/apiVersion, `metadata.resourceVersion` everywhere), `?watch=1` streams of
+//! ADDED/MODIFIED/DELETED/BOOKMARK events from a resourceVersion, `410 Gone` (an ERROR event
+//! with a `Status`) for a compacted one, label and field selectors, discovery for kubectl.
+//! Fault hooks: drop every watch, answer 500 for a while, compact the history.
+//!
+//! It runs on its own thread and tokio runtime, on 127.0.0.1, and stops on drop.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, oneshot};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+    fn of(v: &Value) -> Option<Kind> {
+        match v.get("kind")?.as_str()? {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+}
+
+type Key = (Kind, String, String);
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    /// (resourceVersion, event type, kind, object) in order.
+    log: Vec<(u64, &'static str, Kind, Value)>,
+    /// Watches from a resourceVersion older than this get 410 Gone.
+    compacted_rv: u64,
+    fail_until: Option<Instant>,
+    /// Bumped to end every open watch.
+    watch_epoch: u64,
+    requests: u64,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+pub struct FakeApiServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn key_of(kind: Kind, v: &Value) -> Key {
+    let ns = if kind == Kind::Node {
+        String::new()
+    } else {
+        v.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()
+    };
+    (
+        kind,
+        ns,
+        v.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+impl FakeApiServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                rv: 1000,
+                ..Default::default()
+            }),
+            changed: Notify::new(),
+        });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                addr_tx
+                    .send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
+                let app = Router::new().fallback(handle).with_state(s);
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(5))?;
+        Ok(FakeApiServer {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
+    pub fn apply(&self, mut obj: Value) {
+        let kind = Kind::of(&obj).expect("a Service, EndpointSlice or Node");
+        let mut g = self.shared.inner.lock().unwrap();
+        g.rv += 1;
+        let rv = g.rv;
+        let key = key_of(kind, &obj);
+        let meta = obj
+            .as_object_mut()
+            .unwrap()
+            .entry("metadata")
+            .or_insert(json!({}));
+        meta["resourceVersion"] = json!(rv.to_string());
+        if kind != Kind::Node && meta.get("namespace").is_none() {
+            meta["namespace"] = json!("default");
+        }
+        let old = g.objects.get(&key);
+        let uid = old
+            .and_then(|o| o.pointer("/metadata/uid").cloned())
+            .unwrap_or_else(|| json!(format!("uid-{rv}")));
+        meta["uid"] = uid;
+        meta.as_object_mut()
+            .unwrap()
+            .entry("creationTimestamp")
+            .or_insert(json!("2026-01-01T00:00:00Z"));
+        let ty = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        g.objects.insert(key, obj.clone());
+        g.log.push((rv, ty, kind, obj));
+        drop(g);
+        self.shared.changed.notify_waiters();
+    }
+
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        let mut g = self.shared.inner.lock().unwrap();
+        let ns = if kind == Kind::Node {
+            String::new()
+        } else {
+            namespace.to_string()
+        };
+        let Some(mut obj) = g.objects.remove(&(kind, ns, name.to_string())) else {
+            return;
+        };
+        g.rv += 1;
+        let rv = g.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        g.log.push((rv, "DELETED", kind, obj));
+        drop(g);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Ends every open watch (as an API server restart or a network cut does).
+    pub fn drop_watches(&self) {
+        self.shared.inner.lock().unwrap().watch_epoch += 1;
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Answers every request with 500 for `d` (and ends the open watches).
+    pub fn fail_for(&self, d: Duration) {
+        self.shared.inner.lock().unwrap().fail_until = Some(Instant::now() + d);
+        self.drop_watches();
+    }
+
+    /// Compacts the history: a watch resumed from an older resourceVersion gets 410 Gone.
+    pub fn expire_history(&self) {
+        {
+            let mut g = self.shared.inner.lock().unwrap();
+            g.compacted_rv = g.rv;
+            g.log.clear();
+        }
+        self.drop_watches();
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.inner.lock().unwrap().requests
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.drop_watches();
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    (code, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+/// `a`, `!a`, `a=b`, `a!=b`, comma-separated (the forms kube-proxy's informers use).
+fn matches_selector(labels: Option<&Value>, selector: &str) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+        if let Some(k) = term.strip_prefix('!') {
+            get(k).is_none()
+        } else if let Some((k, v)) = term.split_once("!=") {
+            get(k) != Some(v)
+        } else if let Some((k, v)) = term.split_once('=') {
+            get(k.trim_end_matches('=')) == Some(v)
+        } else {
+            get(term).is_some()
+        }
+    })
+}
+
+fn matches_fields(obj: &Value, selector: &str) -> bool {
+    selector
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some(("metadata.name", v)) => {
+                obj.pointer("/metadata/name").and_then(Value::as_str)
+                    == Some(v.trim_start_matches('='))
+            }
+            Some(("metadata.namespace", v)) => {
+                obj.pointer("/metadata/namespace").and_then(Value::as_str)
+                    == Some(v.trim_start_matches('='))
+            }
+            _ => true,
+        })
+}
+
+struct Query {
+    watch: bool,
+    rv: Option<u64>,
+    bookmarks: bool,
+    labels: String,
+    fields: String,
+    timeout: Duration,
+}
+
+fn parse_query(q: &str) -> Query {
+    let mut out = Query {
+        watch: false,
+        rv: None,
+        bookmarks: false,
+        labels: String::new(),
+        fields: String::new(),
+        timeout: Duration::from_secs(290),
+    };
+    for (k, v) in q.split('&').filter_map(|kv| kv.split_once('=')) {
+        let v = percent_decode(v);
+        match k {
+            "watch" => out.watch = v == "1" || v == "true",
+            "resourceVersion" => out.rv = v.parse().ok(),
+            "allowWatchBookmarks" => out.bookmarks = v == "true",
+            "labelSelector" => out.labels = v,
+            "fieldSelector" => out.fields = v,
+            "timeoutSeconds" => out.timeout = Duration::from_secs(v.parse().unwrap_or(290)),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(c) => {
+                        out.push(c);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// (kind, namespace, name) of a single-object path.
+fn object_path(path: &str) -> Option<Key> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", "v1", "namespaces", ns, "services", name] => {
+            Some((Kind::Service, ns.to_string(), name.to_string()))
+        }
+        [
+            "apis",
+            "discovery.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "endpointslices",
+            name,
+        ] => Some((Kind::EndpointSlice, ns.to_string(), name.to_string())),
+        ["api", "v1", "nodes", name] => Some((Kind::Node, String::new(), name.to_string())),
+        _ => None,
+    }
+}
+
+/// (kind, namespace filter) for a resource path.
+fn resource(path: &str) -> Option<(Kind, Option<String>)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", "v1", "services"] => Some((Kind::Service, None)),
+        ["api", "v1", "namespaces", ns, "services"] => Some((Kind::Service, Some(ns.to_string()))),
+        ["apis", "discovery.k8s.io", "v1", "endpointslices"] => Some((Kind::EndpointSlice, None)),
+        [
+            "apis",
+            "discovery.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "endpointslices",
+        ] => Some((Kind::EndpointSlice, Some(ns.to_string()))),
+        ["api", "v1", "nodes"] => Some((Kind::Node, None)),
+        _ => None,
+    }
+}
+
+fn discovery(path: &str, addr: &str) -> Option<Value> {
+    let res = |name: &str, kind: &str, namespaced: bool, short: &[&str]| {
+        json!({"name": name, "singularName": kind.to_lowercase(), "namespaced": namespaced, "kind": kind,
+               "verbs": ["get", "list", "watch"], "shortNames": short})
+    };
+    Some(match path.trim_end_matches('/') {
+        "/version" => {
+            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"})
+        }
+        "/api" => json!({"kind": "APIVersions", "versions": ["v1"],
+                         "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}]}),
+        "/apis" => {
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "discovery.k8s.io",
+                          "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+                          "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"}}]})
+        }
+        "/api/v1" => {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [
+                          res("services", "Service", true, &["svc"]), res("nodes", "Node", false, &["no"])]})
+        }
+        "/apis/discovery.k8s.io/v1" => {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "discovery.k8s.io/v1",
+                          "resources": [res("endpointslices", "EndpointSlice", true, &[])]})
+        }
+        _ => return None,
+    })
+}
+
+async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let q = parse_query(req.uri().query().unwrap_or(""));
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_string();
+    {
+        let mut g = s.inner.lock().unwrap();
+        g.requests += 1;
+        if g.fail_until.is_some_and(|t| Instant::now() < t) {
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &status(500, "InternalError", "injected failure"),
+            );
+        }
+    }
+    if let Some(v) = discovery(&path, &host) {
+        return json_response(StatusCode::OK, &v);
+    }
+    if let Some(key) = object_path(&path) {
+        let g = s.inner.lock().unwrap();
+        return match g.objects.get(&key) {
+            Some(o) => json_response(StatusCode::OK, o),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &status(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{}\" not found", key.0.name().to_lowercase(), key.2),
+                ),
+            ),
+        };
+    }
+    let Some((kind, ns)) = resource(&path) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &status(
+                404,
+                "NotFound",
+                &format!("the server could not find the requested resource ({path})"),
+            ),
+        );
+    };
+    let selected = move |obj: &Value| {
+        ns.as_deref()
+            .is_none_or(|n| obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(n))
+            && matches_selector(obj.pointer("/metadata/labels"), &q.labels)
+            && matches_fields(obj, &q.fields)
+    };
+    if !q.watch {
+        let g = s.inner.lock().unwrap();
+        let items: Vec<Value> = g
+            .objects
+            .iter()
+            .filter(|((k, _, _), o)| *k == kind && selected(o))
+            .map(|(_, o)| {
+                // List items carry no kind/apiVersion, as the API server sends them.
+                let mut o = o.clone();
+                o.as_object_mut().unwrap().remove("kind");
+                o.as_object_mut().unwrap().remove("apiVersion");
+                o
+            })
+            .collect();
+        let list = json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
+                          "metadata": {"resourceVersion": g.rv.to_string()}, "items": items});
+        return json_response(StatusCode::OK, &list);
+    }
+
+    // A watch: events after `rv`, then live ones, bookmarks each second, until the timeout, a
+    // fault hook, or the client going away.
+    let (start_rv, epoch) = {
+        let g = s.inner.lock().unwrap();
+        let rv = q.rv.unwrap_or(g.rv);
+        if rv < g.compacted_rv {
+            let ev = json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {rv} ({})", g.compacted_rv))});
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                format!("{ev}\n"),
+            )
+                .into_response();
+        }
+        (rv, g.watch_epoch)
+    };
+    struct W {
+        s: Arc<Shared>,
+        last: u64,
+        epoch: u64,
+        deadline: Instant,
+        next_bookmark: Instant,
+        bookmarks: bool,
+        pending: Vec<String>,
+    }
+    let w = W {
+        s,
+        last: start_rv,
+        epoch,
+        deadline: Instant::now() + q.timeout,
+        next_bookmark: Instant::now() + Duration::from_secs(1),
+        bookmarks: q.bookmarks,
+        pending: vec![],
+    };
+    let stream = futures::stream::unfold((w, selected), move |(mut w, selected)| async move {
+        loop {
+            if let Some(line) = w.pending.pop() {
+                return Some((Ok::<_, Infallible>(Bytes::from(line)), (w, selected)));
+            }
+            let now = Instant::now();
+            if now >= w.deadline {
+                return None;
+            }
+            let notified = w.s.changed.notified();
+            {
+                let g = w.s.inner.lock().unwrap();
+                if g.watch_epoch != w.epoch {
+                    return None;
+                }
+                let mut lines: Vec<String> = g
+                    .log
+                    .iter()
+                    .filter(|(rv, _, k, o)| *rv > w.last && *k == kind && selected(o))
+                    .map(|(_, ty, _, o)| format!("{}\n", json!({"type": ty, "object": o})))
+                    .collect();
+                w.last = w.last.max(g.rv);
+                if lines.is_empty() && w.bookmarks && now >= w.next_bookmark {
+                    lines.push(format!("{}\n", json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": g.rv.to_string()}}})));
+                    w.next_bookmark = now + Duration::from_secs(1);
+                }
+                if !lines.is_empty() {
+                    lines.reverse();
+                    w.pending = lines;
+                    continue;
+                }
+            }
+            let wait = w
+                .next_bookmark
+                .min(w.deadline)
+                .saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(wait.max(Duration::from_millis(10)), notified).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_follow_kubernetes_syntax() {
+        let l = json!({"a": "1", "b": "2"});
+        assert!(matches_selector(Some(&l), "a,!c"));
+        assert!(!matches_selector(Some(&l), "!a"));
+        assert!(matches_selector(Some(&l), "a=1,b!=3"));
+        assert!(!matches_selector(Some(&l), "a==2"));
+        assert!(matches_selector(None, "!service.kubernetes.io/headless"));
+        assert_eq!(percent_decode("%21a%2C%21b"), "!a,!b");
+    }
+}

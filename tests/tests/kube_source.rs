@@ -1,0 +1,349 @@
+//! The agent against the Kubernetes list/watch protocol (the fake API server in
+//! `proxy_tests::apiserver`), with a netns mini-cluster as the data plane. Privileged: run
+//! with `cargo xtask test`.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    path::Path,
+    time::Duration,
+};
+
+use proxy_tests::{
+    agent::{Agent, Manifests, frontends},
+    apiserver::{FakeApiServer, Kind},
+    cluster::{Cluster, TCP_PORT},
+    host::{BpffsDir, require_root, wait_for},
+    unique,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const VIP: &str = "10.96.0.10";
+
+#[derive(Deserialize, Debug)]
+struct Report {
+    replies: BTreeMap<String, u32>,
+    errors: BTreeMap<String, u32>,
+}
+
+fn service(name: &str, vip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"clusterIP": vip, "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+}
+
+fn slice(service: &str, ips: &[String]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-b"}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-abc"), "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": service},
+                        "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-29T00:00:00Z"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}], "endpoints": eps})
+}
+
+/// Drop order: agent, pins, kubeconfig dir, API server, cluster.
+struct Fixture {
+    agent: Agent,
+    pins: BpffsDir,
+    _kubeconfig: Manifests,
+    api: FakeApiServer,
+    cluster: Cluster,
+}
+
+impl Fixture {
+    fn new(pins: BpffsDir, setup: impl FnOnce(&FakeApiServer, &Cluster)) -> Fixture {
+        require_root();
+        let cluster = Cluster::new(3, &[]).expect("mini cluster");
+        let api = FakeApiServer::start().unwrap();
+        setup(&api, &cluster);
+        let kubeconfig = Manifests::new().unwrap();
+        kubeconfig.write("kubeconfig", &api.kubeconfig()).unwrap();
+        let path = kubeconfig.dir.join("kubeconfig");
+        let agent = Agent::start_with(
+            &["--kubeconfig".as_ref(), path.as_os_str()],
+            &cluster.cgroup_path(),
+            &pins,
+        )
+        .expect("agent starts");
+        Fixture {
+            agent,
+            pins,
+            _kubeconfig: kubeconfig,
+            api,
+            cluster,
+        }
+    }
+
+    fn ips(&self, which: &[usize]) -> Vec<String> {
+        which
+            .iter()
+            .map(|i| self.cluster.pods[*i].ip.to_string())
+            .collect()
+    }
+
+    fn client(&self, addr: &str, count: u32) -> Report {
+        let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
+        let args: Vec<String> = vec![
+            "tcp".into(),
+            addr.into(),
+            "--count".into(),
+            count.to_string(),
+            "--timeout-ms".into(),
+            "1000".into(),
+        ];
+        let out = self.cluster.run_client(bin, &args).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn backends(&self, vip: &str) -> Option<Vec<String>> {
+        frontends(&self.pins)
+            .into_iter()
+            .find(|f| f.vip.to_string() == vip && f.port == 80)
+            .map(|f| f.backends.iter().map(|b| b.ip.to_string()).collect())
+    }
+
+    fn wait_backends(&self, vip: &str, want: &[String], limit: Duration) -> Duration {
+        match wait_for(limit, || {
+            (self.backends(vip).as_deref() == Some(want)).then_some(())
+        }) {
+            Some((_, took)) => took,
+            None => panic!(
+                "{vip} never had {want:?} (has {:?}); agent log:\n{}",
+                self.backends(vip),
+                self.agent.log_text()
+            ),
+        }
+    }
+
+    fn serves(&self, n: usize) {
+        let r = self.client(&format!("{VIP}:80"), 30);
+        assert!(r.errors.is_empty() && r.replies.len() == n, "{r:?}");
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn web(api: &FakeApiServer, c: &Cluster) {
+    api.apply(service("web", VIP));
+    api.apply(slice(
+        "web",
+        &c.pods.iter().map(|p| p.ip.to_string()).collect::<Vec<_>>(),
+    ));
+}
+
+#[test]
+#[ignore = "needs kubectl (installed by `cargo xtask test`)"]
+fn kubectl_reads_the_fake_api_server() {
+    let api = FakeApiServer::start().unwrap();
+    api.apply(service("web", VIP));
+    api.apply(slice("web", &["10.1.0.1".into()]));
+    let out = std::process::Command::new("kubectl")
+        .args(["--server", &api.url(), "get", "svc,endpointslices", "-A"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("service/web") && text.contains("web-abc"),
+        "{text}"
+    );
+    let out = std::process::Command::new("kubectl")
+        .args([
+            "--server",
+            &api.url(),
+            "get",
+            "svc",
+            "web",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        VIP,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_agent_follows_creates_updates_and_deletes() {
+    let f = Fixture::new(BpffsDir::new(&unique("bpf")), web);
+    f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(5));
+    f.serves(3);
+
+    f.api.apply(slice("web", &f.ips(&[0, 2])));
+    let took = f.wait_backends(VIP, &f.ips(&[0, 2]), Duration::from_secs(5));
+    assert!(
+        took < Duration::from_secs(1),
+        "an endpoint change took {took:?}"
+    );
+    f.serves(2);
+
+    f.api.apply(service("other", "10.96.0.20"));
+    f.api.apply(slice("other", &f.ips(&[1])));
+    f.wait_backends("10.96.0.20", &f.ips(&[1]), Duration::from_secs(2));
+    let r = f.client("10.96.0.20:80", 5);
+    assert_eq!(r.replies.get("pod-1"), Some(&5), "{r:?}");
+
+    f.api.delete(Kind::Service, "default", "other");
+    wait_for(Duration::from_secs(2), || {
+        f.backends("10.96.0.20").is_none().then_some(())
+    })
+    .expect("deleted Service removed");
+
+    // Services kube-proxy does not proxy are skipped (selector on the watch).
+    let mut headless = service("h", "10.96.0.30");
+    headless["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
+    f.api.apply(headless);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(f.backends("10.96.0.30").is_none());
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn api_faults_never_touch_the_datapath_and_the_agent_converges() {
+    let f = Fixture::new(BpffsDir::new(&unique("bpf")), web);
+    f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(5));
+
+    // Watches dropped (an API server restart): a change made meanwhile still arrives.
+    f.api.drop_watches();
+    f.serves(3);
+    f.api.apply(slice("web", &f.ips(&[0, 1])));
+    f.wait_backends(VIP, &f.ips(&[0, 1]), Duration::from_secs(10));
+
+    // 500s for 3 s: the datapath keeps serving; the change made during the outage converges.
+    f.api.fail_for(Duration::from_secs(3));
+    f.serves(2);
+    f.api.apply(slice("web", &f.ips(&[1, 2])));
+    std::thread::sleep(Duration::from_millis(500));
+    f.serves(2);
+    f.wait_backends(VIP, &f.ips(&[1, 2]), Duration::from_secs(30));
+
+    // History compacted (410 Gone on resume): the reflectors relist and converge.
+    f.api.apply(slice("web", &f.ips(&[2])));
+    f.api.expire_history();
+    f.wait_backends(VIP, &f.ips(&[2]), Duration::from_secs(30));
+    f.serves(1);
+    let log = f.agent.log_text();
+    assert!(
+        log.contains("watch failed"),
+        "the outage was not noticed:\n{log}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn start_converges_on_the_pinned_maps_without_rewriting_live_entries() {
+    require_root();
+    // A datapath left by an earlier agent (manifests source) with two Services.
+    let pins = BpffsDir::new(&unique("bpf"));
+    let cluster_for_ips = ["10.200.0.10", "10.200.0.11", "10.200.0.12"];
+    let m = Manifests::new().unwrap();
+    let to_yaml = |v: Value| serde_json::to_string(&v).unwrap();
+    let ips: Vec<String> = cluster_for_ips.iter().map(|s| s.to_string()).collect();
+    m.write("a.json", &to_yaml(service("web", VIP))).unwrap();
+    m.write("b.json", &to_yaml(slice("web", &ips))).unwrap();
+    m.write("c.json", &to_yaml(service("stale", "10.96.0.99")))
+        .unwrap();
+    let cluster = Cluster::new(3, &[]).unwrap();
+    assert_eq!(
+        cluster
+            .pods
+            .iter()
+            .map(|p| p.ip.to_string())
+            .collect::<Vec<_>>(),
+        ips
+    );
+    let mut first = Agent::start(&m.dir, &cluster.cgroup_path(), &pins).unwrap();
+    wait_for(Duration::from_secs(5), || {
+        (frontends(&pins).len() == 2).then_some(())
+    })
+    .unwrap();
+    let web_before = frontends(&pins)
+        .into_iter()
+        .find(|f| f.vip.to_string() == VIP)
+        .unwrap();
+    first.stop();
+    drop(cluster);
+
+    let f = Fixture::new(pins, web);
+    // The stale Service is gone; the live one kept its entries (same rev-NAT id, same backends).
+    wait_for(Duration::from_secs(5), || {
+        (frontends(&f.pins).len() == 1).then_some(())
+    })
+    .expect("stale frontend removed");
+    let web_after = frontends(&f.pins)
+        .into_iter()
+        .find(|x| x.vip.to_string() == VIP)
+        .unwrap();
+    assert_eq!(web_after, web_before);
+    f.serves(3);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn health_and_metrics_report_the_agent_and_the_datapath() {
+    let f = Fixture::new(BpffsDir::new(&unique("bpf")), |api, c| {
+        web(api, c);
+        api.apply(service("bad", "10.96.0.999"));
+    });
+    f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(5));
+    let (code, body) = http_get(&f.agent.health_addr, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"healthy\":true"), "{body}");
+    assert_eq!(http_get(&f.agent.health_addr, "/livez").0, 200);
+    f.serves(3);
+
+    f.api.apply(slice("web", &f.ips(&[0, 1])));
+    f.wait_backends(VIP, &f.ips(&[0, 1]), Duration::from_secs(5));
+    let (code, text) = http_get(&f.agent.metrics_addr, "/metrics");
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+    };
+    assert_eq!(value("proxy_frontends_programmed "), 1.0);
+    assert_eq!(value("proxy_backends_programmed "), 2.0);
+    assert!(value("proxy_datapath_events_total{reason=\"connect_translated\"}") >= 30.0);
+    assert_eq!(
+        value("proxy_objects_rejected_total{reason=\"invalid_ip\"}"),
+        1.0
+    );
+    assert!(value("proxy_sync_proxy_rules_duration_seconds_count{kind=\"full\"}") >= 1.0);
+    assert!(value("proxy_sync_proxy_rules_duration_seconds_count{kind=\"partial\"}") >= 1.0);
+    assert!(value("proxy_network_programming_duration_seconds_count") >= 1.0);
+    assert!(value("proxy_map_fill_ratio{map=\"PROXY_SVC_V1\"}") > 0.0);
+}
