@@ -103,7 +103,7 @@ fn check() -> Missing {
     Missing(m)
 }
 
-fn try_install(missing: &Missing) {
+fn try_install(mut missing: Missing) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
@@ -114,8 +114,9 @@ fn try_install(missing: &Missing) {
             shared.display()
         );
         let _ = Command::new(&shared).status();
-        return;
+        missing = check();
     }
+    let mut apt_updated = false;
     for (what, how) in &missing.0 {
         let cmd: Option<Vec<&str>> = match *what {
             "the nightly toolchain" => Some(vec![
@@ -135,7 +136,11 @@ fn try_install(missing: &Missing) {
                 "nightly",
             ]),
             "bpf-linker" => Some(vec!["cargo", "+nightly", "install", "bpf-linker"]),
-            "ip" | "nsenter" | "bpftool" | "ping" if which("apt-get").is_some() => {
+            "ip" | "nsenter" | "bpftool" | "ping" | "kubectl" if which("apt-get").is_some() => {
+                if !apt_updated {
+                    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+                    apt_updated = true;
+                }
                 Some(vec!["apt-get", "install", "-y", "-qq", how])
             }
             _ => None,
@@ -152,7 +157,7 @@ pub fn ensure() -> anyhow::Result<()> {
     if missing.0.is_empty() {
         return Ok(());
     }
-    try_install(&missing);
+    try_install(missing);
     let still = check();
     if still.0.is_empty() {
         return Ok(());

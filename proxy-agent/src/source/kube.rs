@@ -171,9 +171,9 @@ impl KubeSource {
     }
 
     pub fn objects(&self) -> Objects {
-        fn sourced<K: Clone>(store: &reflector::Store<K>) -> Vec<Sourced<K>>
+        fn sourced<K>(store: &reflector::Store<K>) -> Vec<Sourced<K>>
         where
-            K: Resource + 'static,
+            K: Resource + Clone + 'static,
             K::DynamicType: Eq + std::hash::Hash + Clone,
         {
             let origin: Arc<str> = Arc::from("kube-apiserver");

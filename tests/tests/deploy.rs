@@ -1,0 +1,232 @@
+//! `deploy/` parses into the Kubernetes API types, and says what a node agent needs.
+use std::{collections::BTreeMap, fs, path::Path};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Namespace, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+}
+
+/// Every document of every YAML file in deploy/, by kind (kustomization.yaml apart).
+fn documents() -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for entry in fs::read_dir(deploy_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml")
+            || path.ends_with("kustomization.yaml")
+        {
+            continue;
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        for doc in yaml_serde::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let kind = v["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: no kind", path.display()))
+                .to_string();
+            out.entry(kind).or_default().push(v);
+        }
+    }
+    out
+}
+
+fn one<T: serde::de::DeserializeOwned>(docs: &BTreeMap<String, Vec<Value>>, kind: &str) -> T {
+    let v = docs
+        .get(kind)
+        .and_then(|v| v.first())
+        .unwrap_or_else(|| panic!("no {kind} in deploy/"));
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+}
+
+#[test]
+fn every_manifest_is_a_valid_kubernetes_object_and_kustomize_lists_it() {
+    let docs = documents();
+    let _: Namespace = one(&docs, "Namespace");
+    let _: ConfigMap = one(&docs, "ConfigMap");
+    let kustomization: Value =
+        yaml_serde::from_str(&fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap())
+            .unwrap();
+    let listed: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for entry in fs::read_dir(deploy_dir()).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                listed.contains(&name.as_str()),
+                "{name} is not in kustomization.yaml"
+            );
+        }
+    }
+    for r in listed {
+        assert!(
+            deploy_dir().join(r).exists(),
+            "kustomization lists missing {r}"
+        );
+    }
+}
+
+#[test]
+fn the_daemonset_runs_a_privileged_node_agent_with_probes_and_host_mounts() {
+    let docs = documents();
+    let ds: DaemonSet = one(&docs, "DaemonSet");
+    let sa: ServiceAccount = one(&docs, "ServiceAccount");
+    let pod = ds.spec.template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert!(
+        pod.tolerations
+            .unwrap()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    let node_name = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .unwrap();
+    assert_eq!(
+        node_name
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
+        (
+            g.path.clone().unwrap(),
+            serde_json::to_value(&g.port).unwrap(),
+        )
+    };
+    assert_eq!(
+        probe(&c.liveness_probe),
+        ("/livez".into(), Value::from(10256))
+    );
+    assert_eq!(
+        probe(&c.readiness_probe),
+        ("/healthz".into(), Value::from(10256))
+    );
+
+    let volumes = pod.volumes.unwrap();
+    let host_path = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.host_path.as_ref())
+            .map(|h| h.path.clone())
+    };
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    let mount = |name: &str| {
+        mounts
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.mount_path.clone())
+            .unwrap()
+    };
+    assert_eq!(host_path("bpffs").as_deref(), Some("/sys/fs/bpf"));
+    assert_eq!(mount("bpffs"), "/sys/fs/bpf");
+    assert_eq!(host_path("cgroup").as_deref(), Some("/sys/fs/cgroup"));
+    let args = c.args.clone().unwrap();
+    let arg = |flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .map(str::to_string)
+            .unwrap()
+    };
+    assert_eq!(
+        arg("--cgroup"),
+        mount("cgroup"),
+        "the agent attaches to the mounted host cgroup root"
+    );
+    assert!(
+        arg("--bpffs-dir").starts_with(&mount("bpffs")),
+        "pins live on the host's bpffs"
+    );
+    assert!(arg("--health-addr").ends_with(":10256"));
+
+    // The agent binary accepts these arguments (it fails later, on the missing source dir).
+    let bin = proxy_tests::agent::agent_bin();
+    let out = std::process::Command::new(&bin)
+        .args(&args)
+        .args(["--manifests", "/nonexistent/dir"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/dir"),
+        "{}: {err}",
+        bin.display()
+    );
+}
+
+#[test]
+fn rbac_grants_read_only_access_to_what_the_agent_watches() {
+    let docs = documents();
+    let role: ClusterRole = one(&docs, "ClusterRole");
+    let binding: ClusterRoleBinding = one(&docs, "ClusterRoleBinding");
+    let sa: ServiceAccount = one(&docs, "ServiceAccount");
+    let mut granted: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for rule in role.rules.unwrap() {
+        for g in rule.api_groups.clone().unwrap_or_default() {
+            for r in rule.resources.clone().unwrap_or_default() {
+                granted.insert((g.clone(), r), rule.verbs.clone());
+            }
+        }
+    }
+    let read = vec!["get".to_string(), "list".into(), "watch".into()];
+    for (group, resource) in [
+        ("", "services"),
+        ("", "nodes"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        assert_eq!(
+            granted.get(&(group.into(), resource.into())),
+            Some(&read),
+            "{group}/{resource}"
+        );
+    }
+    assert_eq!(granted.len(), 3, "nothing else is granted: {granted:?}");
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), Some(subject.name.clone())),
+        ("ServiceAccount", sa.metadata.name.clone())
+    );
+    assert_eq!(subject.namespace, sa.metadata.namespace);
+}
+
+#[test]
+fn the_dockerfile_builds_the_agent_in_stages() {
+    let text = fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("FROM ")).count(),
+        2,
+        "build and runtime stages"
+    );
+    assert!(text.contains("cargo build --release -p proxy-agent"));
+    assert!(text.contains("bpf-linker"));
+    assert!(text.contains("COPY --from=build /src/target/release/proxy-agent"));
+}
