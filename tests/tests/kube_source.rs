@@ -3,7 +3,6 @@
 //! with `cargo xtask test`.
 
 use std::{
-    collections::BTreeMap,
     io::{Read as _, Write as _},
     path::Path,
     time::Duration,
@@ -12,20 +11,14 @@ use std::{
 use proxy_tests::{
     agent::{Agent, Manifests, frontends},
     apiserver::{FakeApiServer, Kind},
+    client::{self, Report},
     cluster::{Cluster, TCP_PORT},
     host::{BpffsDir, require_root, wait_for},
     unique,
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 const VIP: &str = "10.96.0.10";
-
-#[derive(Deserialize, Debug)]
-struct Report {
-    replies: BTreeMap<String, u32>,
-    errors: BTreeMap<String, u32>,
-}
 
 fn service(name: &str, vip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
@@ -85,17 +78,13 @@ impl Fixture {
     }
 
     fn client(&self, addr: &str, count: u32) -> Report {
-        let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
-        let args: Vec<String> = vec![
-            "tcp".into(),
-            addr.into(),
-            "--count".into(),
-            count.to_string(),
-            "--timeout-ms".into(),
-            "1000".into(),
-        ];
-        let out = self.cluster.run_client(bin, &args).unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
+        client::run(
+            &self.cluster,
+            Path::new(env!("CARGO_BIN_EXE_pxt-client")),
+            "tcp",
+            addr,
+            count,
+        )
     }
 
     fn backends(&self, vip: &str) -> Option<Vec<String>> {

@@ -2,25 +2,17 @@
 //! whose backends are real TCP/UDP servers. Run by `cargo xtask test` (as root).
 //! Marked `#[ignore]` so a plain unprivileged `cargo test` skips them instead of failing.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use proxy_tests::{
     agent::{Agent, Manifests, frontends},
+    client::{self, Report},
     cluster::{Cluster, Pod, TCP_PORT, UDP_PORT},
     host::{BpffsDir, require_root, wait_for},
     unique,
 };
-use serde::Deserialize;
 
 const VIP: &str = "10.96.0.10";
-
-#[derive(Deserialize, Debug)]
-struct Report {
-    replies: BTreeMap<String, u32>,
-    peers: BTreeMap<String, u32>,
-    errors: BTreeMap<String, u32>,
-    max_error_us: u64,
-}
 
 /// Drop order is field order: agent stops, pins go (detaching the programs), then the
 /// manifests and the cluster.
@@ -79,27 +71,13 @@ impl Fixture {
     }
 
     fn client(&self, mode: &str, addr: &str, count: u32) -> Report {
-        let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
-        let args = vec![
-            mode.to_string(),
-            addr.to_string(),
-            "--count".into(),
-            count.to_string(),
-            "--timeout-ms".into(),
-            "1000".into(),
-        ];
-        let out = self.cluster.run_client(bin, &args).unwrap();
-        assert!(
-            out.status.success(),
-            "client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "client output {e}: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        client::run(
+            &self.cluster,
+            Path::new(env!("CARGO_BIN_EXE_pxt-client")),
+            mode,
+            addr,
+            count,
+        )
     }
 
     /// Waits (at most 5 s) until the maps hold `backends` for VIP:port, returning how long.

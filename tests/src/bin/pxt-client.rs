@@ -2,14 +2,13 @@
 //! object with what it saw, so tests assert on data, not on log text.
 
 use std::{
-    collections::BTreeMap,
     io::Read as _,
     net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use clap::{Parser, ValueEnum};
-use serde::Serialize;
+use proxy_tests::client::Report;
 
 #[derive(Parser)]
 struct Args {
@@ -31,18 +30,6 @@ enum Mode {
     Udp,
     /// connected UDP: connect + send + recv.
     UdpConnected,
-}
-
-#[derive(Serialize, Default)]
-struct Report {
-    /// Greeting (pod name) -> how many times.
-    replies: BTreeMap<String, u32>,
-    /// Peer as the socket reports it (getpeername for TCP, recvfrom's source for UDP).
-    peers: BTreeMap<String, u32>,
-    /// errno name -> how many times.
-    errors: BTreeMap<String, u32>,
-    /// Slowest failed connect, in microseconds.
-    max_error_us: u64,
 }
 
 fn errno_name(e: &std::io::Error) -> String {

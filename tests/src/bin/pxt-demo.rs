@@ -3,16 +3,13 @@
 //! ClusterIP spreading over the backends, a ping that gets no reply, the services table.
 //! Everything it makes is removed when it ends (guards), also on error.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use proxy_tests::{
     agent::{Agent, Manifests, frontends},
+    client,
     cluster::{Cluster, TCP_PORT, UDP_PORT},
     host::{BpffsDir, wait_for},
     unique,
@@ -43,15 +40,6 @@ fn manifests(cluster: &Cluster) -> String {
 
 fn step(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
-}
-
-fn client(cluster: &Cluster, bin: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = cluster.run_client(bin, &args)?;
-    if !out.status.success() {
-        bail!("client failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,32 +78,24 @@ fn main() -> anyhow::Result<()> {
     step(&format!(
         "9 HTTP-style requests from the client pod to {VIP}:80"
     ));
+    let vip80 = format!("{VIP}:80");
     for i in 1..=9 {
-        let r = client(&cluster, &args.client, &["tcp", &format!("{VIP}:80")])?;
-        let who = r["replies"]
-            .as_object()
-            .and_then(|o| o.keys().next().cloned())
-            .unwrap_or_else(|| format!("error {}", r["errors"]));
-        let peer = r["peers"]
-            .as_object()
-            .and_then(|o| o.keys().next().cloned())
-            .unwrap_or_default();
+        let r = client::run(&cluster, &args.client, "tcp", &vip80, 1);
+        let who = r
+            .replies
+            .keys()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| format!("error {:?}", r.errors));
+        let peer = r.peers.keys().next().cloned().unwrap_or_default();
         println!("  request {i}: answered by {who:<6} (the socket's peer is {peer})");
     }
-    let r = client(
-        &cluster,
-        &args.client,
-        &["tcp", &format!("{VIP}:80"), "--count", "300"],
-    )?;
-    println!("  300 more connects: {}", r["replies"]);
+    let r = client::run(&cluster, &args.client, "tcp", &vip80, 300);
+    println!("  300 more connects: {:?}", r.replies);
 
     step(&format!("UDP: sendto {VIP}:53, recvfrom"));
-    let r = client(
-        &cluster,
-        &args.client,
-        &["udp", &format!("{VIP}:53"), "--count", "3"],
-    )?;
-    println!("  replies {} from {}", r["replies"], r["peers"]);
+    let r = client::run(&cluster, &args.client, "udp", &format!("{VIP}:53"), 3);
+    println!("  replies {:?} from {:?}", r.replies, r.peers);
 
     step(&format!("ping {VIP}: a ClusterIP is not a host; no reply"));
     let ping = Command::new("nsenter")

@@ -1,0 +1,46 @@
+//! What `pxt-client` reports, and running it as a pod of a [`Cluster`].
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+
+/// One JSON object per client run, so tests assert on data, not on log text.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Report {
+    /// Greeting (pod name) -> how many times.
+    pub replies: BTreeMap<String, u32>,
+    /// Peer as the socket reports it (getpeername for TCP, recvfrom's source for UDP).
+    pub peers: BTreeMap<String, u32>,
+    /// errno name -> how many times.
+    pub errors: BTreeMap<String, u32>,
+    /// Slowest failed attempt, in microseconds.
+    pub max_error_us: u64,
+}
+
+/// Runs `pxt-client MODE ADDR --count N` as the cluster's client pod (1 s timeouts).
+pub fn run(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) -> Report {
+    let args: Vec<String> = [
+        mode,
+        addr,
+        "--count",
+        &count.to_string(),
+        "--timeout-ms",
+        "1000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let out = cluster.run_client(bin, &args).expect("client runs");
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
