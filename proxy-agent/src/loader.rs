@@ -24,6 +24,7 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy.bpf.o"));
 
 /// Socket programs, by function name in proxy-ebpf.
+pub const TC_PROGRAM: &str = "proxy_tc";
 pub const PROGRAMS: [&str; 4] = [
     "proxy_connect4",
     "proxy_sendmsg4",
@@ -67,7 +68,7 @@ pub enum LoaderError {
 }
 
 /// An error and its sources on one line (aya's errors keep the errno in the source).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -162,12 +163,9 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
     }
 }
 
-/// Loads the programs with their maps pinned in `dir` (reusing existing pins after checking
-/// their layout), attaches them to `cgroup`, and pins the links. An existing datapath in `dir`
-/// is replaced without a gap: the new link is attached and pinned before the old one's pin is
-/// renamed over (which detaches it). While both run, the old one translates first and the new
-/// one then sees a backend address, which is not a frontend, so nothing is translated twice.
-pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
+/// Loads the object with its maps pinned in `dir` (reusing existing pins after checking their
+/// layout). Programs are loaded into the kernel when they are attached.
+pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
     ensure_bpffs_dir(dir)?;
     maps::check_pinned_layouts(dir)?;
     let mut loader = EbpfLoader::new();
@@ -175,9 +173,29 @@ pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf: Ebpf = loader
+    loader
         .load(EBPF_OBJECT)
-        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+        .map_err(|e| LoaderError::Load(Box::new(e)))
+}
+
+/// Pins `link` at `dir/links/name`, replacing (and so detaching) what was pinned there, with
+/// no gap: the new link is pinned first, then renamed over the old pin.
+pub fn pin_link(dir: &Path, name: &str, link: FdLink) -> Result<(), LoaderError> {
+    let final_path = dir.join("links").join(name);
+    // bpffs refuses names with a dot.
+    let tmp = dir.join("links").join(format!("{name}_next"));
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp).map_err(|e| LoaderError::Io {
+        path: tmp.clone(),
+        source: io::Error::other(chain(&e)),
+    })?;
+    fs::rename(&tmp, &final_path).map_err(io_err(&final_path))
+}
+
+/// Attaches the socket programs to `cgroup` and pins their links. An existing datapath in `dir`
+/// is replaced without a gap; while both run, the old one translates first and the new one
+/// then sees a backend address, which is not a frontend, so nothing is translated twice.
+pub fn attach_sockets(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
     let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
     for name in PROGRAMS {
         let perr = |detail: String| LoaderError::Program { name, detail };
@@ -198,13 +216,7 @@ pub fn load_and_attach(dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
             .map_err(|e| perr(chain(&e)))?
             .try_into()
             .map_err(|e| perr(chain(&e)))?;
-        let final_path = dir.join("links").join(name);
-        // bpffs refuses names with a dot.
-        let tmp = dir.join("links").join(format!("{name}_next"));
-        let _ = fs::remove_file(&tmp);
-        link.pin(&tmp)
-            .map_err(|e| perr(format!("pin {}: {}", tmp.display(), chain(&e))))?;
-        fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
+        pin_link(dir, name, link)?;
     }
     Ok(())
 }
@@ -269,8 +281,8 @@ mod tests {
             );
         }
         assert_eq!(obj.maps.len(), MAP_LAYOUTS.len(), "no map outside the ABI");
-        for p in PROGRAMS {
-            assert!(obj.programs.contains_key(p), "program {p} missing");
+        for p in PROGRAMS.iter().chain([&TC_PROGRAM]) {
+            assert!(obj.programs.contains_key(*p), "program {p} missing");
         }
     }
 }

@@ -13,7 +13,7 @@ use aya::{
 };
 use proxy_common::{
     BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAP_LAYOUTS, REV_NAT_MAP, RevNat, SVC_MAP,
-    ServiceKey, ServiceValue,
+    ServiceKey, ServiceValue, VIP_MAP,
 };
 
 use crate::sync::{Datapath, DatapathError, MapState};
@@ -79,6 +79,7 @@ pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u16, RevNat>,
+    vips: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -99,6 +100,7 @@ impl PinnedMaps {
                 .map_err(read(BACKEND_MAP))?,
             rev_nat: HashMap::try_from(open(dir, REV_NAT_MAP, Map::HashMap)?)
                 .map_err(read(REV_NAT_MAP))?,
+            vips: HashMap::try_from(open(dir, VIP_MAP, Map::HashMap)?).map_err(read(VIP_MAP))?,
             counters: PerCpuArray::try_from(open(dir, COUNTERS_MAP, Map::PerCpuArray)?)
                 .map_err(read(COUNTERS_MAP))?,
         })
@@ -110,6 +112,7 @@ impl PinnedMaps {
             services: read_all(&self.services, SVC_MAP)?,
             backends: read_all(&self.backends, BACKEND_MAP)?,
             rev_nat: read_all(&self.rev_nat, REV_NAT_MAP)?,
+            vips: read_all(&self.vips, VIP_MAP)?,
         })
     }
 
@@ -185,5 +188,13 @@ impl Datapath for PinnedMaps {
     }
     fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError> {
         absent_ok(self.rev_nat.remove(&id), REV_NAT_MAP)
+    }
+    fn update_vip(&mut self, vip_be: u32, frontends: u32) -> Result<(), DatapathError> {
+        self.vips
+            .insert(vip_be, frontends, 0)
+            .map_err(|e| map_err(VIP_MAP, "update", e))
+    }
+    fn delete_vip(&mut self, vip_be: u32) -> Result<(), DatapathError> {
+        absent_ok(self.vips.remove(&vip_be), VIP_MAP)
     }
 }

@@ -236,8 +236,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         (None, None) => unreachable!("one source is always configured"),
     };
 
-    loader::load_and_attach(&cfg.bpffs_dir, &cfg.cgroup)
+    let mut ebpf = loader::load(&cfg.bpffs_dir)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
+    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup)
+        .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
     info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),

@@ -48,14 +48,18 @@ pub trait Datapath {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), DatapathError>;
     fn update_rev_nat(&mut self, id: u16, value: RevNat) -> Result<(), DatapathError>;
     fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError>;
+    fn update_vip(&mut self, vip_be: u32, frontends: u32) -> Result<(), DatapathError>;
+    fn delete_vip(&mut self, vip_be: u32) -> Result<(), DatapathError>;
 }
 
-/// The content of the three writer-owned maps.
+/// The content of the writer-owned maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nat: BTreeMap<u16, RevNat>,
+    /// ClusterIP (network order) -> number of frontends (masters) on it.
+    pub vips: BTreeMap<u32, u32>,
 }
 
 /// What one sync did.
@@ -248,6 +252,30 @@ impl<D: Datapath> Syncer<D> {
             self.state.rev_nat.remove(&id);
             report.deletes += 1;
         }
+        // VIP counts are derived from the masters; mend any drift (e.g. a crash in between).
+        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
+        for k in self.state.services.keys().filter(|k| k.slot == 0) {
+            *want.entry(k.vip_be).or_default() += 1;
+        }
+        let stale: Vec<u32> = self
+            .state
+            .vips
+            .keys()
+            .filter(|v| !want.contains_key(v))
+            .copied()
+            .collect();
+        for vip in stale {
+            self.dp.delete_vip(vip)?;
+            self.state.vips.remove(&vip);
+            report.deletes += 1;
+        }
+        for (vip, n) in want {
+            if self.state.vips.get(&vip) != Some(&n) {
+                self.dp.update_vip(vip, n)?;
+                self.state.vips.insert(vip, n);
+                report.updates += 1;
+            }
+        }
         Ok(())
     }
 
@@ -323,6 +351,10 @@ impl<D: Datapath> Syncer<D> {
                 id
             }
         };
+        // A new frontend's VIP is known to the packet path before its master exists.
+        if old_master.is_none() {
+            self.add_vip(f, report)?;
+        }
         // 4. master: the commit point.
         let master = ServiceValue {
             backend_id: 0,
@@ -360,6 +392,7 @@ impl<D: Datapath> Syncer<D> {
             self.dp.delete_service(master_key)?;
             self.state.services.remove(&master_key);
             report.deletes += 1;
+            self.remove_vip(f, report)?;
         }
         for slot in 1..=self.slot_count(f) {
             self.remove_slot(service_key(f, slot as u16), report)?;
@@ -368,6 +401,32 @@ impl<D: Datapath> Syncer<D> {
             self.release_rev_nat(m.rev_nat_id, f, report)?;
         }
         self.collect_backends(report)
+    }
+
+    fn add_vip(&mut self, f: &Frontend, report: &mut SyncReport) -> Result<(), DatapathError> {
+        let vip = u32::from(f.vip).to_be();
+        let n = self.state.vips.get(&vip).copied().unwrap_or(0) + 1;
+        self.dp.update_vip(vip, n)?;
+        self.state.vips.insert(vip, n);
+        report.updates += 1;
+        Ok(())
+    }
+
+    fn remove_vip(&mut self, f: &Frontend, report: &mut SyncReport) -> Result<(), DatapathError> {
+        let vip = u32::from(f.vip).to_be();
+        match self.state.vips.get(&vip).copied() {
+            Some(n) if n > 1 => {
+                self.dp.update_vip(vip, n - 1)?;
+                self.state.vips.insert(vip, n - 1);
+            }
+            Some(_) => {
+                self.dp.delete_vip(vip)?;
+                self.state.vips.remove(&vip);
+            }
+            None => return Ok(()),
+        }
+        report.deletes += 1;
+        Ok(())
     }
 
     /// Highest slot index present for `f` (slots may outlive their master after a crash).

@@ -25,13 +25,20 @@ pub const SOCK_REV_NAT_MAP: &str = "PROXY_SKNAT_V1";
 /// Per-CPU counters indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "PROXY_CNT_V1";
 
+/// ClusterIPs: vip -> number of frontends on it (the packet path drops ICMP to these).
+pub const VIP_MAP: &str = "PROXY_VIP_V1";
+/// Packet-path connection tracking (LRU): a forward and a reply entry per flow.
+pub const CT_MAP: &str = "PROXY_CT_V1";
+
 /// Every map the programs use, for pinning and ABI checks.
-pub const MAP_NAMES: [&str; 5] = [
+pub const MAP_NAMES: [&str; 7] = [
     SVC_MAP,
     BACKEND_MAP,
     REV_NAT_MAP,
     SOCK_REV_NAT_MAP,
     COUNTERS_MAP,
+    VIP_MAP,
+    CT_MAP,
 ];
 
 /// Capacity of [`SVC_MAP`]: masters plus backend slots of all frontends.
@@ -44,6 +51,10 @@ pub const REV_NAT_MAP_ENTRIES: u32 = 65_535;
 pub const SOCK_REV_NAT_MAP_ENTRIES: u32 = 262_144;
 /// Capacity of [`COUNTERS_MAP`]: room for future reasons without an ABI bump.
 pub const COUNTERS_MAP_ENTRIES: u32 = 32;
+/// Capacity of [`VIP_MAP`].
+pub const VIP_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of [`CT_MAP`] (LRU: when full, the least recently used flows are evicted).
+pub const CT_MAP_ENTRIES: u32 = 262_144;
 
 /// Largest number of backends one frontend may have (`ServiceValue::count` is a u16).
 pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
@@ -133,6 +144,39 @@ pub struct SockRevNatValue {
 }
 const _: () = assert!(size_of::<SockRevNatValue>() == 8);
 
+/// Key of [`CT_MAP`]: the packet's own addresses as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// [`CT_DIR_FORWARD`] (client -> VIP) or [`CT_DIR_REPLY`] (backend -> client).
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CtKey>() == 16);
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Value of [`CT_MAP`]: the address to write. Forward entries hold the backend (and its id,
+/// so a flow whose backend is gone is re-balanced); reply entries hold the VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CtValue {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub rev_nat_id: u16,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CtValue>() == 16);
+
 /// Index into [`COUNTERS_MAP`]: why a program did what it did.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,10 +198,22 @@ pub enum Counter {
     BackendMissing = 6,
     /// The socket reverse-NAT entry could not be written.
     SockRevNatUpdateFailed = 7,
+    /// The packet path rewrote a packet to a VIP to its backend.
+    TcTranslated = 8,
+    /// The packet path rewrote a backend's reply back to the VIP.
+    TcReversed = 9,
+    /// The packet path dropped a packet to a Service with no usable endpoint.
+    TcNoEndpointsDropped = 10,
+    /// ICMP to a ClusterIP, dropped (a ClusterIP is not a host).
+    IcmpToVipDropped = 11,
+    /// An IP fragment passed on untranslated (only whole packets are translated).
+    FragmentPassed = 12,
+    /// A conntrack entry could not be written (the flow was still translated).
+    CtUpdateFailed = 13,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 14] = [
         Counter::ConnectTranslated,
         Counter::SendmsgTranslated,
         Counter::RecvmsgReversed,
@@ -166,6 +222,12 @@ impl Counter {
         Counter::NoLocalEndpointsRejected,
         Counter::BackendMissing,
         Counter::SockRevNatUpdateFailed,
+        Counter::TcTranslated,
+        Counter::TcReversed,
+        Counter::TcNoEndpointsDropped,
+        Counter::IcmpToVipDropped,
+        Counter::FragmentPassed,
+        Counter::CtUpdateFailed,
     ];
 
     /// Stable snake_case name, for tables, JSON and metrics.
@@ -179,6 +241,12 @@ impl Counter {
             Counter::NoLocalEndpointsRejected => "no_local_endpoints_rejected",
             Counter::BackendMissing => "backend_missing",
             Counter::SockRevNatUpdateFailed => "sock_rev_nat_update_failed",
+            Counter::TcTranslated => "tc_translated",
+            Counter::TcReversed => "tc_reversed",
+            Counter::TcNoEndpointsDropped => "tc_no_endpoints_dropped",
+            Counter::IcmpToVipDropped => "icmp_to_vip_dropped",
+            Counter::FragmentPassed => "fragment_passed",
+            Counter::CtUpdateFailed => "ct_update_failed",
         }
     }
 }
@@ -186,7 +254,7 @@ const _: () = assert!(Counter::ALL.len() <= COUNTERS_MAP_ENTRIES as usize);
 
 /// Key and value sizes of every map, as the agent expects them; compared with existing pins
 /// and with the built object.
-pub const MAP_LAYOUTS: [MapLayout; 5] = [
+pub const MAP_LAYOUTS: [MapLayout; 7] = [
     MapLayout {
         name: SVC_MAP,
         key_size: 12,
@@ -217,6 +285,18 @@ pub const MAP_LAYOUTS: [MapLayout; 5] = [
         value_size: 8,
         max_entries: COUNTERS_MAP_ENTRIES,
     },
+    MapLayout {
+        name: VIP_MAP,
+        key_size: 4,
+        value_size: 4,
+        max_entries: VIP_MAP_ENTRIES,
+    },
+    MapLayout {
+        name: CT_MAP,
+        key_size: 16,
+        value_size: 16,
+        max_entries: CT_MAP_ENTRIES,
+    },
 ];
 const _: () = {
     assert!(MAP_LAYOUTS[0].key_size as usize == size_of::<ServiceKey>());
@@ -226,6 +306,8 @@ const _: () = {
     assert!(MAP_LAYOUTS[2].value_size as usize == size_of::<RevNat>());
     assert!(MAP_LAYOUTS[3].key_size as usize == size_of::<SockRevNatKey>());
     assert!(MAP_LAYOUTS[3].value_size as usize == size_of::<SockRevNatValue>());
+    assert!(MAP_LAYOUTS[6].key_size as usize == size_of::<CtKey>());
+    assert!(MAP_LAYOUTS[6].value_size as usize == size_of::<CtValue>());
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,4 +329,6 @@ mod user {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
 }

@@ -11,13 +11,14 @@
 use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
 };
 use proxy_common::{
-    BACKEND_MAP_ENTRIES, Backend, COUNTERS_MAP_ENTRIES, Counter, PROTO_TCP, PROTO_UDP,
-    REV_NAT_MAP_ENTRIES, RevNat, SOCK_REV_NAT_MAP_ENTRIES, SVC_FLAG_NO_LOCAL_ENDPOINTS,
-    SVC_MAP_ENTRIES, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    BACKEND_MAP_ENTRIES, Backend, COUNTERS_MAP_ENTRIES, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_MAP_ENTRIES, Counter, CtKey, CtValue, PROTO_TCP, PROTO_UDP, REV_NAT_MAP_ENTRIES, RevNat,
+    SOCK_REV_NAT_MAP_ENTRIES, SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP_ENTRIES, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, VIP_MAP_ENTRIES,
 };
 
 // Map names are the ABI names in proxy-common (checked by the agent's ABI test).
@@ -34,6 +35,10 @@ static PROXY_SKNAT_V1: LruHashMap<
     SockRevNatValue,
     { SOCK_REV_NAT_MAP_ENTRIES as usize },
 > = LruHashMap::new();
+#[btf_map]
+static PROXY_VIP_V1: HashMap<u32, u32, { VIP_MAP_ENTRIES as usize }> = HashMap::new();
+#[btf_map]
+static PROXY_CT_V1: LruHashMap<CtKey, CtValue, { CT_MAP_ENTRIES as usize }> = LruHashMap::new();
 #[btf_map]
 static PROXY_CNT_V1: PerCpuArray<u64, { COUNTERS_MAP_ENTRIES as usize }> = PerCpuArray::new();
 
@@ -187,6 +192,225 @@ pub fn proxy_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn proxy_getpeername4(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, Counter::GetpeernameReversed)
+}
+
+// ---- The packet path: TC ingress on the node's pod-facing interfaces ---------------------
+//
+// Client -> VIP:port packets arriving from a pod are rewritten to a backend before routing
+// (DNAT), and recorded in PROXY_CT_V1 twice: a forward entry (so the flow keeps its backend)
+// and a reply entry keyed by the backend's reply, which the same program, on the backend's
+// interface, rewrites back to VIP:port. The routing decision then follows the new addresses.
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_ICMP: u8 = 1;
+/// Let the next program or the stack decide (TCX_NEXT; "unspec" on clsact).
+const TC_PASS: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+#[classifier]
+pub fn proxy_tc(ctx: TcContext) -> i32 {
+    // A packet we cannot parse is not ours to judge.
+    try_tc(&ctx).unwrap_or(TC_PASS)
+}
+
+/// Rewrites one address and port (source or destination), fixing the IP checksum and the
+/// L4 checksum (whose pseudo-header covers the address).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rewrite(
+    ctx: &TcContext,
+    proto: u8,
+    csum_off: usize,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    // UDP may carry no checksum (0): leave it so.
+    let no_l4_csum = proto == PROTO_UDP && ctx.load::<u16>(csum_off)? == 0;
+    if !no_l4_csum {
+        let mangled = if proto == PROTO_UDP {
+            BPF_F_MARK_MANGLED_0
+        } else {
+            0
+        };
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_addr),
+            u64::from(new_addr),
+            BPF_F_PSEUDO_HDR | mangled | 4,
+        )?;
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port),
+            u64::from(new_port),
+            mangled | 2,
+        )?;
+    }
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)?;
+    ctx.store(addr_off, &new_addr, 0)?;
+    ctx.store(port_off, &new_port, 0)?;
+    Ok(())
+}
+
+#[inline(always)]
+fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
+    if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
+        return Ok(TC_PASS);
+    }
+    let ver_ihl: u8 = ctx.load(ETH_HLEN)?;
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 {
+        return Ok(TC_PASS);
+    }
+    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?);
+    let proto: u8 = ctx.load(ETH_HLEN + 9)?;
+    // Addresses and ports stay in network byte order, as the maps hold them.
+    let saddr: u32 = ctx.load(IP_SADDR_OFF)?;
+    let daddr: u32 = ctx.load(IP_DADDR_OFF)?;
+
+    if proto == IPPROTO_ICMP {
+        // A ClusterIP is not a host: no echo replies, no errors from it.
+        if unsafe { PROXY_VIP_V1.get(daddr) }.is_some() {
+            count(Counter::IcmpToVipDropped);
+            return Ok(TC_ACT_SHOT);
+        }
+        return Ok(TC_PASS);
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(TC_PASS);
+    }
+    // Fragments (MF set or an offset): only the first carries ports; pass them all unharmed.
+    if frag & 0x3fff != 0 {
+        if unsafe { PROXY_VIP_V1.get(daddr) }.is_some() {
+            count(Counter::FragmentPassed);
+        }
+        return Ok(TC_PASS);
+    }
+    // IP options are skipped by honouring IHL.
+    let l4 = ETH_HLEN + ihl;
+    let sport: u16 = ctx.load(l4)?;
+    let dport: u16 = ctx.load(l4 + 2)?;
+    let csum_off = if proto == PROTO_TCP { l4 + 16 } else { l4 + 6 };
+
+    // A backend's reply to a translated flow: back to VIP:port.
+    let key = CtKey {
+        saddr_be: saddr,
+        daddr_be: daddr,
+        sport_be: sport,
+        dport_be: dport,
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if let Some(v) = unsafe { PROXY_CT_V1.get(key) }.copied() {
+        rewrite(
+            ctx,
+            proto,
+            csum_off,
+            IP_SADDR_OFF,
+            saddr,
+            v.addr_be,
+            l4,
+            sport,
+            v.port_be,
+        )?;
+        count(Counter::TcReversed);
+        return Ok(TC_PASS);
+    }
+
+    let svc = ServiceKey {
+        vip_be: daddr,
+        port_be: dport,
+        slot: 0,
+        proto,
+        _pad: [0; 3],
+    };
+    let Some(master) = (unsafe { PROXY_SVC_V1.get(svc) }).copied() else {
+        return Ok(TC_PASS);
+    };
+    let fkey = CtKey {
+        dir: CT_DIR_FORWARD,
+        ..key
+    };
+    // An established flow keeps its backend while that backend exists.
+    let established = unsafe { PROXY_CT_V1.get(fkey) }.copied().filter(|v| {
+        unsafe { PROXY_BE_V1.get(v.backend_id) }
+            .is_some_and(|b| b.addr_be == v.addr_be && b.port_be == v.port_be)
+    });
+    let target = match established {
+        Some(v) => v,
+        None => {
+            if master.count == 0 {
+                count(Counter::TcNoEndpointsDropped);
+                return Ok(TC_ACT_SHOT);
+            }
+            let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
+            let slot = ServiceKey {
+                slot: pick as u16 + 1,
+                ..svc
+            };
+            let Some(backend_id) = (unsafe { PROXY_SVC_V1.get(slot) }).map(|s| s.backend_id) else {
+                count(Counter::BackendMissing);
+                return Ok(TC_PASS);
+            };
+            let Some(b) = (unsafe { PROXY_BE_V1.get(backend_id) }).copied() else {
+                count(Counter::BackendMissing);
+                return Ok(TC_PASS);
+            };
+            let forward = CtValue {
+                addr_be: b.addr_be,
+                port_be: b.port_be,
+                rev_nat_id: master.rev_nat_id,
+                backend_id,
+                _pad: 0,
+            };
+            let reply_key = CtKey {
+                saddr_be: b.addr_be,
+                daddr_be: saddr,
+                sport_be: b.port_be,
+                dport_be: sport,
+                proto,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            };
+            let reply = CtValue {
+                addr_be: daddr,
+                port_be: dport,
+                rev_nat_id: master.rev_nat_id,
+                backend_id,
+                _pad: 0,
+            };
+            // The reply entry first: a reply can never arrive before it.
+            if PROXY_CT_V1.insert(reply_key, reply, BPF_ANY).is_err()
+                || PROXY_CT_V1.insert(fkey, forward, BPF_ANY).is_err()
+            {
+                count(Counter::CtUpdateFailed);
+            }
+            forward
+        }
+    };
+    rewrite(
+        ctx,
+        proto,
+        csum_off,
+        IP_DADDR_OFF,
+        daddr,
+        target.addr_be,
+        l4 + 2,
+        dport,
+        target.port_be,
+    )?;
+    count(Counter::TcTranslated);
+    Ok(TC_PASS)
 }
 
 #[cfg(not(test))]

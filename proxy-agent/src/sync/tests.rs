@@ -13,6 +13,8 @@ enum Op {
     DelMaster,
     RevNat(u16),
     DelRevNat(u16),
+    Vip(u32),
+    DelVip,
 }
 
 #[derive(Default)]
@@ -114,6 +116,18 @@ impl Datapath for Fake {
         self.check_reader_view();
         Ok(())
     }
+    fn update_vip(&mut self, vip: u32, n: u32) -> Result<(), DatapathError> {
+        self.step(Op::Vip(n))?;
+        self.maps.vips.insert(vip, n);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn delete_vip(&mut self, vip: u32) -> Result<(), DatapathError> {
+        self.step(Op::DelVip)?;
+        self.maps.vips.remove(&vip);
+        self.check_reader_view();
+        Ok(())
+    }
 }
 
 fn fe(vip: &str, port: u16) -> Frontend {
@@ -166,6 +180,7 @@ fn create_writes_backends_then_slots_then_rev_nat_then_master() {
             Op::Slot(1),
             Op::Slot(2),
             Op::RevNat(1),
+            Op::Vip(1),
             Op::Master(2)
         ]
     );
@@ -231,6 +246,7 @@ fn delete_removes_master_first() {
         ops(&mut s),
         vec![
             Op::DelMaster,
+            Op::DelVip,
             Op::DelSlot(1),
             Op::DelSlot(2),
             Op::DelRevNat(1),
@@ -254,7 +270,7 @@ fn shared_backends_are_written_once_and_kept_while_referenced() {
     s.sync(&desired(&[(b, &[("10.1.0.1", 8080)])]));
     assert_eq!(
         ops(&mut s),
-        vec![Op::DelMaster, Op::DelSlot(1), Op::DelRevNat(1)]
+        vec![Op::DelMaster, Op::DelVip, Op::DelSlot(1), Op::DelRevNat(1)]
     );
     assert_eq!(s.dp.maps.backends.len(), 1);
 }
@@ -368,6 +384,7 @@ fn restart_from_the_maps_rewrites_nothing_and_removes_stale_entries() {
         ops(&mut restarted),
         vec![
             Op::DelMaster,
+            Op::DelVip,
             Op::DelSlot(1),
             Op::DelRevNat(2),
             Op::DelBackend(2)
@@ -397,6 +414,7 @@ fn restart_after_a_crash_mid_update_cleans_orphans() {
         },
     );
     maps.rev_nat.insert(3, rev_nat_value(&f));
+    maps.vips.insert(u32::from(f.vip).to_be(), 1);
     let mut s = Syncer::new(
         Fake {
             maps: maps.clone(),
@@ -538,4 +556,32 @@ fn a_scoped_sync_touches_only_the_named_services() {
     s.sync_scoped(&d, Some(&scope));
     assert!(!s.dp.maps.services.contains_key(&service_key(&b, 0)));
     assert!(s.dp.maps.services.contains_key(&service_key(&a, 0)));
+}
+
+#[test]
+fn vips_count_their_frontends() {
+    let vip = u32::from("10.96.0.10".parse::<Ipv4Addr>().unwrap()).to_be();
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.10", 443));
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    s.sync(&desired(&[
+        (a, &[("10.1.0.1", 8080)]),
+        (b, &[("10.1.0.1", 8443)]),
+    ]));
+    assert_eq!(s.dp.maps.vips.get(&vip), Some(&2));
+    s.sync(&desired(&[(b, &[("10.1.0.1", 8443)])]));
+    assert_eq!(s.dp.maps.vips.get(&vip), Some(&1));
+    s.sync(&Desired::default());
+    assert!(s.dp.maps.vips.is_empty());
+    // Drift found in the maps at start is mended by a full sync.
+    let mut maps = MapState::default();
+    maps.vips.insert(7, 3);
+    let mut s = Syncer::new(
+        Fake {
+            maps: maps.clone(),
+            ..Default::default()
+        },
+        maps,
+    );
+    s.sync(&desired(&[(a, &[("10.1.0.1", 8080)])]));
+    assert_eq!(s.dp.maps.vips, [(vip, 1)].into());
 }

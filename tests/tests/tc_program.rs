@@ -1,0 +1,337 @@
+//! The TC program on crafted packets (BPF_PROG_TEST_RUN): no traffic, no interfaces, only the
+//! program, its pinned maps (written by the agent's real sync path) and bytes in and out.
+//! Privileged (loads eBPF): run with `cargo xtask test`.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use proxy_agent::{
+    loader,
+    maps::PinnedMaps,
+    model::{BackendAddr, Desired, Frontend, FrontendSpec, Proto, ServiceRef},
+    sync::Syncer,
+};
+use proxy_common::Counter;
+use proxy_tests::{
+    host::{BpffsDir, require_root},
+    unique,
+};
+
+const PASS: u32 = u32::MAX; // TC_NEXT / unspec (-1)
+const SHOT: u32 = 2;
+
+const CLIENT: [u8; 4] = [10, 1, 0, 2];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const EMPTY_VIP: [u8; 4] = [10, 96, 0, 11];
+const BACKEND: [u8; 4] = [10, 1, 0, 5];
+
+fn csum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sum of the IPv4 pseudo-header, for TCP/UDP checksums.
+fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum()
+}
+
+/// Ethernet + IPv4 (with `options` words of IP options) + TCP/UDP/ICMP, checksums valid.
+fn packet(
+    proto: u8,
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    frag: u16,
+    options: usize,
+    udp_csum: bool,
+) -> Vec<u8> {
+    let mut l4 = match proto {
+        6 => {
+            let mut t = vec![0u8; 20];
+            t[0..2].copy_from_slice(&sport.to_be_bytes());
+            t[2..4].copy_from_slice(&dport.to_be_bytes());
+            t[4..8].copy_from_slice(&1234u32.to_be_bytes());
+            t[12] = 5 << 4;
+            t[13] = 0x02; // SYN
+            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+            t.extend_from_slice(b"payload!");
+            t
+        }
+        17 => {
+            let mut u = vec![0u8; 8];
+            u[0..2].copy_from_slice(&sport.to_be_bytes());
+            u[2..4].copy_from_slice(&dport.to_be_bytes());
+            u.extend_from_slice(b"dns query");
+            let len = u.len() as u16;
+            u[4..6].copy_from_slice(&len.to_be_bytes());
+            u
+        }
+        _ => vec![8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'], // ICMP echo request
+    };
+    let csum_off = match proto {
+        6 => Some(16),
+        17 if udp_csum => Some(6),
+        1 => Some(2),
+        _ => None,
+    };
+    if let Some(off) = csum_off {
+        let init = if proto == 1 {
+            0
+        } else {
+            pseudo(src, dst, proto, l4.len())
+        };
+        let c = csum(&l4, init);
+        l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let ihl = 20 + options * 4;
+    let mut ip = vec![0u8; ihl];
+    ip[0] = 0x40 | (ihl / 4) as u8;
+    ip[2..4].copy_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
+    ip[6..8].copy_from_slice(&frag.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    for o in ip[20..].iter_mut() {
+        *o = 1; // NOP options
+    }
+    let c = csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut eth = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    eth.extend(ip);
+    eth.extend(l4);
+    eth
+}
+
+struct Parsed {
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// Parses a packet and asserts both checksums verify, as a receiving kernel would.
+fn parse_checked(p: &[u8]) -> Parsed {
+    let ihl = usize::from(p[14] & 0x0f) * 4;
+    let ip = &p[14..14 + ihl];
+    assert_eq!(csum(ip, 0), 0, "IP checksum");
+    let proto = ip[9];
+    let (src, dst) = (
+        ip[12..16].try_into().unwrap(),
+        ip[16..20].try_into().unwrap(),
+    );
+    let l4 = &p[14 + ihl..];
+    let udp_unchecked = proto == 17 && l4[6..8] == [0, 0];
+    if !udp_unchecked {
+        assert_eq!(
+            csum(l4, pseudo(src, dst, proto, l4.len())),
+            0,
+            "L4 checksum"
+        );
+    }
+    Parsed {
+        src,
+        dst,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+    }
+}
+
+struct Harness {
+    maps: PinnedMaps,
+    ebpf: aya::Ebpf,
+    _pins: BpffsDir,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        require_root();
+        let pins = BpffsDir::new(&unique("tc"));
+        let mut ebpf = loader::load(&pins.path).expect("object loads");
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(loader::TC_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().expect("the verifier accepts the TC program");
+        // The agent's real writer programs the maps.
+        let svc = ServiceRef {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let mut desired = Desired::default();
+        for (vip, port, proto, backends) in [
+            (
+                VIP,
+                80,
+                Proto::Tcp,
+                vec![BackendAddr {
+                    ip: BACKEND.into(),
+                    port: 8080,
+                }],
+            ),
+            (
+                VIP,
+                53,
+                Proto::Udp,
+                vec![BackendAddr {
+                    ip: BACKEND.into(),
+                    port: 5353,
+                }],
+            ),
+            (EMPTY_VIP, 80, Proto::Tcp, vec![]),
+        ] {
+            desired.frontends.insert(
+                Frontend {
+                    vip: Ipv4Addr::from(vip),
+                    port,
+                    proto,
+                },
+                FrontendSpec {
+                    service: svc.clone(),
+                    backends,
+                    no_local_endpoints: false,
+                },
+            );
+        }
+        let maps = PinnedMaps::open(&pins.path).unwrap();
+        let state = maps.dump().unwrap();
+        let mut syncer = Syncer::new(maps, state);
+        assert!(syncer.sync(&desired).errors.is_empty());
+        Harness {
+            maps: PinnedMaps::open(&pins.path).unwrap(),
+            ebpf,
+            _pins: pins,
+        }
+    }
+
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; input.len() + 64];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(loader::TC_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let r = prog.test_run(opts).expect("test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        self.maps
+            .counters()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| *k == c)
+            .unwrap()
+            .1
+    }
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn tcp_to_a_vip_is_translated_and_the_reply_reversed_with_valid_checksums() {
+    let h = Harness::new();
+    let (rc, out) = h.run(&packet(6, CLIENT, 40000, VIP, 80, 0, 0, true));
+    assert_eq!(rc, PASS);
+    let p = parse_checked(&out);
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (CLIENT, 40000, BACKEND, 8080)
+    );
+
+    let (rc, out) = h.run(&packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true));
+    assert_eq!(rc, PASS);
+    let p = parse_checked(&out);
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (VIP, 80, CLIENT, 40000),
+        "the client sees the VIP"
+    );
+    assert_eq!(h.counter(Counter::TcTranslated), 1);
+    assert_eq!(h.counter(Counter::TcReversed), 1);
+
+    // IP options: the ports are found after them, and both checksums stay valid.
+    let (rc, out) = h.run(&packet(6, CLIENT, 40001, VIP, 80, 0, 2, true));
+    assert_eq!(rc, PASS);
+    let p = parse_checked(&out);
+    assert_eq!((p.dst, p.dport), (BACKEND, 8080));
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn udp_with_and_without_a_checksum() {
+    let h = Harness::new();
+    let (_, out) = h.run(&packet(17, CLIENT, 33333, VIP, 53, 0, 0, true));
+    let p = parse_checked(&out);
+    assert_eq!((p.dst, p.dport), (BACKEND, 5353));
+    let (_, out) = h.run(&packet(17, CLIENT, 33334, VIP, 53, 0, 0, false));
+    let p = parse_checked(&out);
+    assert_eq!((p.dst, p.dport), (BACKEND, 5353));
+    let ihl = 20;
+    assert_eq!(
+        out[14 + ihl + 6..14 + ihl + 8],
+        [0, 0],
+        "a zero UDP checksum stays zero"
+    );
+    let (_, out) = h.run(&packet(17, BACKEND, 5353, CLIENT, 33333, 0, 0, true));
+    let p = parse_checked(&out);
+    assert_eq!((p.src, p.sport), (VIP, 53));
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn icmp_to_a_vip_is_dropped_and_counted() {
+    let h = Harness::new();
+    let (rc, _) = h.run(&packet(1, CLIENT, 0, VIP, 0, 0, 0, true));
+    assert_eq!(rc, SHOT);
+    assert_eq!(h.counter(Counter::IcmpToVipDropped), 1);
+    // ICMP elsewhere is not ours.
+    let (rc, _) = h.run(&packet(1, CLIENT, 0, BACKEND, 0, 0, 0, true));
+    assert_eq!(rc, PASS);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn no_endpoints_fragments_and_other_traffic() {
+    let h = Harness::new();
+    // A Service without endpoints: dropped and counted (never sent on untranslated).
+    let (rc, _) = h.run(&packet(6, CLIENT, 40000, EMPTY_VIP, 80, 0, 0, true));
+    assert_eq!(rc, SHOT);
+    assert_eq!(h.counter(Counter::TcNoEndpointsDropped), 1);
+
+    // Fragments (first with MF, and a later one) pass byte for byte.
+    for frag in [0x2000u16, 0x0010] {
+        let input = packet(17, CLIENT, 33333, VIP, 53, frag, 0, true);
+        let (rc, out) = h.run(&input);
+        assert_eq!((rc, &out), (PASS, &input));
+    }
+    assert_eq!(h.counter(Counter::FragmentPassed), 2);
+
+    // Not a frontend (other port, other address): untouched.
+    for input in [
+        packet(6, CLIENT, 40000, VIP, 81, 0, 0, true),
+        packet(6, CLIENT, 40000, BACKEND, 8080, 0, 0, true),
+    ] {
+        let (rc, out) = h.run(&input);
+        assert_eq!((rc, &out), (PASS, &input));
+    }
+}
