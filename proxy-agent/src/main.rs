@@ -43,6 +43,10 @@ enum Command {
         /// /healthz fails when the last successful sync is older than this, in seconds.
         #[arg(long, default_value_t = 120)]
         healthz_max_age_seconds: u64,
+        /// Attach the packet path (TC ingress) to these interfaces: a name or a glob such as
+        /// 'veth*'; repeatable. Interfaces that appear later are attached as they come.
+        #[arg(long = "tc-interface", value_name = "NAME|GLOB")]
+        tc_interfaces: Vec<String>,
     },
     /// Print the frontends and backends programmed in the pinned maps (no agent needed).
     Services {
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             sync_period_seconds,
             healthz_max_age_seconds,
+            tc_interfaces,
         } => {
             let source = match (manifests, kubeconfig) {
                 (Some(dir), _) => run::SourceConfig::Manifests(dir),
@@ -113,6 +118,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 healthz_max_age: Duration::from_secs(healthz_max_age_seconds),
                 resync: Duration::from_secs(sync_period_seconds.max(1)),
+                tc_interfaces,
             }))
         }
         Command::Services { bpffs_dir, output } => {

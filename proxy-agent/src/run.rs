@@ -21,6 +21,7 @@ use crate::{
     model::{self, Objects, Problem, ProblemReason, ServiceRef},
     source::{kube::KubeSource, manifests::ManifestDir},
     sync::Syncer,
+    tc::{self, TcAttacher},
 };
 
 pub enum SourceConfig {
@@ -40,6 +41,8 @@ pub struct RunConfig {
     pub healthz_max_age: Duration,
     /// Full resync period (safety net).
     pub resync: Duration,
+    /// Interfaces (names or globs) for the packet path; empty: socket path only.
+    pub tc_interfaces: Vec<String>,
 }
 
 /// Coalesces bursts of events (an editor's save, a rollout) into one sync.
@@ -240,6 +243,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup)
         .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
+    let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir)?;
+    let links_changed = Arc::new(Notify::new());
+    if !tc.is_empty() {
+        tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
+        tc.refresh(&mut ebpf)?;
+    }
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
     info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),
@@ -277,7 +286,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tokio::time::sleep(DEBOUNCE).await;
                 agent.sync(false);
             }
-            _ = resync.tick() => agent.sync(true),
+            _ = links_changed.notified() => tc.refresh(&mut ebpf)?,
+            _ = resync.tick() => {
+                agent.sync(true);
+                tc.refresh(&mut ebpf)?;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

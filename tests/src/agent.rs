@@ -80,9 +80,19 @@ impl Agent {
         )
     }
 
-    /// `proxy-agent run SOURCE_ARGS` on `cgroup`, pinned in `pins`; waits until it is ready.
+    /// `proxy-agent run ARGS` on `cgroup`, pinned in `pins`; waits until it is ready.
     pub fn start_with(
-        source: &[&std::ffi::OsStr],
+        args: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pins: &BpffsDir,
+    ) -> anyhow::Result<Self> {
+        Self::start_in(None, args, cgroup, pins)
+    }
+
+    /// Like [`Self::start_with`], inside the network namespace at `netns` (as on a node).
+    pub fn start_in(
+        netns: Option<&Path>,
+        args: &[&std::ffi::OsStr],
         cgroup: &Path,
         pins: &BpffsDir,
     ) -> anyhow::Result<Self> {
@@ -90,7 +100,17 @@ impl Agent {
         let out = fs::File::create(&log)?;
         let health_addr = format!("127.0.0.1:{}", free_port());
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(agent_bin())
+        // nsenter switches only the network namespace, so the agent still sees the host's
+        // cgroup and bpffs mounts (`ip netns exec` would remount /sys).
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        let child = cmd
             .args([
                 "run",
                 "--node-name",
@@ -100,7 +120,7 @@ impl Agent {
                 "--metrics-addr",
                 &metrics_addr,
             ])
-            .args(source)
+            .args(args)
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--bpffs-dir")

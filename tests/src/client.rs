@@ -19,9 +19,8 @@ pub struct Report {
     pub max_error_us: u64,
 }
 
-/// Runs `pxt-client MODE ADDR --count N` as the cluster's client pod (1 s timeouts).
-pub fn run(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) -> Report {
-    let args: Vec<String> = [
+fn args(mode: &str, addr: &str, count: u32) -> Vec<String> {
+    [
         mode,
         addr,
         "--count",
@@ -30,8 +29,10 @@ pub fn run(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) ->
         "1000",
     ]
     .map(String::from)
-    .to_vec();
-    let out = cluster.run_client(bin, &args).expect("client runs");
+    .to_vec()
+}
+
+fn parse(out: std::process::Output) -> Report {
     assert!(
         out.status.success(),
         "client failed: {}",
@@ -43,4 +44,23 @@ pub fn run(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) ->
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// Runs `pxt-client MODE ADDR --count N` as the cluster's client pod, in the hooked cgroup
+/// (the socket path translates), with 1 s timeouts.
+pub fn run(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) -> Report {
+    parse(
+        cluster
+            .run_client(bin, &args(mode, addr, count))
+            .expect("client runs"),
+    )
+}
+
+/// Like [`run`], outside the hooked cgroup: only the node's packet path can translate.
+pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) -> Report {
+    parse(
+        cluster
+            .run_client_unhooked(bin, &args(mode, addr, count))
+            .expect("client runs"),
+    )
 }

@@ -39,6 +39,9 @@ pub struct Cluster {
     pub cgroup: Cgroup,
 }
 
+/// The pods' gateway on a routed cluster: held by every node-side veth (as Calico does).
+pub const ROUTED_GATEWAY: &str = "169.254.1.1";
+
 pub const TCP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
 
@@ -53,7 +56,106 @@ fn attach(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Res
     Ok(())
 }
 
+/// A pod on a routed node: a /32 on the pod side, a route and the gateway on the node side.
+fn attach_routed(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+    node.ip(&[
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{ROUTED_GATEWAY}/32"),
+        "dev",
+        host_if,
+    ])?;
+    node.ip(&["link", "set", host_if, "up"])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if])?;
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&[
+        "route",
+        "add",
+        ROUTED_GATEWAY,
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        ROUTED_GATEWAY,
+        "dev",
+        "eth0",
+    ])?;
+    Ok(())
+}
+
 impl Cluster {
+    /// A routed node (no bridge): every packet between pods crosses the node's L3 path, in
+    /// both directions, so the node's TC programs see requests and replies. Pods are
+    /// 10.201.0.10+i, the client 10.201.0.2; node-side veths are `vpod<i>` and `vclient`.
+    pub fn routed(pods: usize) -> anyhow::Result<Self> {
+        let id = unique("");
+        let cgroup = Cgroup::new(&id)?;
+        let node = Netns::new(&format!("{id}-node"))?;
+        crate::host::sh(
+            "nsenter",
+            &[
+                &format!("--net={}", node.path().display()),
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        let client = Netns::new(&format!("{id}-client"))?;
+        attach_routed(&node, &client, "vclient", Ipv4Addr::new(10, 201, 0, 2))?;
+        let mut cluster = Cluster {
+            servers: vec![],
+            pods: vec![],
+            client,
+            node,
+            cgroup,
+        };
+        for _ in 0..pods {
+            cluster.add_routed_pod()?;
+        }
+        Ok(cluster)
+    }
+
+    /// Adds one more pod to a routed cluster (a new `vpod<i>` appears on the node).
+    pub fn add_routed_pod(&mut self) -> anyhow::Result<&Pod> {
+        let i = self.pods.len();
+        let name = format!("pod-{i}");
+        let ip = Ipv4Addr::new(10, 201, 0, 10 + i as u8);
+        let netns = Netns::new(&format!(
+            "{}-p{i}",
+            self.node.name.trim_end_matches("-node")
+        ))?;
+        attach_routed(&self.node, &netns, &format!("vpod{i}"), ip)?;
+        self.servers.push(PodServers::start(
+            &netns.path(),
+            &name,
+            &[TCP_PORT],
+            &[UDP_PORT],
+        )?);
+        self.pods.push(Pod { name, ip, netns });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Runs `program args` in the client pod's namespace only: outside the hooked cgroup, so
+    /// only the packet path on the node can translate its traffic.
+    pub fn run_client_unhooked(&self, program: &Path, args: &[String]) -> anyhow::Result<Output> {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.client.path().display()))
+            .arg(program)
+            .args(args)
+            .output()
+            .context("running the client")
+    }
+
     /// `pods` backend pods, each serving its name on TCP 8080 and UDP 5353 plus `extra_tcp`.
     pub fn new(pods: usize, extra_tcp: &[u16]) -> anyhow::Result<Self> {
         let id = unique("");

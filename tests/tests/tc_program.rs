@@ -49,6 +49,10 @@ fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
 }
 
 /// Ethernet + IPv4 (with `options` words of IP options) + TCP/UDP/ICMP, checksums valid.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "a packet literal reads best positionally"
+)]
 fn packet(
     proto: u8,
     src: [u8; 4],

@@ -1,0 +1,149 @@
+//! The packet path end to end: a routed netns mini-cluster, the agent running in the node's
+//! namespace with `--tc-interface`, and a client outside the hooked cgroup, so only the TC
+//! program on the node can translate. Privileged: run with `cargo xtask test`.
+
+use std::{path::Path, time::Duration};
+
+use proxy_tests::{
+    agent::{Agent, Manifests},
+    client::{self, Report},
+    cluster::{Cluster, TCP_PORT, UDP_PORT},
+    host::{BpffsDir, require_root, wait_for},
+    unique,
+};
+
+const VIP: &str = "10.96.0.10";
+
+fn web_manifest(ips: &[String]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {TCP_PORT}}}\n  - {{name: dns, port: 53, targetPort: {UDP_PORT}, protocol: UDP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for ip in ips {
+        s.push_str(&format!("- addresses: [\"{ip}\"]\n"));
+    }
+    s
+}
+
+/// Drop order: agent, pins (detaching everything), manifests, cluster.
+struct Fixture {
+    agent: Agent,
+    pins: BpffsDir,
+    manifests: Manifests,
+    cluster: Cluster,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        require_root();
+        let cluster = Cluster::routed(3).expect("routed mini cluster");
+        let manifests = Manifests::new().unwrap();
+        let ips: Vec<String> = cluster.pods.iter().map(|p| p.ip.to_string()).collect();
+        manifests.write("web.yaml", &web_manifest(&ips)).unwrap();
+        let pins = BpffsDir::new(&unique("bpf"));
+        let args: Vec<&std::ffi::OsStr> = [
+            "--manifests".as_ref(),
+            manifests.dir.as_os_str(),
+            "--tc-interface".as_ref(),
+            "vpod*".as_ref(),
+            "--tc-interface".as_ref(),
+            "vclient".as_ref(),
+        ]
+        .to_vec();
+        let agent = Agent::start_in(
+            Some(&cluster.node.path()),
+            &args,
+            &cluster.cgroup_path(),
+            &pins,
+        )
+        .expect("agent starts");
+        Fixture {
+            agent,
+            pins,
+            manifests,
+            cluster,
+        }
+    }
+
+    fn client(&self, mode: &str, addr: &str, count: u32) -> Report {
+        client::run_unhooked(
+            &self.cluster,
+            Path::new(env!("CARGO_BIN_EXE_pxt-client")),
+            mode,
+            addr,
+            count,
+        )
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        proxy_agent::inspect::inspect(&self.pins.path)
+            .map(|i| i.counters[name])
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn tcp_and_udp_from_an_unhooked_client_are_translated_on_the_node() {
+    let f = Fixture::new();
+    let r = f.client("tcp", &format!("{VIP}:80"), 60);
+    assert!(r.errors.is_empty(), "{r:?}\n{}", f.agent.log_text());
+    assert_eq!(r.replies.len(), 3, "every backend is used: {r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{VIP}:80")],
+        "the client sees only the VIP"
+    );
+    let r = f.client("udp", &format!("{VIP}:53"), 20);
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{VIP}:53")]
+    );
+    assert!(f.counter("tc_translated") >= 80 && f.counter("tc_reversed") >= 80);
+    assert_eq!(
+        f.counter("connect_translated"),
+        0,
+        "the socket path did not see this client"
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn ping_to_the_vip_gets_no_reply_and_is_counted() {
+    let f = Fixture::new();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", f.cluster.client.path().display()))
+        .args(["ping", "-c", "2", "-i", "0.2", "-W", "1", VIP])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains(" 0 received"),
+        "{text}"
+    );
+    assert!(f.counter("icmp_to_vip_dropped") >= 2);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn an_interface_that_appears_later_is_attached_within_a_second() {
+    let mut f = Fixture::new();
+    let pod = f.cluster.add_routed_pod().unwrap();
+    let ip = pod.ip.to_string();
+    let pin = f.pins.path.join("links/tc_vpod3");
+    let attached = wait_for(Duration::from_secs(3), || pin.exists().then_some(()));
+    let (_, took) =
+        attached.unwrap_or_else(|| panic!("vpod3 not attached:\n{}", f.agent.log_text()));
+    assert!(took < Duration::from_secs(1), "attaching took {took:?}");
+    // Only the new pod serves: its replies come back through the new interface's program.
+    f.manifests
+        .write("web.yaml", &web_manifest(std::slice::from_ref(&ip)))
+        .unwrap();
+    wait_for(Duration::from_secs(3), || {
+        let r = f.client("tcp", &format!("{VIP}:80"), 1);
+        (r.replies.get("pod-3") == Some(&1)).then_some(())
+    })
+    .expect("traffic through the new interface");
+    let r = f.client("tcp", &format!("{VIP}:80"), 10);
+    assert_eq!(r.replies.get("pod-3"), Some(&10), "{r:?}");
+}
