@@ -245,9 +245,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
     let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir)?;
     let links_changed = Arc::new(Notify::new());
+    // When a TC attach failed: retry soon rather than at the next event.
+    const TC_RETRY: Duration = Duration::from_millis(250);
+    let mut tc_retry: Option<Instant> = None;
     if !tc.is_empty() {
         tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
-        tc.refresh(&mut ebpf)?;
+        tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
     }
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
@@ -286,10 +289,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tokio::time::sleep(DEBOUNCE).await;
                 agent.sync(false);
             }
-            _ = links_changed.notified() => tc.refresh(&mut ebpf)?,
+            _ = links_changed.notified() => {
+                tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
+            }
+            _ = tokio::time::sleep_until(tc_retry.unwrap_or_else(Instant::now).into()), if tc_retry.is_some() => {
+                tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
+            }
             _ = resync.tick() => {
                 agent.sync(true);
-                tc.refresh(&mut ebpf)?;
+                tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

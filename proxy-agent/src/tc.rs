@@ -102,9 +102,10 @@ impl TcAttacher {
     }
 
     /// Attaches to matching interfaces not attached yet; forgets the ones that went away.
-    pub fn refresh(&mut self, ebpf: &mut Ebpf) -> Result<(), TcError> {
+    /// Returns whether some attach failed (the caller retries shortly).
+    pub fn refresh(&mut self, ebpf: &mut Ebpf) -> Result<bool, TcError> {
         if self.patterns.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let prog: &mut SchedClassifier = ebpf
             .program_mut(TC_PROGRAM)
@@ -128,6 +129,7 @@ impl TcAttacher {
             keep
         });
         self.remove_stale_pins(&present);
+        let mut failed = false;
         for (name, index) in present {
             if self.attached.contains_key(&name) {
                 continue;
@@ -137,11 +139,15 @@ impl TcAttacher {
                     info!(interface = %name, "packet path attached (TC ingress)");
                     self.attached.insert(name, index);
                 }
-                // An interface may vanish between listing and attaching; the next event retries.
-                Err(e) => warn!(interface = %name, error = %e, "could not attach the packet path"),
+                // A new interface may not be ready, or may vanish between listing and
+                // attaching: retried shortly, and on the next event.
+                Err(e) => {
+                    warn!(interface = %name, error = %e, "could not attach the packet path; will retry");
+                    failed = true;
+                }
             }
         }
-        Ok(())
+        Ok(failed)
     }
 
     /// Pins of interfaces that no longer exist (their links are defunct).

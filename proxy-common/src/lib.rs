@@ -202,18 +202,21 @@ pub enum Counter {
     TcTranslated = 8,
     /// The packet path rewrote a backend's reply back to the VIP.
     TcReversed = 9,
-    /// The packet path dropped a packet to a Service with no usable endpoint.
-    TcNoEndpointsDropped = 10,
+    /// The packet path answered a packet to a Service with no usable endpoint with ICMP port
+    /// unreachable (kube-proxy's REJECT).
+    TcNoEndpointsRejected = 10,
     /// ICMP to a ClusterIP, dropped (a ClusterIP is not a host).
     IcmpToVipDropped = 11,
     /// An IP fragment passed on untranslated (only whole packets are translated).
     FragmentPassed = 12,
     /// A conntrack entry could not be written (the flow was still translated).
     CtUpdateFailed = 13,
+    /// iTP=Local with no local endpoint: dropped on the packet path (as kube-proxy does).
+    TcNoLocalEndpointsDropped = 14,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::ConnectTranslated,
         Counter::SendmsgTranslated,
         Counter::RecvmsgReversed,
@@ -224,10 +227,11 @@ impl Counter {
         Counter::SockRevNatUpdateFailed,
         Counter::TcTranslated,
         Counter::TcReversed,
-        Counter::TcNoEndpointsDropped,
+        Counter::TcNoEndpointsRejected,
         Counter::IcmpToVipDropped,
         Counter::FragmentPassed,
         Counter::CtUpdateFailed,
+        Counter::TcNoLocalEndpointsDropped,
     ];
 
     /// Stable snake_case name, for tables, JSON and metrics.
@@ -243,10 +247,11 @@ impl Counter {
             Counter::SockRevNatUpdateFailed => "sock_rev_nat_update_failed",
             Counter::TcTranslated => "tc_translated",
             Counter::TcReversed => "tc_reversed",
-            Counter::TcNoEndpointsDropped => "tc_no_endpoints_dropped",
+            Counter::TcNoEndpointsRejected => "tc_no_endpoints_rejected",
             Counter::IcmpToVipDropped => "icmp_to_vip_dropped",
             Counter::FragmentPassed => "fragment_passed",
             Counter::CtUpdateFailed => "ct_update_failed",
+            Counter::TcNoLocalEndpointsDropped => "tc_no_local_endpoints_dropped",
         }
     }
 }

@@ -9,8 +9,9 @@
 #![no_main]
 
 use aya_ebpf::{
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_redirect, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
@@ -261,6 +262,90 @@ fn rewrite(
     Ok(())
 }
 
+/// Ones' complement sum of 16-bit words, read as they lie in memory (little-endian on the
+/// BPF target): folded and inverted, the result is stored back the same way, so no byte
+/// swapping is needed (RFC 1071's byte-order independence).
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn sum_words(words: &[u32]) -> u32 {
+    let mut sum = 0u32;
+    for w in words {
+        sum += (w & 0xffff) + (w >> 16);
+    }
+    sum
+}
+
+/// Largest packet [`reject`] answers (it quotes the whole packet; see there).
+const REJECT_MAX_QUOTE: usize = 512;
+
+/// kube-proxy's REJECT: turns the packet into an ICMP port unreachable from the VIP and sends
+/// it back out of the interface it came in on; the client sees ECONNREFUSED at once, for TCP
+/// and UDP alike. The whole original packet is quoted (RFC 1812 allows more than the minimum
+/// 8 bytes): trimming is not possible here, because a locally sent packet is usually
+/// CHECKSUM_PARTIAL and the kernel refuses to cut it before its checksum field. Packets
+/// larger than [`REJECT_MAX_QUOTE`] are dropped instead (a first SYN or a DNS query is small).
+#[inline(always)]
+fn reject(ctx: &TcContext, saddr: u32, daddr: u32) -> Result<i32, i64> {
+    let quoted = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    if !(28..=REJECT_MAX_QUOTE).contains(&quoted) {
+        return Ok(TC_ACT_SHOT);
+    }
+    // A fixed-size load: load_bytes clamps its length, which the verifier cannot bound.
+    let macs: [u8; 12] = ctx.load(0)?;
+    // Room for the new IP (20) and ICMP (8) headers, between Ethernet and the old IP header.
+    ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0)?;
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &eth, 0)?;
+
+    // IP header, as 32-bit words in memory order: the VIP answers the client.
+    let tot_len = u32::from(((28 + quoted) as u16).to_be());
+    let mut ip: [u32; 5] = [
+        0x45 | (tot_len << 16),
+        0,
+        64 | (u32::from(IPPROTO_ICMP) << 8),
+        daddr,
+        saddr,
+    ];
+    ip[2] |= u32::from(fold(sum_words(&ip))) << 16;
+    ctx.store(ETH_HLEN, &ip, 0)?;
+
+    // ICMP destination unreachable (3), port unreachable (3); checksum over the message.
+    let icmp_off = ETH_HLEN + 20;
+    let base = icmp_off + 8;
+    let words = quoted / 4;
+    let mut sum: u32 = 3 | (3 << 8);
+    let mut i = 0;
+    while i < REJECT_MAX_QUOTE / 4 {
+        if i >= words {
+            break;
+        }
+        let w: u32 = ctx.load(base + i * 4)?;
+        sum += (w & 0xffff) + (w >> 16);
+        i += 1;
+    }
+    let tail = base + words * 4;
+    if quoted % 4 >= 2 {
+        sum += u32::from(ctx.load::<u16>(tail)?);
+    }
+    if quoted % 2 == 1 {
+        // A last odd byte is the low byte of a zero-padded word (memory order).
+        sum += u32::from(ctx.load::<u8>(tail + ((quoted % 4) & 2))?);
+    }
+    let icmp: [u32; 2] = [3 | (3 << 8) | (u32::from(fold(sum)) << 16), 0];
+    ctx.store(icmp_off, &icmp, 0)?;
+    // SAFETY: plain helper call; ifindex is the interface the packet arrived on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
 #[inline(always)]
 fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
@@ -350,8 +435,12 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         Some(v) => v,
         None => {
             if master.count == 0 {
-                count(Counter::TcNoEndpointsDropped);
-                return Ok(TC_ACT_SHOT);
+                if master.flags & SVC_FLAG_NO_LOCAL_ENDPOINTS != 0 {
+                    count(Counter::TcNoLocalEndpointsDropped);
+                    return Ok(TC_ACT_SHOT);
+                }
+                count(Counter::TcNoEndpointsRejected);
+                return reject(ctx, saddr, daddr);
             }
             let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
             let slot = ServiceKey {

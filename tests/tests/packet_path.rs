@@ -39,6 +39,12 @@ impl Fixture {
         let manifests = Manifests::new().unwrap();
         let ips: Vec<String> = cluster.pods.iter().map(|p| p.ip.to_string()).collect();
         manifests.write("web.yaml", &web_manifest(&ips)).unwrap();
+        manifests
+            .write(
+                "empty.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - {name: http, port: 80}\n  - {name: dns, port: 53, protocol: UDP}\n",
+            )
+            .unwrap();
         let pins = BpffsDir::new(&unique("bpf"));
         let args: Vec<&std::ffi::OsStr> = [
             "--manifests".as_ref(),
@@ -128,13 +134,19 @@ fn ping_to_the_vip_gets_no_reply_and_is_counted() {
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn an_interface_that_appears_later_is_attached_within_a_second() {
     let mut f = Fixture::new();
+    // Timed from before the interface exists (the pod's setup is inside the bound).
+    let start = std::time::Instant::now();
     let pod = f.cluster.add_routed_pod().unwrap();
     let ip = pod.ip.to_string();
     let pin = f.pins.path.join("links/tc_vpod3");
     let attached = wait_for(Duration::from_secs(3), || pin.exists().then_some(()));
-    let (_, took) =
-        attached.unwrap_or_else(|| panic!("vpod3 not attached:\n{}", f.agent.log_text()));
-    assert!(took < Duration::from_secs(1), "attaching took {took:?}");
+    attached.unwrap_or_else(|| panic!("vpod3 not attached:\n{}", f.agent.log_text()));
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "attaching took {took:?}:\n{}",
+        f.agent.log_text()
+    );
     // Only the new pod serves: its replies come back through the new interface's program.
     f.manifests
         .write("web.yaml", &web_manifest(std::slice::from_ref(&ip)))
@@ -146,4 +158,21 @@ fn an_interface_that_appears_later_is_attached_within_a_second() {
     .expect("traffic through the new interface");
     let r = f.client("tcp", &format!("{VIP}:80"), 10);
     assert_eq!(r.replies.get("pod-3"), Some(&10), "{r:?}");
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn no_endpoints_is_rejected_like_kube_proxy() {
+    let f = Fixture::new();
+    // ICMP port unreachable from the VIP: the client's connect fails at once.
+    let r = f.client("tcp", "10.96.0.11:80", 5);
+    assert_eq!(r.errors.get("ECONNREFUSED"), Some(&5), "{r:?}");
+    assert!(
+        r.max_error_us < 50_000,
+        "slowest refusal took {} us",
+        r.max_error_us
+    );
+    let r = f.client("udp-connected", "10.96.0.11:53", 3);
+    assert_eq!(r.errors.get("ECONNREFUSED"), Some(&3), "{r:?}");
+    assert!(f.counter("tc_no_endpoints_rejected") >= 8);
 }

@@ -19,6 +19,7 @@ use proxy_tests::{
 
 const PASS: u32 = u32::MAX; // TC_NEXT / unspec (-1)
 const SHOT: u32 = 2;
+const REDIRECT: u32 = 7;
 
 const CLIENT: [u8; 4] = [10, 1, 0, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
@@ -198,6 +199,7 @@ impl Harness {
                 }],
             ),
             (EMPTY_VIP, 80, Proto::Tcp, vec![]),
+            (EMPTY_VIP, 80, Proto::Udp, vec![]),
         ] {
             desired.frontends.insert(
                 Frontend {
@@ -317,10 +319,27 @@ fn icmp_to_a_vip_is_dropped_and_counted() {
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn no_endpoints_fragments_and_other_traffic() {
     let h = Harness::new();
-    // A Service without endpoints: dropped and counted (never sent on untranslated).
-    let (rc, _) = h.run(&packet(6, CLIENT, 40000, EMPTY_VIP, 80, 0, 0, true));
-    assert_eq!(rc, SHOT);
-    assert_eq!(h.counter(Counter::TcNoEndpointsDropped), 1);
+    // A Service without endpoints: kube-proxy's REJECT, an ICMP port unreachable from the
+    // VIP back to the client, out of the interface the packet came in on.
+    // (UDP's payload makes an odd length: the checksum's last-byte case.)
+    for (proto, options) in [(6u8, 0usize), (17, 0), (6, 3)] {
+        let input = packet(proto, CLIENT, 40000, EMPTY_VIP, 80, 0, options, true);
+        let (rc, out) = h.run(&input);
+        assert_eq!(rc, REDIRECT);
+        assert_eq!(out[0..6], input[6..12], "back to the sender's MAC");
+        let ip = &out[14..34];
+        assert_eq!(csum(ip, 0), 0, "IP checksum");
+        assert_eq!(
+            (ip[0], ip[9], &ip[12..16], &ip[16..20]),
+            (0x45, 1, &EMPTY_VIP[..], &CLIENT[..])
+        );
+        let icmp = &out[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+        assert_eq!(csum(icmp, 0), 0, "ICMP checksum");
+        assert_eq!(&icmp[8..], &input[14..], "quotes the original packet");
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, out.len() - 14);
+    }
+    assert_eq!(h.counter(Counter::TcNoEndpointsRejected), 3);
 
     // Fragments (first with MF, and a later one) pass byte for byte.
     for frag in [0x2000u16, 0x0010] {
