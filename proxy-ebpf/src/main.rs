@@ -346,6 +346,70 @@ fn reject(ctx: &TcContext, saddr: u32, daddr: u32) -> Result<i32, i64> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// An ICMP error a backend (or a router on the way) sends about a translated flow quotes the
+/// client's packet as it left the node: to the backend. The client only knows VIP:port, so
+/// rewrite the quoted destination (and the outer source, when the backend itself answers)
+/// back to it, fixing the quoted IP checksum and the ICMP checksum.
+#[inline(always)]
+fn icmp_error_to_vip(ctx: &TcContext, icmp: usize, outer_saddr: u32) -> Result<i32, i64> {
+    let ty: u8 = ctx.load(icmp)?;
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
+        return Ok(TC_PASS);
+    }
+    let inner = icmp + 8;
+    let inner_ihl = usize::from(ctx.load::<u8>(inner)? & 0x0f) * 4;
+    if inner_ihl < 20 {
+        return Ok(TC_PASS);
+    }
+    let proto: u8 = ctx.load(inner + 9)?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(TC_PASS);
+    }
+    let client: u32 = ctx.load(inner + 12)?;
+    let backend: u32 = ctx.load(inner + 16)?;
+    let l4 = inner + inner_ihl;
+    let cport: u16 = ctx.load(l4)?;
+    let bport: u16 = ctx.load(l4 + 2)?;
+    let key = CtKey {
+        saddr_be: backend,
+        daddr_be: client,
+        sport_be: bport,
+        dport_be: cport,
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let Some(v) = (unsafe { PROXY_CT_V1.get(key) }).copied() else {
+        return Ok(TC_PASS);
+    };
+    let icmp_csum = icmp + 2;
+    // Quoted IP header: destination and its checksum; both are covered by the ICMP checksum.
+    let old_inner_csum: u16 = ctx.load(inner + 10)?;
+    ctx.l3_csum_replace(inner + 10, u64::from(backend), u64::from(v.addr_be), 4)?;
+    let new_inner_csum: u16 = ctx.load(inner + 10)?;
+    ctx.store(inner + 16, &v.addr_be, 0)?;
+    ctx.l4_csum_replace(icmp_csum, u64::from(backend), u64::from(v.addr_be), 4)?;
+    ctx.l4_csum_replace(
+        icmp_csum,
+        u64::from(old_inner_csum),
+        u64::from(new_inner_csum),
+        2,
+    )?;
+    // Quoted destination port.
+    ctx.store(l4 + 2, &v.port_be, 0)?;
+    ctx.l4_csum_replace(icmp_csum, u64::from(bport), u64::from(v.port_be), 2)?;
+    // The backend itself answered: the error comes from the VIP, as the client expects.
+    if outer_saddr == backend {
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(backend), u64::from(v.addr_be), 4)?;
+        ctx.store(IP_SADDR_OFF, &v.addr_be, 0)?;
+    }
+    count(Counter::TcReversed);
+    Ok(TC_PASS)
+}
+
 #[inline(always)]
 fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
@@ -367,6 +431,9 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         if unsafe { PROXY_VIP_V1.get(daddr) }.is_some() {
             count(Counter::IcmpToVipDropped);
             return Ok(TC_ACT_SHOT);
+        }
+        if frag & 0x3fff == 0 {
+            return icmp_error_to_vip(ctx, ETH_HLEN + ihl, saddr);
         }
         return Ok(TC_PASS);
     }

@@ -17,6 +17,9 @@ pub struct Report {
     pub errors: BTreeMap<String, u32>,
     /// Slowest failed attempt, in microseconds.
     pub max_error_us: u64,
+    /// The last reply (pod name), for "the flow moved" checks.
+    #[serde(default)]
+    pub last: String,
 }
 
 fn args(mode: &str, addr: &str, count: u32) -> Vec<String> {
@@ -63,4 +66,27 @@ pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count
             .run_client_unhooked(bin, &args(mode, addr, count))
             .expect("client runs"),
     )
+}
+
+/// Starts the client outside the hooked cgroup without waiting (e.g. a long `udp-loop`).
+pub fn spawn_unhooked(
+    cluster: &Cluster,
+    bin: &Path,
+    mode: &str,
+    addr: &str,
+    count: u32,
+) -> std::process::Child {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={}", cluster.client.path().display()))
+        .arg(bin)
+        .args(args(mode, addr, count))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("client starts")
+}
+
+/// Waits for a client started by [`spawn_unhooked`].
+pub fn finish(child: std::process::Child) -> Report {
+    parse(child.wait_with_output().expect("client ends"))
 }

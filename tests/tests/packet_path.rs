@@ -45,6 +45,13 @@ impl Fixture {
                 "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - {name: http, port: 80}\n  - {name: dns, port: 53, protocol: UDP}\n",
             )
             .unwrap();
+        // A Service whose backend has no listener on the target port.
+        manifests
+            .write(
+                "deaf.yaml",
+                &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: deaf, namespace: default}}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{{name: dns, port: 53, protocol: UDP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: deaf-1, namespace: default, labels: {{kubernetes.io/service-name: deaf}}}}\naddressType: IPv4\nports: [{{name: dns, port: 5999, protocol: UDP}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n", ips[0]),
+            )
+            .unwrap();
         let pins = BpffsDir::new(&unique("bpf"));
         let args: Vec<&std::ffi::OsStr> = [
             "--manifests".as_ref(),
@@ -175,4 +182,47 @@ fn no_endpoints_is_rejected_like_kube_proxy() {
     let r = f.client("udp-connected", "10.96.0.11:53", 3);
     assert_eq!(r.errors.get("ECONNREFUSED"), Some(&3), "{r:?}");
     assert!(f.counter("tc_no_endpoints_rejected") >= 8);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_backends_icmp_error_reaches_the_client_as_from_the_vip() {
+    let f = Fixture::new();
+    // pod-0 has nothing on 5999: its kernel's port unreachable, translated back to the VIP,
+    // is what lets the connected socket see ECONNREFUSED.
+    let r = f.client("udp-connected", "10.96.0.12:53", 3);
+    assert_eq!(r.errors.get("ECONNREFUSED"), Some(&3), "{r:?}");
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_udp_flow_on_one_source_port_follows_its_server_pod_being_replaced() {
+    let f = Fixture::new();
+    let ips: Vec<String> = f.cluster.pods.iter().map(|p| p.ip.to_string()).collect();
+    f.manifests
+        .write("web.yaml", &web_manifest(&ips[..1]))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
+    let child = client::spawn_unhooked(&f.cluster, bin, "udp-loop", &format!("{VIP}:53"), 60);
+    std::thread::sleep(Duration::from_millis(1200));
+    // The server pod is replaced by one at another address.
+    f.manifests
+        .write("web.yaml", &web_manifest(&ips[1..2]))
+        .unwrap();
+    let r = client::finish(child);
+    assert!(r.replies.get("pod-0").is_some_and(|n| *n > 5), "{r:?}");
+    assert!(
+        r.replies.get("pod-1").is_some_and(|n| *n > 5),
+        "the flow moved to the new pod: {r:?}"
+    );
+    assert_eq!(r.last, "pod-1", "{r:?}");
+    assert!(
+        r.errors.values().sum::<u32>() <= 3,
+        "only the change itself may lose a datagram: {r:?}"
+    );
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{VIP}:53")]
+    );
 }

@@ -159,7 +159,7 @@ fn parse_checked(p: &[u8]) -> Parsed {
 struct Harness {
     maps: PinnedMaps,
     ebpf: aya::Ebpf,
-    _pins: BpffsDir,
+    pins: BpffsDir,
 }
 
 impl Harness {
@@ -221,7 +221,7 @@ impl Harness {
         Harness {
             maps: PinnedMaps::open(&pins.path).unwrap(),
             ebpf,
-            _pins: pins,
+            pins,
         }
     }
 
@@ -357,4 +357,109 @@ fn no_endpoints_fragments_and_other_traffic() {
         let (rc, out) = h.run(&input);
         assert_eq!((rc, &out), (PASS, &input));
     }
+}
+
+/// An ICMP port unreachable from `from` to `to`, quoting `original` (an IP packet) as a kernel
+/// does: its IP header and 8 bytes.
+fn icmp_error(from: [u8; 4], to: [u8; 4], original: &[u8]) -> Vec<u8> {
+    let ihl = usize::from(original[0] & 0x0f) * 4;
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&original[..ihl + 8]);
+    let c = csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45u8, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&from);
+    ip.extend_from_slice(&to);
+    let c = csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    p.extend(ip);
+    p.extend(icmp);
+    p
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn icmp_errors_about_a_translated_flow_come_back_from_the_vip() {
+    let h = Harness::new();
+    // The client's datagram, as it left the node (translated to the backend).
+    let (_, sent) = h.run(&packet(17, CLIENT, 33333, VIP, 53, 0, 0, true));
+    assert_eq!(parse_checked(&sent).dst, BACKEND);
+    // The backend has no listener: its kernel answers port unreachable, quoting that.
+    let (rc, out) = h.run(&icmp_error(BACKEND, CLIENT, &sent[14..]));
+    assert_eq!(rc, PASS);
+    let ip = &out[14..34];
+    assert_eq!(csum(ip, 0), 0, "outer IP checksum");
+    assert_eq!(
+        (&ip[12..16], &ip[16..20]),
+        (&VIP[..], &CLIENT[..]),
+        "from the VIP"
+    );
+    let icmp = &out[34..];
+    assert_eq!(csum(icmp, 0), 0, "ICMP checksum");
+    let inner = &icmp[8..28];
+    assert_eq!(csum(inner, 0), 0, "quoted IP checksum");
+    assert_eq!(
+        (&inner[12..16], &inner[16..20]),
+        (&CLIENT[..], &VIP[..]),
+        "quotes the packet the client sent"
+    );
+    assert_eq!(
+        u16::from_be_bytes([icmp[30], icmp[31]]),
+        53,
+        "quoted destination port"
+    );
+    // An error about a flow we never translated is left alone.
+    let other = packet(17, CLIENT, 44444, BACKEND, 5353, 0, 0, true);
+    let input = icmp_error(BACKEND, CLIENT, &other[14..]);
+    let (rc, out) = h.run(&input);
+    assert_eq!((rc, &out), (PASS, &input));
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
+    use proxy_common::{CT_DIR_FORWARD, CT_MAP, CT_MAP_ENTRIES, CtKey, CtValue};
+    let h = Harness::new();
+    let md = aya::maps::MapData::from_pin(h.pins.path.join(CT_MAP)).unwrap();
+    let mut ct: aya::maps::HashMap<_, CtKey, CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    // Fill it with unrelated flows.
+    for i in 0..CT_MAP_ENTRIES {
+        let k = CtKey {
+            saddr_be: i,
+            daddr_be: 1,
+            sport_be: 1,
+            dport_be: 1,
+            proto: 6,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        ct.insert(k, CtValue::default(), 0).unwrap();
+    }
+    let (rc, out) = h.run(&packet(6, CLIENT, 40000, VIP, 80, 0, 0, true));
+    assert_eq!(rc, PASS);
+    assert_eq!(
+        parse_checked(&out).dst,
+        BACKEND,
+        "a new flow is still translated"
+    );
+    assert_eq!(h.counter(Counter::CtUpdateFailed), 0);
+    let fwd = CtKey {
+        saddr_be: u32::from_ne_bytes(CLIENT),
+        daddr_be: u32::from_ne_bytes(VIP),
+        sport_be: 40000u16.to_be(),
+        dport_be: 80u16.to_be(),
+        proto: 6,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    };
+    assert!(
+        ct.get(&fwd, 0).is_ok(),
+        "the new flow is tracked (an old one was evicted)"
+    );
+    // And its reply is reversed.
+    let (_, out) = h.run(&packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true));
+    assert_eq!(parse_checked(&out).src, VIP);
 }

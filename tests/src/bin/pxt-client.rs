@@ -30,6 +30,8 @@ enum Mode {
     Udp,
     /// connected UDP: connect + send + recv.
     UdpConnected,
+    /// unconnected UDP from one socket (one source port), one datagram every 50 ms.
+    UdpLoop,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -57,6 +59,7 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
             *r.replies.entry(text.trim().to_string()).or_default() += 1;
             *r.peers.entry(peer.to_string()).or_default() += 1;
         }
+        Mode::UdpLoop => unreachable!("handled in main"),
         Mode::Udp | Mode::UdpConnected => {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             s.set_read_timeout(Some(timeout))?;
@@ -78,8 +81,48 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
     Ok(())
 }
 
+/// One socket, one source port: a long-lived UDP "flow", as a DNS forwarder or a game client.
+fn udp_loop(
+    addr: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    r: &mut Report,
+) -> std::io::Result<()> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout.min(Duration::from_millis(200))))?;
+    let mut buf = [0u8; 256];
+    for _ in 0..count {
+        let start = Instant::now();
+        s.send_to(b"hello", addr)?;
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let name = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                *r.replies.entry(name.clone()).or_default() += 1;
+                *r.peers.entry(from.to_string()).or_default() += 1;
+                r.last = name;
+            }
+            Err(e) => *r.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+        std::thread::sleep(Duration::from_millis(50).saturating_sub(start.elapsed()));
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Args::parse();
+    if matches!(args.mode, Mode::UdpLoop) {
+        let mut r = Report::default();
+        if let Err(e) = udp_loop(
+            args.addr,
+            args.count,
+            Duration::from_millis(args.timeout_ms),
+            &mut r,
+        ) {
+            *r.errors.entry(errno_name(&e)).or_default() += 1;
+        }
+        println!("{}", serde_json::to_string(&r).expect("serializable"));
+        return;
+    }
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut r = Report::default();
     for _ in 0..args.count {
