@@ -95,6 +95,9 @@ fn check() -> Missing {
         ("nsenter", "util-linux"),
         ("bpftool", "bpftool"),
         ("ping", "iputils-ping"),
+        ("tcpdump", "tcpdump"),
+        // Checksum-offload off in the capture test.
+        ("ethtool", "ethtool"),
     ] {
         if which(bin).is_none() {
             m.push((bin, pkg));
@@ -136,7 +139,9 @@ fn try_install(mut missing: Missing) {
                 "nightly",
             ]),
             "bpf-linker" => Some(vec!["cargo", "+nightly", "install", "bpf-linker"]),
-            "ip" | "nsenter" | "bpftool" | "ping" | "kubectl" if which("apt-get").is_some() => {
+            "ip" | "nsenter" | "bpftool" | "ping" | "tcpdump" | "ethtool" | "kubectl"
+                if which("apt-get").is_some() =>
+            {
                 if !apt_updated {
                     let _ = Command::new("apt-get").args(["update", "-qq"]).status();
                     apt_updated = true;
