@@ -12,8 +12,8 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAP_LAYOUTS, REV_NAT_MAP, RevNat, SVC_MAP,
-    ServiceKey, ServiceValue, VIP_MAP,
+    BACKEND_MAP, Backend, COUNTERS_MAP, CT_DIR_FORWARD, CT_MAP, Counter, CtKey, CtValue,
+    MAP_LAYOUTS, PROTO_UDP, REV_NAT_MAP, RevNat, SVC_MAP, ServiceKey, ServiceValue, VIP_MAP,
 };
 
 use crate::sync::{Datapath, DatapathError, MapState};
@@ -81,6 +81,7 @@ pub struct PinnedMaps {
     rev_nat: HashMap<MapData, u16, RevNat>,
     vips: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
 }
 
 fn open(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<Map, MapsError> {
@@ -101,6 +102,8 @@ impl PinnedMaps {
             rev_nat: HashMap::try_from(open(dir, REV_NAT_MAP, Map::HashMap)?)
                 .map_err(read(REV_NAT_MAP))?,
             vips: HashMap::try_from(open(dir, VIP_MAP, Map::HashMap)?).map_err(read(VIP_MAP))?,
+            conntrack: HashMap::try_from(open(dir, CT_MAP, Map::LruHashMap)?)
+                .map_err(read(CT_MAP))?,
             counters: PerCpuArray::try_from(open(dir, COUNTERS_MAP, Map::PerCpuArray)?)
                 .map_err(read(COUNTERS_MAP))?,
         })
@@ -114,6 +117,37 @@ impl PinnedMaps {
             rev_nat: read_all(&self.rev_nat, REV_NAT_MAP)?,
             vips: read_all(&self.vips, VIP_MAP)?,
         })
+    }
+
+    /// kube-proxy's conntrack cleanup: forgets the packet path's UDP flows to (and replies
+    /// from) removed backends, so a client's next datagram picks a live one. (The datapath
+    /// also re-balances a flow whose backend is gone; this removes the stale entries.)
+    /// Returns how many entries were deleted.
+    pub fn forget_udp_flows(&mut self, removed: &[Backend]) -> Result<usize, MapsError> {
+        let gone = |addr: u32, port: u16| {
+            removed
+                .iter()
+                .any(|b| b.addr_be == addr && b.port_be == port)
+        };
+        let mut stale = Vec::new();
+        for kv in self.conntrack.iter() {
+            let (k, v) = kv.map_err(|source| MapsError::Read {
+                map: CT_MAP,
+                source,
+            })?;
+            let backend_side = match k.dir {
+                CT_DIR_FORWARD => gone(v.addr_be, v.port_be),
+                _ => gone(k.saddr_be, k.sport_be),
+            };
+            if k.proto == PROTO_UDP && backend_side {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            // Gone already (LRU eviction, or the other direction's delete) is fine.
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(stale.len())
     }
 
     /// Datapath counters, summed over CPUs.

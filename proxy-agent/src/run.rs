@@ -152,6 +152,19 @@ impl Agent {
             warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
         }
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
+        if !report.removed_backends.is_empty() {
+            match self
+                .syncer
+                .datapath_mut()
+                .forget_udp_flows(&report.removed_backends)
+            {
+                Ok(n) if n > 0 => info!(entries = n, "forgot UDP flows to removed backends"),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath")
+                }
+            }
+        }
         let kind = if scope.is_some() { "partial" } else { "full" };
         self.metrics
             .sync_duration

@@ -70,6 +70,8 @@ pub struct SyncReport {
     /// Frontends that could not be written (map full, syscall error); their previous state
     /// stays programmed and the next sync retries.
     pub errors: Vec<(Frontend, DatapathError)>,
+    /// Backends deleted by this sync (their UDP flows are forgotten, as kube-proxy does).
+    pub removed_backends: Vec<Backend>,
 }
 
 pub fn service_key(f: &Frontend, slot: u16) -> ServiceKey {
@@ -161,6 +163,11 @@ impl<D: Datapath> Syncer<D> {
 
     pub fn datapath(&self) -> &D {
         &self.dp
+    }
+
+    /// For maintenance outside the writer's maps (conntrack cleanup).
+    pub fn datapath_mut(&mut self) -> &mut D {
+        &mut self.dp
     }
 
     /// Makes the maps equal to `desired`, except for held VIPs and Services, whose entries are
@@ -495,6 +502,7 @@ impl<D: Datapath> Syncer<D> {
                 self.dp.delete_backend(id)?;
                 if let Some(b) = self.state.backends.remove(&id) {
                     self.backend_ids.remove(&b);
+                    report.removed_backends.push(b);
                 }
                 report.deletes += 1;
             }

@@ -217,6 +217,22 @@ fn a_udp_flow_on_one_source_port_follows_its_server_pod_being_replaced() {
         "the flow moved to the new pod: {r:?}"
     );
     assert_eq!(r.last, "pod-1", "{r:?}");
+    // kube-proxy's conntrack cleanup: no UDP flow still names the old pod.
+    let md = aya::maps::MapData::from_pin(f.pins.path.join(proxy_common::CT_MAP)).unwrap();
+    let ct: aya::maps::HashMap<_, proxy_common::CtKey, proxy_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let old = u32::from_ne_bytes(f.cluster.pods[0].ip.octets());
+    let stale = ct
+        .iter()
+        .flatten()
+        .filter(|(k, v)| k.proto == 17 && (v.addr_be == old || k.saddr_be == old))
+        .count();
+    assert_eq!(stale, 0, "UDP flows to the replaced pod are forgotten");
+    assert!(
+        f.agent.log_text().contains("forgot UDP flows"),
+        "{}",
+        f.agent.log_text()
+    );
     assert!(
         r.errors.values().sum::<u32>() <= 3,
         "only the change itself may lose a datagram: {r:?}"

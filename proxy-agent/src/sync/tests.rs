@@ -207,7 +207,17 @@ fn shrink_commits_master_before_deleting_slots_and_backends() {
         &[("10.1.0.1", 8080), ("10.1.0.2", 8080), ("10.1.0.3", 8080)],
     )]));
     ops(&mut s);
-    s.sync(&desired(&[(f, &[("10.1.0.1", 8080), ("10.1.0.3", 8080)])]));
+    let r = s.sync(&desired(&[(f, &[("10.1.0.1", 8080), ("10.1.0.3", 8080)])]));
+    assert_eq!(
+        r.removed_backends,
+        vec![backend_value(
+            &BackendAddr {
+                ip: "10.1.0.2".parse().unwrap(),
+                port: 8080
+            },
+            Proto::Tcp
+        )]
+    );
     assert_eq!(
         ops(&mut s),
         vec![
