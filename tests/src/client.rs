@@ -22,6 +22,19 @@ pub struct Report {
     pub last: String,
 }
 
+impl Report {
+    /// Every one of `n` attempts failed with ECONNREFUSED, none slower than 50 ms (the
+    /// datapath answers at once, as kube-proxy's REJECT does).
+    pub fn assert_refused_at_once(&self, n: u32) {
+        assert_eq!(self.errors.get("ECONNREFUSED"), Some(&n), "{self:?}");
+        assert!(
+            self.max_error_us < 50_000,
+            "slowest refusal took {} us",
+            self.max_error_us
+        );
+    }
+}
+
 fn args(mode: &str, addr: &str, count: u32) -> Vec<String> {
     [
         mode,

@@ -56,6 +56,26 @@ fn attach(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Res
     Ok(())
 }
 
+/// A node and a client pod, before any backend pod.
+fn skeleton(
+    setup_node: impl FnOnce(&Netns) -> anyhow::Result<()>,
+    attach_client: impl FnOnce(&Netns, &Netns) -> anyhow::Result<()>,
+) -> anyhow::Result<Cluster> {
+    let id = unique("");
+    let cgroup = Cgroup::new(&id)?;
+    let node = Netns::new(&format!("{id}-node"))?;
+    setup_node(&node)?;
+    let client = Netns::new(&format!("{id}-client"))?;
+    attach_client(&node, &client)?;
+    Ok(Cluster {
+        servers: vec![],
+        pods: vec![],
+        client,
+        node,
+        cgroup,
+    })
+}
+
 /// A pod on a routed node: a /32 on the pod side, a route and the gateway on the node side.
 fn attach_routed(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
     node.ip(&[
@@ -98,27 +118,14 @@ impl Cluster {
     /// both directions, so the node's TC programs see requests and replies. Pods are
     /// 10.201.0.10+i, the client 10.201.0.2; node-side veths are `vpod<i>` and `vclient`.
     pub fn routed(pods: usize) -> anyhow::Result<Self> {
-        let id = unique("");
-        let cgroup = Cgroup::new(&id)?;
-        let node = Netns::new(&format!("{id}-node"))?;
-        crate::host::sh(
-            "nsenter",
-            &[
-                &format!("--net={}", node.path().display()),
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
+        let mut cluster = skeleton(
+            |node| {
+                let ns = format!("--net={}", node.path().display());
+                crate::host::sh("nsenter", &[&ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                    .map(drop)
+            },
+            |node, client| attach_routed(node, client, "vclient", Ipv4Addr::new(10, 201, 0, 2)),
         )?;
-        let client = Netns::new(&format!("{id}-client"))?;
-        attach_routed(&node, &client, "vclient", Ipv4Addr::new(10, 201, 0, 2))?;
-        let mut cluster = Cluster {
-            servers: vec![],
-            pods: vec![],
-            client,
-            node,
-            cgroup,
-        };
         for _ in 0..pods {
             cluster.add_routed_pod()?;
         }
@@ -130,10 +137,7 @@ impl Cluster {
         let i = self.pods.len();
         let name = format!("pod-{i}");
         let ip = Ipv4Addr::new(10, 201, 0, 10 + i as u8);
-        let netns = Netns::new(&format!(
-            "{}-p{i}",
-            self.node.name.trim_end_matches("-node")
-        ))?;
+        let netns = Netns::new(&format!("{}-p{i}", self.id()))?;
         attach_routed(&self.node, &netns, &format!("vpod{i}"), ip)?;
         self.servers.push(PodServers::start(
             &netns.path(),
@@ -143,6 +147,11 @@ impl Cluster {
         )?);
         self.pods.push(Pod { name, ip, netns });
         Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// The unique prefix of this cluster's namespaces.
+    fn id(&self) -> String {
+        self.node.name.trim_end_matches("-node").to_string()
     }
 
     /// Runs `program args` in the client pod's namespace only: outside the hooked cgroup, so
@@ -158,27 +167,20 @@ impl Cluster {
 
     /// `pods` backend pods, each serving its name on TCP 8080 and UDP 5353 plus `extra_tcp`.
     pub fn new(pods: usize, extra_tcp: &[u16]) -> anyhow::Result<Self> {
-        let id = unique("");
-        let cgroup = Cgroup::new(&id)?;
-        let node = Netns::new(&format!("{id}-node"))?;
-        node.ip(&["link", "add", "br0", "type", "bridge"])?;
-        node.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"])?;
-        node.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::new(&format!("{id}-client"))?;
-        attach(&node, &client, "vclient", Ipv4Addr::new(10, 200, 0, 2))?;
-        let mut cluster = Cluster {
-            servers: vec![],
-            pods: vec![],
-            client,
-            node,
-            cgroup,
-        };
+        let mut cluster = skeleton(
+            |node| {
+                node.ip(&["link", "add", "br0", "type", "bridge"])?;
+                node.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"])?;
+                node.ip(&["link", "set", "br0", "up"]).map(drop)
+            },
+            |node, client| attach(node, client, "vclient", Ipv4Addr::new(10, 200, 0, 2)),
+        )?;
         let mut tcp = vec![TCP_PORT];
         tcp.extend_from_slice(extra_tcp);
         for i in 0..pods {
             let name = format!("pod-{i}");
             let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
-            let netns = Netns::new(&format!("{id}-p{i}"))?;
+            let netns = Netns::new(&format!("{}-p{i}", cluster.id()))?;
             attach(&cluster.node, &netns, &format!("vpod{i}"), ip)?;
             cluster
                 .servers
