@@ -7,6 +7,7 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod run;
+pub mod sockets;
 pub mod source;
 pub mod sync;
 pub mod tc;

@@ -13,7 +13,8 @@ use aya::{
 };
 use proxy_common::{
     BACKEND_MAP, Backend, COUNTERS_MAP, CT_DIR_FORWARD, CT_MAP, Counter, CtKey, CtValue,
-    MAP_LAYOUTS, PROTO_UDP, REV_NAT_MAP, RevNat, SVC_MAP, ServiceKey, ServiceValue, VIP_MAP,
+    MAP_LAYOUTS, PROTO_UDP, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP, SVC_MAP, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
 use crate::sync::{Datapath, DatapathError, MapState};
@@ -175,6 +176,18 @@ fn read_all<K: Pod + Ord, V: Pod>(
     map.iter()
         .map(|kv| kv.map_err(|source| MapsError::Read { map: name, source }))
         .collect()
+}
+
+/// The socket reverse-NAT map, to ask whether this datapath translated a socket.
+pub fn open_sock_rev_nat(
+    dir: &Path,
+) -> Result<HashMap<MapData, SockRevNatKey, SockRevNatValue>, MapsError> {
+    HashMap::try_from(open(dir, SOCK_REV_NAT_MAP, Map::LruHashMap)?).map_err(|source| {
+        MapsError::Read {
+            map: SOCK_REV_NAT_MAP,
+            source,
+        }
+    })
 }
 
 fn map_err(map: &'static str, op: &'static str, e: MapError) -> DatapathError {

@@ -123,6 +123,7 @@ impl Source {
 }
 
 struct Agent {
+    bpffs_dir: PathBuf,
     source: Source,
     syncer: Syncer<PinnedMaps>,
     node_name: String,
@@ -164,6 +165,7 @@ impl Agent {
                     warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath")
                 }
             }
+            self.destroy_stale_udp_sockets(&report.removed_backends);
         }
         let kind = if scope.is_some() { "partial" } else { "full" };
         self.metrics
@@ -194,6 +196,29 @@ impl Agent {
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "synced"
             );
+        }
+    }
+}
+
+impl Agent {
+    /// Connected UDP sockets the socket path pinned to removed backends are destroyed, so
+    /// their applications reconnect to a live one.
+    fn destroy_stale_udp_sockets(&self, removed: &[proxy_common::Backend]) {
+        let translated = match crate::maps::open_sock_rev_nat(&self.bpffs_dir) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot read the socket reverse-NAT map; stale UDP sockets are kept");
+                return;
+            }
+        };
+        let lookup = move |k: &proxy_common::SockRevNatKey| translated.get(k, 0).is_ok();
+        match crate::sockets::destroy_udp_sockets_to(removed, lookup) {
+            Ok(n) if n > 0 => info!(
+                sockets = n,
+                "terminated connected UDP sockets to removed backends"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not terminate stale connected UDP sockets"),
         }
     }
 }
@@ -280,6 +305,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     )
     .await?;
     let mut agent = Agent {
+        bpffs_dir: cfg.bpffs_dir.clone(),
         source,
         syncer: Syncer::new(maps, state),
         node_name: cfg.node_name.clone(),

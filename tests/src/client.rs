@@ -81,6 +81,31 @@ pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count
     )
 }
 
+/// Starts the client as the cluster's client pod (in the hooked cgroup) without waiting.
+pub fn spawn(
+    cluster: &Cluster,
+    bin: &Path,
+    mode: &str,
+    addr: &str,
+    count: u32,
+) -> std::process::Child {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net={} \"$@\"",
+        cluster.cgroup.path.display(),
+        cluster.client.path().display()
+    );
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("client")
+        .arg(bin)
+        .args(args(mode, addr, count))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("client starts")
+}
+
 /// Starts the client outside the hooked cgroup without waiting (e.g. a long `udp-loop`).
 pub fn spawn_unhooked(
     cluster: &Cluster,

@@ -446,3 +446,53 @@ fn a_vanished_manifests_directory_keeps_the_datapath_serving() {
     let r = f.client("tcp", &format!("{VIP}:80"), 10);
     assert!(r.errors.is_empty(), "{r:?}");
 }
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_connected_udp_socket_to_a_removed_backend_is_terminated() {
+    let f = web_fixture();
+    let pods = f.pods();
+    f.manifests
+        .write(
+            "web-slice.yaml",
+            &slice("web", &[pods[0]], TCP_PORT, "node-b"),
+        )
+        .unwrap();
+    f.wait_backends(80, "TCP", &addrs(&[pods[0]], TCP_PORT));
+    let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
+    let child = client::spawn(
+        &f.cluster,
+        bin,
+        "udp-connected-loop",
+        &format!("{VIP}:53"),
+        60,
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    // pod-0 is replaced by pod-1. (pod-0 still answers here, so without the termination the
+    // socket would stay with it.)
+    f.manifests
+        .write(
+            "web-slice.yaml",
+            &slice("web", &[pods[1]], TCP_PORT, "node-b"),
+        )
+        .unwrap();
+    let r = client::finish(child);
+    assert!(r.replies.get("pod-0").is_some_and(|n| *n > 5), "{r:?}");
+    assert!(
+        r.replies.get("pod-1").is_some_and(|n| *n > 5),
+        "reconnected to the new pod: {r:?}"
+    );
+    assert_eq!(r.last, "pod-1", "{r:?}");
+    assert!(r.errors.values().sum::<u32>() <= 3, "{r:?}");
+    assert_eq!(
+        r.peers.keys().collect::<Vec<_>>(),
+        vec![&format!("{VIP}:53")]
+    );
+    assert!(
+        f.agent
+            .log_text()
+            .contains("terminated connected UDP sockets"),
+        "{}",
+        f.agent.log_text()
+    );
+}

@@ -32,6 +32,9 @@ enum Mode {
     UdpConnected,
     /// unconnected UDP from one socket (one source port), one datagram every 50 ms.
     UdpLoop,
+    /// one connected UDP socket, one datagram every 50 ms; on a socket error (not a timeout)
+    /// it reconnects, as an application would.
+    UdpConnectedLoop,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -42,6 +45,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
         Some(libc::EPERM) => "EPERM".into(),
         Some(libc::EAGAIN) => "EAGAIN".into(),
+        Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
+        Some(libc::EDESTADDRREQ) => "EDESTADDRREQ".into(),
         Some(n) => format!("errno {n}"),
         None => format!("{:?}", e.kind()),
     }
@@ -59,7 +64,7 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
             *r.replies.entry(text.trim().to_string()).or_default() += 1;
             *r.peers.entry(peer.to_string()).or_default() += 1;
         }
-        Mode::UdpLoop => unreachable!("handled in main"),
+        Mode::UdpLoop | Mode::UdpConnectedLoop => unreachable!("handled in main"),
         Mode::Udp | Mode::UdpConnected => {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             s.set_read_timeout(Some(timeout))?;
@@ -108,22 +113,58 @@ fn udp_loop(
     Ok(())
 }
 
+fn udp_connected_loop(addr: SocketAddr, count: u32, r: &mut Report) -> std::io::Result<()> {
+    let connect = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(addr)?;
+        Ok(s)
+    };
+    let mut s = connect()?;
+    let mut buf = [0u8; 256];
+    for _ in 0..count {
+        let start = Instant::now();
+        match s.send(b"hello").and_then(|_| s.recv(&mut buf)) {
+            Ok(n) => {
+                let name = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                *r.replies.entry(name.clone()).or_default() += 1;
+                *r.peers.entry(s.peer_addr()?.to_string()).or_default() += 1;
+                r.last = name;
+            }
+            Err(e) => {
+                *r.errors.entry(errno_name(&e)).or_default() += 1;
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    s = connect()?;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50).saturating_sub(start.elapsed()));
+    }
+    Ok(())
+}
+
+/// The loop modes report once, at the end.
+fn run_loop(f: impl FnOnce(&mut Report) -> std::io::Result<()>) {
+    let mut r = Report::default();
+    if let Err(e) = f(&mut r) {
+        *r.errors.entry(errno_name(&e)).or_default() += 1;
+    }
+    println!("{}", serde_json::to_string(&r).expect("serializable"));
+}
+
 fn main() {
     let args = Args::parse();
-    if matches!(args.mode, Mode::UdpLoop) {
-        let mut r = Report::default();
-        if let Err(e) = udp_loop(
-            args.addr,
-            args.count,
-            Duration::from_millis(args.timeout_ms),
-            &mut r,
-        ) {
-            *r.errors.entry(errno_name(&e)).or_default() += 1;
-        }
-        println!("{}", serde_json::to_string(&r).expect("serializable"));
-        return;
-    }
     let timeout = Duration::from_millis(args.timeout_ms);
+    match args.mode {
+        Mode::UdpLoop => return run_loop(|r| udp_loop(args.addr, args.count, timeout, r)),
+        Mode::UdpConnectedLoop => {
+            return run_loop(|r| udp_connected_loop(args.addr, args.count, r));
+        }
+        _ => {}
+    }
     let mut r = Report::default();
     for _ in 0..args.count {
         let start = Instant::now();
