@@ -81,50 +81,29 @@ pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count
     )
 }
 
-/// Starts the client as the cluster's client pod (in the hooked cgroup) without waiting.
+/// Starts a client without waiting (e.g. a long loop): as the cluster's client pod in the
+/// hooked cgroup, or `unhooked`, outside it.
 pub fn spawn(
     cluster: &Cluster,
     bin: &Path,
+    unhooked: bool,
     mode: &str,
     addr: &str,
     count: u32,
 ) -> std::process::Child {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net={} \"$@\"",
-        cluster.cgroup.path.display(),
-        cluster.client.path().display()
-    );
-    std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("client")
-        .arg(bin)
-        .args(args(mode, addr, count))
+    let mut cmd = if unhooked {
+        cluster.client_command_unhooked(bin)
+    } else {
+        cluster.client_command(bin)
+    };
+    cmd.args(args(mode, addr, count))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("client starts")
 }
 
-/// Starts the client outside the hooked cgroup without waiting (e.g. a long `udp-loop`).
-pub fn spawn_unhooked(
-    cluster: &Cluster,
-    bin: &Path,
-    mode: &str,
-    addr: &str,
-    count: u32,
-) -> std::process::Child {
-    std::process::Command::new("nsenter")
-        .arg(format!("--net={}", cluster.client.path().display()))
-        .arg(bin)
-        .args(args(mode, addr, count))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("client starts")
-}
-
-/// Waits for a client started by [`spawn_unhooked`].
+/// Waits for a client started by [`spawn`].
 pub fn finish(child: std::process::Child) -> Report {
     parse(child.wait_with_output().expect("client ends"))
 }

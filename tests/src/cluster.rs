@@ -154,12 +154,18 @@ impl Cluster {
         self.node.name.trim_end_matches("-node").to_string()
     }
 
-    /// Runs `program args` in the client pod's namespace only: outside the hooked cgroup, so
-    /// only the packet path on the node can translate its traffic.
+    /// `program` in the client pod's namespace only: outside the hooked cgroup, so only the
+    /// packet path on the node can translate its traffic.
+    pub fn client_command_unhooked(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.client.path().display()))
+            .arg(program);
+        c
+    }
+
+    /// Runs [`Self::client_command_unhooked`] to completion.
     pub fn run_client_unhooked(&self, program: &Path, args: &[String]) -> anyhow::Result<Output> {
-        Command::new("nsenter")
-            .arg(format!("--net={}", self.client.path().display()))
-            .arg(program)
+        self.client_command_unhooked(program)
             .args(args)
             .output()
             .context("running the client")
@@ -190,19 +196,22 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Runs `program args` as a client pod: first in the test cgroup, then in the client
-    /// namespace (in that order: `ip netns exec` would hide the cgroup mount).
-    pub fn run_client(&self, program: &Path, args: &[String]) -> anyhow::Result<Output> {
+    /// `program` as a client pod: first in the test cgroup, then in the client namespace (in
+    /// that order: `ip netns exec` would hide the cgroup mount).
+    pub fn client_command(&self, program: &Path) -> Command {
         let script = format!(
             "echo $$ > {}/cgroup.procs && exec nsenter --net={} \"$@\"",
             self.cgroup.path.display(),
             self.client.path().display()
         );
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("client")
-            .arg(program)
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(script).arg("client").arg(program);
+        c
+    }
+
+    /// Runs [`Self::client_command`] to completion.
+    pub fn run_client(&self, program: &Path, args: &[String]) -> anyhow::Result<Output> {
+        self.client_command(program)
             .args(args)
             .output()
             .context("running the client")

@@ -219,7 +219,7 @@ fn a_udp_flow_on_one_source_port_follows_its_server_pod_being_replaced() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
-    let child = client::spawn_unhooked(&f.cluster, bin, "udp-loop", &format!("{VIP}:53"), 60);
+    let child = client::spawn(&f.cluster, bin, true, "udp-loop", &format!("{VIP}:53"), 60);
     std::thread::sleep(Duration::from_millis(1200));
     // The server pod is replaced by one at another address.
     f.manifests

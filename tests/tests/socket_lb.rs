@@ -463,6 +463,7 @@ fn a_connected_udp_socket_to_a_removed_backend_is_terminated() {
     let child = client::spawn(
         &f.cluster,
         bin,
+        false,
         "udp-connected-loop",
         &format!("{VIP}:53"),
         60,
