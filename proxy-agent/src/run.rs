@@ -246,6 +246,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         SourceConfig::Manifests(dir) => Some((ManifestDir::new(dir)?, dir.clone())),
         _ => None,
     };
+    let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir)?;
     loader::preflight(&cfg.cgroup)?;
 
     let wake = Arc::new(Notify::new());
@@ -281,7 +282,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup)
         .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
-    let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir)?;
     let links_changed = Arc::new(Notify::new());
     // When a TC attach failed: retry soon rather than at the next event.
     const TC_RETRY: Duration = Duration::from_millis(250);

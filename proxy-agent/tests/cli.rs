@@ -52,3 +52,18 @@ fn cleanup_of_nothing_succeeds() {
     let (ok, err) = agent(&["cleanup", "--bpffs-dir", "/nonexistent/bpffs/proxy"]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_bad_tc_interface_glob_is_named_before_anything_is_loaded() {
+    let (ok, err) = agent(&[
+        "run",
+        "--manifests",
+        "/tmp",
+        "--tc-interface",
+        "veth[",
+        "--bpffs-dir",
+        "/nonexistent/pins",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--tc-interface \"veth[\""), "{err}");
+}

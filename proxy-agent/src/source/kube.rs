@@ -24,9 +24,10 @@ use tracing::{info, warn};
 
 use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Objects, ServiceRef, Sourced};
 
-/// kube-proxy's informer selectors: objects of other proxies and headless ones are not ours.
-const NOT_OURS: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
-const _: () = assert!(LABEL_SERVICE_PROXY_NAME.len() + LABEL_HEADLESS.len() + 3 == NOT_OURS.len());
+/// kube-proxy's informer selector: objects of other proxies and headless ones are not ours.
+fn not_ours() -> String {
+    format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}")
+}
 
 /// EndpointSlice annotation: when the endpoints controller saw the change that made the slice.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -129,7 +130,7 @@ impl KubeSource {
     /// Starts the three reflectors; `wake` is notified on every change.
     pub fn start(client: Client, node_name: &str, wake: Arc<Notify>) -> Self {
         let changed = Arc::new(Mutex::new(None));
-        let selected = || watcher::Config::default().labels(NOT_OURS);
+        let selected = || watcher::Config::default().labels(&not_ours());
         let (services, t1) = spawn_reflector(
             Api::<Service>::all(client.clone()),
             selected(),
