@@ -130,6 +130,9 @@ struct Agent {
     rejections: Rejections,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// When this agent started, and the last trigger time counted per Service (see sync).
+    started: std::time::SystemTime,
+    last_trigger: std::collections::HashMap<ServiceRef, std::time::SystemTime>,
 }
 
 impl Agent {
@@ -174,12 +177,18 @@ impl Agent {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.record_state(self.syncer.state());
         if let Source::Kube(k) = &self.source
-            && report.updates + report.deletes > 0
+            && !report.written_services.is_empty()
         {
-            let touched: Option<&BTreeSet<ServiceRef>> = scope;
+            // Network programming latency, as kube-proxy measures it: from the change that
+            // made an EndpointSlice (its trigger time) to the write it caused. Each trigger
+            // time counts once, and only if it happened while this agent was running (an old
+            // annotation read at start is not a latency).
             for (svc, t) in k.trigger_times() {
-                if touched.is_none_or(|s| s.contains(&svc)) {
+                let fresh =
+                    t > self.started && self.last_trigger.get(&svc).is_none_or(|last| t > *last);
+                if fresh && report.written_services.contains(&svc) {
                     self.metrics.record_programming(t);
+                    self.last_trigger.insert(svc, t);
                 }
             }
         }
@@ -312,6 +321,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         rejections: Rejections::default(),
         metrics,
         health,
+        started: std::time::SystemTime::now(),
+        last_trigger: Default::default(),
     };
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;

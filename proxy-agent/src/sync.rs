@@ -72,6 +72,8 @@ pub struct SyncReport {
     pub errors: Vec<(Frontend, DatapathError)>,
     /// Backends deleted by this sync (their UDP flows are forgotten, as kube-proxy does).
     pub removed_backends: Vec<Backend>,
+    /// Services whose frontends this sync wrote (for network programming latency).
+    pub written_services: BTreeSet<ServiceRef>,
 }
 
 pub fn service_key(f: &Frontend, slot: u16) -> ServiceKey {
@@ -208,7 +210,9 @@ impl<D: Datapath> Syncer<D> {
             }
             match self.delete_frontend(&f, &mut report) {
                 Ok(()) => {
-                    self.owners.remove(&f);
+                    if let Some(owner) = self.owners.remove(&f) {
+                        report.written_services.insert(owner);
+                    }
                 }
                 Err(e) => report.errors.push((f, e)),
             }
@@ -222,9 +226,13 @@ impl<D: Datapath> Syncer<D> {
             } else {
                 0
             };
+            let writes = report.updates + report.deletes;
             match self.update_frontend(f, &spec.backends, flags, &mut report) {
                 Ok(()) => {
                     self.owners.insert(*f, spec.service.clone());
+                    if report.updates + report.deletes > writes {
+                        report.written_services.insert(spec.service.clone());
+                    }
                 }
                 Err(e) => report.errors.push((*f, e)),
             }

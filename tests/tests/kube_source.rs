@@ -25,7 +25,17 @@ fn service(name: &str, vip: &str) -> Value {
            "spec": {"clusterIP": vip, "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
 }
 
+/// A slice whose endpoints controller saw the change now.
 fn slice(service: &str, ips: &[String]) -> Value {
+    slice_at(
+        service,
+        ips,
+        &k8s_openapi::jiff::Timestamp::now().to_string(),
+    )
+}
+
+/// A slice with its `last-change-trigger-time` at `trigger`.
+fn slice_at(service: &str, ips: &[String], trigger: &str) -> Value {
     let eps: Vec<Value> = ips
         .iter()
         .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-b"}))
@@ -33,7 +43,7 @@ fn slice(service: &str, ips: &[String]) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
            "metadata": {"name": format!("{service}-abc"), "namespace": "default",
                         "labels": {"kubernetes.io/service-name": service},
-                        "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-29T00:00:00Z"}},
+                        "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": trigger}},
            "addressType": "IPv4", "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}], "endpoints": eps})
 }
 
@@ -313,6 +323,11 @@ fn health_and_metrics_report_the_agent_and_the_datapath() {
     assert_eq!(http_get(&f.agent.health_addr, "/livez").0, 200);
     f.serves(3);
 
+    // A write caused by a change from before the agent started is not a programming latency.
+    f.api
+        .apply(slice_at("web", &f.ips(&[0]), "2026-01-01T00:00:00Z"));
+    f.wait_backends(VIP, &f.ips(&[0]), Duration::from_secs(5));
+    // A fresh change is counted once.
     f.api.apply(slice("web", &f.ips(&[0, 1])));
     f.wait_backends(VIP, &f.ips(&[0, 1]), Duration::from_secs(5));
     let (code, text) = http_get(&f.agent.metrics_addr, "/metrics");
@@ -334,5 +349,14 @@ fn health_and_metrics_report_the_agent_and_the_datapath() {
     assert!(value("proxy_sync_proxy_rules_duration_seconds_count{kind=\"full\"}") >= 1.0);
     assert!(value("proxy_sync_proxy_rules_duration_seconds_count{kind=\"partial\"}") >= 1.0);
     assert!(value("proxy_network_programming_duration_seconds_count") >= 1.0);
+    assert_eq!(
+        value("proxy_network_programming_duration_seconds_count "),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        value("proxy_network_programming_duration_seconds_sum ") < 5.0,
+        "{text}"
+    );
     assert!(value("proxy_map_fill_ratio{map=\"PROXY_SVC_V1\"}") > 0.0);
 }

@@ -191,10 +191,16 @@ fn create_writes_backends_then_slots_then_rev_nat_then_master() {
 fn unchanged_state_writes_nothing() {
     let mut s = Syncer::new(Fake::default(), MapState::default());
     let d = desired(&[(fe("10.96.0.10", 80), &[("10.1.0.1", 8080)])]);
-    s.sync(&d);
+    let r = s.sync(&d);
+    assert_eq!(
+        r.written_services.len(),
+        1,
+        "the first sync writes the Service"
+    );
     ops(&mut s);
     let r = s.sync(&d);
     assert_eq!((r.updates, r.deletes), (0, 0));
+    assert!(r.written_services.is_empty());
     assert!(ops(&mut s).is_empty());
 }
 
