@@ -96,11 +96,12 @@ impl fmt::Display for ServiceRef {
     }
 }
 
-/// An object with where it came from (a manifest file, or the API server).
+/// An object with where it came from (a manifest file, or the API server). Shared, not
+/// copied: the sources hand the model the objects they hold.
 #[derive(Clone, Debug)]
 pub struct Sourced<T> {
     pub origin: Arc<str>,
-    pub object: T,
+    pub object: Arc<T>,
 }
 
 /// The model's input: every object the source currently holds.

@@ -7,7 +7,7 @@ use super::*;
 fn sourced<T: serde::de::DeserializeOwned>(v: Value) -> Sourced<T> {
     Sourced {
         origin: Arc::from("test.yaml"),
-        object: serde_json::from_value(v).expect("valid test object"),
+        object: Arc::new(serde_json::from_value(v).expect("valid test object")),
     }
 }
 
@@ -551,7 +551,7 @@ fn problems_name_file_object_and_field() {
     let objects = Objects {
         services: vec![Sourced {
             origin: Arc::from("/m/web.yaml"),
-            object: serde_json::from_value(svc("web", "not-an-ip", http())).unwrap(),
+            object: Arc::new(serde_json::from_value(svc("web", "not-an-ip", http())).unwrap()),
         }],
         ..Default::default()
     };

@@ -183,7 +183,7 @@ impl KubeSource {
                 .iter()
                 .map(|o| Sourced {
                     origin: origin.clone(),
-                    object: (**o).clone(),
+                    object: o.clone(),
                 })
                 .collect()
         }

@@ -31,9 +31,9 @@ pub enum SourceError {
 /// One file's objects.
 #[derive(Clone, Debug, Default)]
 struct FileObjects {
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
-    nodes: Vec<Node>,
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    nodes: Vec<Arc<Node>>,
 }
 
 #[derive(Debug)]
@@ -165,25 +165,18 @@ impl ManifestDir {
     }
 
     pub fn objects(&self) -> Objects {
+        fn sourced<T>(origin: &Arc<str>, objects: &[Arc<T>]) -> impl Iterator<Item = Sourced<T>> {
+            objects.iter().map(|o| Sourced {
+                origin: origin.clone(),
+                object: o.clone(),
+            })
+        }
         let mut out = Objects::default();
         for (path, f) in &self.files {
             let origin: Arc<str> = Arc::from(path.display().to_string());
-            let wrap = |o| Sourced {
-                origin: origin.clone(),
-                object: o,
-            };
-            out.services
-                .extend(f.objects.services.iter().cloned().map(wrap));
-            out.slices
-                .extend(f.objects.slices.iter().cloned().map(|o| Sourced {
-                    origin: origin.clone(),
-                    object: o,
-                }));
-            out.nodes
-                .extend(f.objects.nodes.iter().cloned().map(|o| Sourced {
-                    origin: origin.clone(),
-                    object: o,
-                }));
+            out.services.extend(sourced(&origin, &f.objects.services));
+            out.slices.extend(sourced(&origin, &f.objects.slices));
+            out.nodes.extend(sourced(&origin, &f.objects.nodes));
         }
         out
     }
@@ -287,15 +280,15 @@ fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects,
                 }
             }
             ("v1", "Service") => match typed::<Service>(doc) {
-                Ok(s) => out.services.push(s),
+                Ok(s) => out.services.push(Arc::new(s)),
                 Err((field, e)) => bad("Service", field, ProblemReason::InvalidValue, e),
             },
             ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(doc) {
-                Ok(s) => out.slices.push(s),
+                Ok(s) => out.slices.push(Arc::new(s)),
                 Err((field, e)) => bad("EndpointSlice", field, ProblemReason::InvalidValue, e),
             },
             ("v1", "Node") => match typed::<Node>(doc) {
-                Ok(n) => out.nodes.push(n),
+                Ok(n) => out.nodes.push(Arc::new(n)),
                 Err((field, e)) => bad("Node", field, ProblemReason::InvalidValue, e),
             },
             ("", _) | (_, "") => bad(
