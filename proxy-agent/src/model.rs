@@ -5,7 +5,7 @@
 //! selection ([`crate::endpoints::categorize`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
@@ -175,67 +175,391 @@ pub struct Desired {
     pub held_services: BTreeSet<ServiceRef>,
 }
 
-/// Computes the frontends this node must program. Pure and deterministic.
+/// Computes the frontends this node must program. Pure and deterministic: the reference
+/// for [`Model`], which gives the same answer incrementally.
 pub fn build(objects: &Objects, node_name: &str) -> Desired {
-    let mut out = Desired::default();
-    let zone = objects
-        .nodes
-        .iter()
-        .find(|n| n.object.metadata.name.as_deref() == Some(node_name))
-        .and_then(|n| n.object.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
-    let slices = merge_slices(&objects.slices, node_name, &mut out.problems);
+    Model::default()
+        .build(&Index::from_objects(objects), node_name, true)
+        .desired
+}
 
-    let mut services: Vec<&Sourced<Service>> = objects.services.iter().collect();
-    services.sort_by(|a, b| {
-        let key = |s: &Sourced<Service>| {
-            (
-                s.object.metadata.namespace.clone(),
-                s.object.metadata.name.clone(),
-            )
+/// Where an object sits in its source: (origin, position). Orders duplicates the way the
+/// source lists them.
+type Pos = (Arc<str>, usize);
+
+/// One Service's objects: its Service (more than one only when manifests repeat a name) and
+/// its EndpointSlices, in name order.
+#[derive(Clone, Debug, Default)]
+struct Group {
+    services: BTreeMap<Pos, Sourced<Service>>,
+    slices: BTreeMap<(String, Pos), Sourced<EndpointSlice>>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+}
+
+/// A source's objects, grouped by the Service they belong to: the model's input. Sources keep
+/// it up to date (a manifest file's objects are removed and re-added as a whole), so a change
+/// costs its own size, not the cluster's.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    groups: BTreeMap<ServiceRef, Group>,
+    /// Services without a name and slices that name no Service: reported, never programmed.
+    unnamed: BTreeMap<Pos, Sourced<Service>>,
+    unowned: BTreeMap<(String, Pos), Sourced<EndpointSlice>>,
+    nodes: BTreeMap<Pos, Sourced<Node>>,
+}
+
+/// The objects of one origin (a manifest file), in the order it lists them.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectSet {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+/// Which Service a slice feeds; None: not for this datapath (IPv6, FQDN, another proxy's).
+enum SliceOwner {
+    Service(ServiceRef),
+    Unowned,
+}
+
+fn slice_owner(slice: &EndpointSlice) -> Option<SliceOwner> {
+    // IPv6 and FQDN slices are not for this (IPv4) datapath.
+    if slice.address_type != "IPv4" {
+        return None;
+    }
+    let labels = slice.metadata.labels.as_ref();
+    if labels
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+    {
+        return None;
+    }
+    Some(
+        match labels
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .filter(|n| !n.is_empty())
+        {
+            Some(name) => SliceOwner::Service(ServiceRef {
+                namespace: slice
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                name: name.clone(),
+            }),
+            None => SliceOwner::Unowned,
+        },
+    )
+}
+
+impl Index {
+    pub fn from_objects(objects: &Objects) -> Self {
+        let mut index = Index::default();
+        for (i, s) in objects.services.iter().enumerate() {
+            index.add_service((s.origin.clone(), i), s.clone());
+        }
+        for (i, s) in objects.slices.iter().enumerate() {
+            index.add_slice((s.origin.clone(), i), s.clone());
+        }
+        for (i, n) in objects.nodes.iter().enumerate() {
+            index.nodes.insert((n.origin.clone(), i), n.clone());
+        }
+        index
+    }
+
+    /// Adds the objects of `origin`.
+    pub fn insert(&mut self, origin: &Arc<str>, set: &ObjectSet) {
+        let sourced = |o| Sourced {
+            origin: origin.clone(),
+            object: o,
         };
-        key(a).cmp(&key(b))
-    });
-    for svc in services {
-        let mut problems = Vec::new();
-        match service_frontends(svc, &slices, node_name, zone.as_deref(), &mut problems) {
-            ServiceOutcome::Skipped => {}
-            ServiceOutcome::Frontends { vips, frontends } => {
-                let mut held = !problems
-                    .iter()
-                    .all(|p| p.reason == ProblemReason::UnsupportedProtocol);
-                if !held {
-                    let clash: Vec<Frontend> = frontends
-                        .iter()
-                        .map(|(f, _)| *f)
-                        .filter(|f| out.frontends.contains_key(f))
-                        .collect();
-                    for f in &clash {
-                        let owner = &out.frontends[f].service;
-                        problems.push(problem(
-                            svc,
-                            "Service",
-                            "spec.clusterIP",
-                            ProblemReason::DuplicateFrontend,
-                            format!("{f} is already used by Service {owner}"),
-                        ));
+        for (i, s) in set.services.iter().enumerate() {
+            self.add_service((origin.clone(), i), sourced(s.clone()));
+        }
+        for (i, s) in set.slices.iter().enumerate() {
+            self.add_slice(
+                (origin.clone(), i),
+                Sourced {
+                    origin: origin.clone(),
+                    object: s.clone(),
+                },
+            );
+        }
+        for (i, n) in set.nodes.iter().enumerate() {
+            self.nodes.insert(
+                (origin.clone(), i),
+                Sourced {
+                    origin: origin.clone(),
+                    object: n.clone(),
+                },
+            );
+        }
+    }
+
+    /// Removes the objects `origin` added with [`Self::insert`] (the same `set`).
+    pub fn remove(&mut self, origin: &Arc<str>, set: &ObjectSet) {
+        for (i, s) in set.services.iter().enumerate() {
+            let pos = (origin.clone(), i);
+            match service_ref(s) {
+                Some(r) => {
+                    if let Some(g) = self.groups.get_mut(&r) {
+                        g.services.remove(&pos);
+                        if g.is_empty() {
+                            self.groups.remove(&r);
+                        }
                     }
-                    held = !clash.is_empty();
                 }
-                if held {
-                    out.held_vips.extend(vips);
-                    out.held_services.extend(service_ref(&svc.object));
-                } else {
-                    out.frontends.extend(frontends);
+                None => {
+                    self.unnamed.remove(&pos);
                 }
-            }
-            ServiceOutcome::Invalid { vips } => {
-                out.held_vips.extend(vips);
-                out.held_services.extend(service_ref(&svc.object));
             }
         }
-        out.problems.extend(problems);
+        for (i, s) in set.slices.iter().enumerate() {
+            let key = (
+                s.metadata.name.clone().unwrap_or_default(),
+                (origin.clone(), i),
+            );
+            match slice_owner(s) {
+                Some(SliceOwner::Service(r)) => {
+                    if let Some(g) = self.groups.get_mut(&r) {
+                        g.slices.remove(&key);
+                        if g.is_empty() {
+                            self.groups.remove(&r);
+                        }
+                    }
+                }
+                Some(SliceOwner::Unowned) => {
+                    self.unowned.remove(&key);
+                }
+                None => {}
+            }
+        }
+        for i in 0..set.nodes.len() {
+            self.nodes.remove(&(origin.clone(), i));
+        }
     }
-    out
+
+    fn add_service(&mut self, pos: Pos, s: Sourced<Service>) {
+        match service_ref(&s.object) {
+            Some(r) => {
+                self.groups.entry(r).or_default().services.insert(pos, s);
+            }
+            None => {
+                self.unnamed.insert(pos, s);
+            }
+        }
+    }
+
+    fn add_slice(&mut self, pos: Pos, s: Sourced<EndpointSlice>) {
+        let key = (s.object.metadata.name.clone().unwrap_or_default(), pos);
+        match slice_owner(&s.object) {
+            Some(SliceOwner::Service(r)) => {
+                self.groups.entry(r).or_default().slices.insert(key, s);
+            }
+            Some(SliceOwner::Unowned) => {
+                self.unowned.insert(key, s);
+            }
+            None => {}
+        }
+    }
+
+    /// Number of Services (names) indexed.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+/// What the model computed for one Service from its objects alone (before frontends are
+/// checked against other Services'), kept while its objects stay the same.
+#[derive(Debug)]
+struct Cached {
+    /// The inputs, kept alive so pointer equality means "the same object".
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    outcomes: Vec<(ServiceOutcome, Vec<Problem>)>,
+    slice_problems: Vec<Problem>,
+    /// Per Service object: refused because a frontend is already another Service's.
+    clashed: Vec<bool>,
+}
+
+impl Cached {
+    fn same_inputs(&self, g: &Group) -> bool {
+        self.services.len() == g.services.len()
+            && self.slices.len() == g.slices.len()
+            && self
+                .services
+                .iter()
+                .zip(g.services.values())
+                .all(|(a, b)| Arc::ptr_eq(a, &b.object))
+            && self
+                .slices
+                .iter()
+                .zip(g.slices.values())
+                .all(|(a, b)| Arc::ptr_eq(a, &b.object))
+    }
+}
+
+/// The model, computed incrementally: each Service's frontends are recomputed only when its
+/// objects (or this node's zone) changed; checking frontends against other Services' is a
+/// cheap pass over cached results. [`build`] is the same computation from scratch.
+#[derive(Debug, Default)]
+pub struct Model {
+    node_name: String,
+    zone: Option<String>,
+    cache: HashMap<ServiceRef, Cached>,
+}
+
+/// A model pass.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// With `full`: every frontend. Otherwise the frontends of the `changed` Services only;
+    /// `problems`, `held_vips` and `held_services` are always complete.
+    pub desired: Desired,
+    /// Services whose frontends may differ from the previous pass (None with `full`).
+    pub changed: Option<BTreeSet<ServiceRef>>,
+}
+
+impl Model {
+    pub fn build(&mut self, index: &Index, node_name: &str, full: bool) -> Built {
+        let zone = index
+            .nodes
+            .values()
+            .find(|n| n.object.metadata.name.as_deref() == Some(node_name))
+            .and_then(|n| n.object.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        if zone != self.zone || node_name != self.node_name {
+            // Endpoint selection depends on both: everything is recomputed.
+            self.cache.clear();
+            self.zone = zone;
+            self.node_name = node_name.to_string();
+        }
+        let mut changed: BTreeSet<ServiceRef> = self
+            .cache
+            .keys()
+            .filter(|r| !index.groups.contains_key(*r))
+            .cloned()
+            .collect();
+        for r in &changed {
+            self.cache.remove(r);
+        }
+
+        let mut out = Desired::default();
+        for s in index.unnamed.values() {
+            let mut problems = Vec::new();
+            service_frontends(s, &BTreeMap::new(), node_name, None, &mut problems);
+            out.problems.extend(problems);
+        }
+        for s in index.unowned.values() {
+            out.problems.push(problem(
+                s,
+                "EndpointSlice",
+                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+                ProblemReason::MissingField,
+                "the slice names no Service; ignored",
+            ));
+        }
+        // Which Service owns each frontend: the first valid one in (namespace, name) order.
+        let mut owners: HashMap<Frontend, &ServiceRef> = HashMap::new();
+        for (r, g) in &index.groups {
+            let recomputed = !self.cache.get(r).is_some_and(|c| c.same_inputs(g));
+            if recomputed {
+                let c = self.compute(g, node_name);
+                self.cache.insert(r.clone(), c);
+            }
+            let c = self.cache.get_mut(r).expect("cached above");
+            out.problems.extend(c.slice_problems.iter().cloned());
+            // First pass: which of this Service's objects lose a frontend to another Service.
+            let mut clashed = Vec::with_capacity(c.outcomes.len());
+            let mut held = Vec::with_capacity(c.outcomes.len());
+            for ((outcome, problems), svc) in c.outcomes.iter().zip(g.services.values()) {
+                out.problems.extend(problems.iter().cloned());
+                let (is_held, clash) = match outcome {
+                    ServiceOutcome::Skipped => (false, false),
+                    ServiceOutcome::Invalid { vips } => {
+                        out.held_vips.extend(vips.iter().copied());
+                        (true, false)
+                    }
+                    ServiceOutcome::Frontends { vips, frontends } => {
+                        let invalid = !problems
+                            .iter()
+                            .all(|p| p.reason == ProblemReason::UnsupportedProtocol);
+                        let mut clash = false;
+                        if !invalid {
+                            for (f, _) in frontends {
+                                if let Some(owner) = owners.get(f) {
+                                    out.problems.push(problem(
+                                        svc,
+                                        "Service",
+                                        "spec.clusterIP",
+                                        ProblemReason::DuplicateFrontend,
+                                        format!("{f} is already used by Service {owner}"),
+                                    ));
+                                    clash = true;
+                                }
+                            }
+                        }
+                        if invalid || clash {
+                            out.held_vips.extend(vips.iter().copied());
+                        } else {
+                            owners.extend(frontends.iter().map(|(f, _)| (*f, r)));
+                        }
+                        (invalid || clash, clash)
+                    }
+                };
+                if is_held {
+                    out.held_services.insert(r.clone());
+                }
+                clashed.push(clash);
+                held.push(is_held);
+            }
+            let differs = recomputed || c.clashed != clashed;
+            c.clashed = clashed;
+            // Second pass: the frontends, only where the sync needs them.
+            if full || differs {
+                for ((outcome, _), held) in c.outcomes.iter().zip(&held) {
+                    if let (ServiceOutcome::Frontends { frontends, .. }, false) = (outcome, held) {
+                        out.frontends.extend(frontends.iter().cloned());
+                    }
+                }
+            }
+            if differs {
+                changed.insert(r.clone());
+            }
+        }
+        Built {
+            desired: out,
+            changed: (!full).then_some(changed),
+        }
+    }
+
+    fn compute(&self, g: &Group, node_name: &str) -> Cached {
+        let mut slice_problems = Vec::new();
+        let slices = merge_slices(g.slices.values(), node_name, &mut slice_problems);
+        let outcomes = g
+            .services
+            .values()
+            .map(|s| {
+                let mut problems = Vec::new();
+                let o =
+                    service_frontends(s, &slices, node_name, self.zone.as_deref(), &mut problems);
+                (o, problems)
+            })
+            .collect();
+        Cached {
+            services: g.services.values().map(|s| s.object.clone()).collect(),
+            slices: g.slices.values().map(|s| s.object.clone()).collect(),
+            outcomes,
+            slice_problems,
+            clashed: vec![],
+        }
+    }
 }
 
 fn service_ref(svc: &Service) -> Option<ServiceRef> {
@@ -249,6 +573,7 @@ fn service_ref(svc: &Service) -> Option<ServiceRef> {
     })
 }
 
+#[derive(Debug)]
 enum ServiceOutcome {
     /// Not ours to proxy (headless, ExternalName, another proxy's, IPv6-only).
     Skipped,
@@ -434,7 +759,7 @@ fn service_frontends(
     let mut frontends = Vec::new();
     for (port_name, proto, port) in ports {
         let eps = slices
-            .get(&(service.clone(), port_name.clone(), proto))
+            .get(&(port_name.clone(), proto))
             .map(Vec::as_slice)
             .unwrap_or_default();
         let sel = endpoints::categorize(eps, policy, node_name, zone);
@@ -481,62 +806,21 @@ fn service_frontends(
     ServiceOutcome::Frontends { vips, frontends }
 }
 
-/// Endpoints of one Service port: (Service, port name, protocol) -> endpoints.
-type EndpointsByPort = BTreeMap<(ServiceRef, String, Proto), Vec<Endpoint>>;
+/// Endpoints of one Service's ports: (port name, protocol) -> endpoints.
+type EndpointsByPort = BTreeMap<(String, Proto), Vec<Endpoint>>;
 
-/// kube-proxy's EndpointSliceCache: endpoints per (Service, port name, protocol), merged over
-/// all slices of the Service, deduplicated by ip:port (a local copy wins, as in kube-proxy).
-/// Slices are visited in name order so the result is deterministic.
-fn merge_slices(
-    slices: &[Sourced<EndpointSlice>],
+/// kube-proxy's EndpointSliceCache for one Service: endpoints per (port name, protocol),
+/// merged over the Service's slices (given in name order, so the result is deterministic),
+/// deduplicated by ip:port (a local copy wins, as in kube-proxy).
+fn merge_slices<'a>(
+    slices: impl Iterator<Item = &'a Sourced<EndpointSlice>>,
     node_name: &str,
     problems: &mut Vec<Problem>,
 ) -> EndpointsByPort {
-    let mut sorted: Vec<&Sourced<EndpointSlice>> = slices.iter().collect();
-    sorted.sort_by(|a, b| {
-        let key = |s: &Sourced<EndpointSlice>| {
-            (
-                s.object.metadata.namespace.clone(),
-                s.object.metadata.name.clone(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
     // Deduplicated by ip:port while merging.
     let mut merged: BTreeMap<_, BTreeMap<(Ipv4Addr, u16), Endpoint>> = BTreeMap::new();
-    for src in sorted {
+    for src in slices {
         let slice = &src.object;
-        // IPv6 and FQDN slices are not for this (IPv4) datapath.
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| {
-            l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
-        }) {
-            continue;
-        }
-        let Some(svc_name) = labels
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            .filter(|n| !n.is_empty())
-        else {
-            problems.push(problem(
-                src,
-                "EndpointSlice",
-                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
-                ProblemReason::MissingField,
-                "the slice names no Service; ignored",
-            ));
-            continue;
-        };
-        let service = ServiceRef {
-            namespace: slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name: svc_name.clone(),
-        };
         let mut endpoints = Vec::new();
         for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
             let Some(addr) = ep.addresses.first() else {
@@ -597,7 +881,7 @@ fn merge_slices(
                 // SCTP or unknown: no Service port of ours can join it.
                 Some(_) => continue,
             };
-            let set = merged.entry((service.clone(), name, proto)).or_default();
+            let set = merged.entry((name, proto)).or_default();
             for e in &endpoints {
                 if e.local || !set.contains_key(&(e.ip, num)) {
                     set.insert(

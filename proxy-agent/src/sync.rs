@@ -126,6 +126,8 @@ pub struct Syncer<D: Datapath> {
     /// The Service each frontend was last written for (unknown for entries found in the maps
     /// at start), so an invalid Service keeps its frontends even when its VIP is unreadable.
     owners: HashMap<Frontend, ServiceRef>,
+    /// The inverse of `owners`: a scoped sync visits only its Services' frontends.
+    by_owner: HashMap<ServiceRef, BTreeSet<Frontend>>,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -156,6 +158,7 @@ impl<D: Datapath> Syncer<D> {
             next_backend_id: 1,
             next_rev_nat_id: 1,
             owners: HashMap::new(),
+            by_owner: HashMap::new(),
         }
     }
 
@@ -193,9 +196,17 @@ impl<D: Datapath> Syncer<D> {
             (Some(_), None) => false,
         };
 
-        // Frontends present in the maps (masters, and slots left without a master by a crash).
-        let applied: BTreeSet<Frontend> =
-            self.state.services.keys().filter_map(frontend_of).collect();
+        // Frontends present in the maps (masters, and slots left without a master by a crash);
+        // a scoped sync needs only its Services' (each was written with an owner).
+        let applied: BTreeSet<Frontend> = match scope {
+            None => self.state.services.keys().filter_map(frontend_of).collect(),
+            Some(set) => set
+                .iter()
+                .filter_map(|s| self.by_owner.get(s))
+                .flatten()
+                .copied()
+                .collect(),
+        };
         for f in applied {
             let owner = self.owners.get(&f);
             if !in_scope(owner) {
@@ -210,7 +221,7 @@ impl<D: Datapath> Syncer<D> {
             }
             match self.delete_frontend(&f, &mut report) {
                 Ok(()) => {
-                    if let Some(owner) = self.owners.remove(&f) {
+                    if let Some(owner) = self.set_owner(f, None) {
                         report.written_services.insert(owner);
                     }
                 }
@@ -229,7 +240,7 @@ impl<D: Datapath> Syncer<D> {
             let writes = report.updates + report.deletes;
             match self.update_frontend(f, &spec.backends, flags, &mut report) {
                 Ok(()) => {
-                    self.owners.insert(*f, spec.service.clone());
+                    self.set_owner(*f, Some(&spec.service));
                     if report.updates + report.deletes > writes {
                         report.written_services.insert(spec.service.clone());
                     }
@@ -244,6 +255,27 @@ impl<D: Datapath> Syncer<D> {
             }
         }
         report
+    }
+
+    /// Records who wrote `f` (None: nobody, it was deleted); returns the previous owner.
+    fn set_owner(&mut self, f: Frontend, owner: Option<&ServiceRef>) -> Option<ServiceRef> {
+        let previous = match owner {
+            Some(o) if self.owners.get(&f) == Some(o) => return Some(o.clone()),
+            Some(o) => self.owners.insert(f, o.clone()),
+            None => self.owners.remove(&f),
+        };
+        if let Some(p) = &previous
+            && let Some(set) = self.by_owner.get_mut(p)
+        {
+            set.remove(&f);
+            if set.is_empty() {
+                self.by_owner.remove(p);
+            }
+        }
+        if let Some(o) = owner {
+            self.by_owner.entry(o.clone()).or_default().insert(f);
+        }
+        previous
     }
 
     fn collect_orphans(&mut self, report: &mut SyncReport) -> Result<(), DatapathError> {

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -36,54 +36,33 @@ pub struct KubeSource {
     services: reflector::Store<Service>,
     slices: reflector::Store<EndpointSlice>,
     nodes: reflector::Store<Node>,
-    /// Services whose objects changed since the last `take_changed` (None: everything, e.g.
-    /// after a relist or a Node change).
-    changed: Arc<Mutex<Option<Vec<ServiceRef>>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Which Service an object belongs to, for per-Service (partial) syncs.
-trait Owner {
-    fn owner(&self) -> Option<ServiceRef>;
-}
-
-impl Owner for Service {
-    fn owner(&self) -> Option<ServiceRef> {
-        Some(ServiceRef {
-            namespace: self.metadata.namespace.clone().unwrap_or_default(),
-            name: self.metadata.name.clone()?,
-        })
-    }
-}
-
-impl Owner for EndpointSlice {
-    fn owner(&self) -> Option<ServiceRef> {
-        Some(ServiceRef {
-            namespace: self.metadata.namespace.clone().unwrap_or_default(),
-            name: self
-                .metadata
-                .labels
-                .as_ref()?
-                .get(crate::model::LABEL_SERVICE_NAME)?
-                .clone(),
-        })
-    }
-}
-
-impl Owner for Node {
-    fn owner(&self) -> Option<ServiceRef> {
-        None // a Node change (zone label) may concern every Service
-    }
+/// The Service a slice belongs to (for its trigger time).
+fn owner(slice: &EndpointSlice) -> Option<ServiceRef> {
+    Some(ServiceRef {
+        namespace: slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: slice
+            .metadata
+            .labels
+            .as_ref()?
+            .get(crate::model::LABEL_SERVICE_NAME)?
+            .clone(),
+    })
 }
 
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     wake: Arc<Notify>,
-    changed: Arc<Mutex<Option<Vec<ServiceRef>>>>,
 ) -> (reflector::Store<K>, JoinHandle<()>)
 where
-    K: Resource + Owner + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
@@ -94,23 +73,13 @@ where
         let mut failing = false;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(ev) => {
+                Ok(_) => {
                     if failing {
                         info!(%kind, "watch resumed");
                         failing = false;
                     }
-                    let mut c = changed.lock().expect("not poisoned");
-                    match (&ev, c.as_mut()) {
-                        (watcher::Event::Apply(o) | watcher::Event::Delete(o), Some(list)) => {
-                            match o.owner() {
-                                Some(owner) => list.push(owner),
-                                None => *c = None,
-                            }
-                        }
-                        // (Re)lists and Node changes: recompute everything.
-                        _ => *c = None,
-                    }
-                    drop(c);
+                    // The model finds what changed (objects are shared, so unchanged ones
+                    // compare equal by pointer).
                     wake.notify_one();
                 }
                 Err(e) => {
@@ -129,28 +98,23 @@ where
 impl KubeSource {
     /// Starts the three reflectors; `wake` is notified on every change.
     pub fn start(client: Client, node_name: &str, wake: Arc<Notify>) -> Self {
-        let changed = Arc::new(Mutex::new(None));
         let selected = || watcher::Config::default().labels(&not_ours());
         let (services, t1) = spawn_reflector(
             Api::<Service>::all(client.clone()),
             selected(),
             wake.clone(),
-            changed.clone(),
         );
         let (slices, t2) = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
             selected(),
             wake.clone(),
-            changed.clone(),
         );
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-        let (nodes, t3) =
-            spawn_reflector(Api::<Node>::all(client), node_cfg, wake, changed.clone());
+        let (nodes, t3) = spawn_reflector(Api::<Node>::all(client), node_cfg, wake);
         KubeSource {
             services,
             slices,
             nodes,
-            changed,
             tasks: vec![t1, t2, t3],
         }
     }
@@ -161,14 +125,6 @@ impl KubeSource {
         self.slices.wait_until_ready().await?;
         self.nodes.wait_until_ready().await?;
         Ok(())
-    }
-
-    /// The Services changed since the last call, or None when everything must be recomputed.
-    pub fn take_changed(&self) -> Option<Vec<ServiceRef>> {
-        self.changed
-            .lock()
-            .expect("not poisoned")
-            .replace(Vec::new())
     }
 
     pub fn objects(&self) -> Objects {
@@ -199,7 +155,7 @@ impl KubeSource {
     pub fn trigger_times(&self) -> BTreeMap<ServiceRef, SystemTime> {
         let mut out = BTreeMap::new();
         for s in self.slices.state() {
-            let Some(owner) = s.owner() else { continue };
+            let Some(owner) = owner(&s) else { continue };
             let Some(t) = s
                 .metadata
                 .annotations

@@ -5,18 +5,18 @@
 //! or a typo never takes down what is serving.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::SystemTime,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{Objects, Problem, ProblemReason, Sourced};
+use crate::model::{Index, ObjectSet, Objects, Problem, ProblemReason, Sourced};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -29,15 +29,11 @@ pub enum SourceError {
 }
 
 /// One file's objects.
-#[derive(Clone, Debug, Default)]
-struct FileObjects {
-    services: Vec<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
-    nodes: Vec<Arc<Node>>,
-}
+type FileObjects = ObjectSet;
 
 #[derive(Debug)]
 struct FileEntry {
+    origin: Arc<str>,
     fingerprint: (SystemTime, u64),
     /// What the file contributes: its last good parse (empty if it never parsed).
     objects: FileObjects,
@@ -50,6 +46,8 @@ struct FileEntry {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileEntry>,
+    /// The files' objects grouped for the model, updated file by file.
+    index: Index,
 }
 
 /// What a rescan found.
@@ -87,6 +85,7 @@ impl ManifestDir {
         Ok(ManifestDir {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
+            index: Index::default(),
         })
     }
 
@@ -103,60 +102,110 @@ impl ManifestDir {
         })?;
         let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
-        let mut seen = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
         for path in paths {
-            if !is_manifest(&path) {
-                continue;
+            if self.read(&path, &mut out) {
+                seen.insert(path);
             }
-            let Ok(meta) = fs::metadata(&path) else {
-                continue;
-            };
-            if !meta.is_file() {
-                continue;
-            }
-            seen.push(path.clone());
-            let fingerprint = (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            );
-            if self
-                .files
-                .get(&path)
-                .is_some_and(|f| f.fingerprint == fingerprint)
-            {
-                continue;
-            }
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.forget(&path);
             out.changed = true;
-            let origin: Arc<str> = Arc::from(path.display().to_string());
-            let parsed = fs::read_to_string(&path)
-                .map_err(|e| vec![file_problem(&origin, "file", e.to_string())])
-                .and_then(|text| parse_file(&origin, &path, &text));
-            let previous = self
-                .files
-                .remove(&path)
-                .map(|f| f.objects)
-                .unwrap_or_default();
-            let entry = match parsed {
-                Ok(objects) => FileEntry {
+        }
+        Ok(out)
+    }
+
+    /// Re-reads just these files (from file events): a change costs its file, not the
+    /// directory. Paths outside the directory or not manifests are ignored.
+    pub fn rescan_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a PathBuf>) -> Rescan {
+        let mut out = Rescan::default();
+        for path in paths {
+            if path.parent() != Some(self.dir.as_path()) {
+                continue;
+            }
+            if !self.read(path, &mut out) && self.files.contains_key(path) {
+                self.forget(path);
+                out.changed = true;
+            }
+        }
+        out
+    }
+
+    /// Reads `path` if it is a manifest whose fingerprint changed; false if it is not (or no
+    /// longer) a manifest file.
+    fn read(&mut self, path: &Path, out: &mut Rescan) -> bool {
+        if !is_manifest(path) {
+            return false;
+        }
+        let Ok(meta) = fs::metadata(path) else {
+            return false;
+        };
+        if !meta.is_file() {
+            return false;
+        }
+        let fingerprint = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        if self
+            .files
+            .get(path)
+            .is_some_and(|f| f.fingerprint == fingerprint)
+        {
+            return true;
+        }
+        out.changed = true;
+        let origin: Arc<str> = Arc::from(path.display().to_string());
+        let parsed = fs::read_to_string(path)
+            .map_err(|e| vec![file_problem(&origin, "file", e.to_string())])
+            .and_then(|text| parse_file(&origin, path, &text));
+        let previous = self.files.remove(path);
+        let entry = match (parsed, previous) {
+            (Ok(objects), previous) => {
+                if let Some(p) = previous {
+                    self.index.remove(&p.origin, &p.objects);
+                }
+                self.index.insert(&origin, &objects);
+                FileEntry {
+                    origin,
                     fingerprint,
                     objects,
                     problems: vec![],
-                },
-                Err(problems) => {
-                    out.new_problems.extend(problems.iter().cloned());
-                    FileEntry {
-                        fingerprint,
-                        objects: previous,
-                        problems,
-                    }
                 }
-            };
-            self.files.insert(path, entry);
+            }
+            // The last good parse stays (and stays indexed).
+            (Err(problems), previous) => {
+                out.new_problems.extend(problems.iter().cloned());
+                let (origin, objects) = previous
+                    .map(|p| (p.origin, p.objects))
+                    .unwrap_or((origin, FileObjects::default()));
+                FileEntry {
+                    origin,
+                    fingerprint,
+                    objects,
+                    problems,
+                }
+            }
+        };
+        self.files.insert(path.to_path_buf(), entry);
+        true
+    }
+
+    fn forget(&mut self, path: &Path) {
+        if let Some(f) = self.files.remove(path) {
+            self.index.remove(&f.origin, &f.objects);
         }
-        let before = self.files.len();
-        self.files.retain(|p, _| seen.contains(p));
-        out.changed |= self.files.len() != before;
-        Ok(out)
+    }
+
+    /// The objects of every file, grouped for the model.
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     /// Problems of the files' current contents.
@@ -172,13 +221,130 @@ impl ManifestDir {
             })
         }
         let mut out = Objects::default();
-        for (path, f) in &self.files {
-            let origin: Arc<str> = Arc::from(path.display().to_string());
-            out.services.extend(sourced(&origin, &f.objects.services));
-            out.slices.extend(sourced(&origin, &f.objects.slices));
-            out.nodes.extend(sourced(&origin, &f.objects.nodes));
+        for f in self.files.values() {
+            out.services.extend(sourced(&f.origin, &f.objects.services));
+            out.slices.extend(sourced(&f.origin, &f.objects.slices));
+            out.nodes.extend(sourced(&f.origin, &f.objects.nodes));
         }
         out
+    }
+}
+
+/// Files written in place (no close seen yet) are read once quiet this long; closed, renamed,
+/// created and removed files are read at once.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// What a file event means for the reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventClass {
+    /// The file is complete (closed after writing, renamed into place) or gone: read it now.
+    Ready,
+    /// The file is being written: wait for its close (or for [`SETTLE`] of quiet).
+    Writing,
+    /// The watcher lost events: read the whole directory.
+    RescanAll,
+    Ignore,
+}
+
+fn classify(event: &notify::Event) -> EventClass {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    if event.need_rescan() {
+        return EventClass::RescanAll;
+    }
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Create(_)
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(_)) => EventClass::Ready,
+        EventKind::Modify(_) | EventKind::Any | EventKind::Other => EventClass::Writing,
+        EventKind::Access(_) => EventClass::Ignore,
+    }
+}
+
+/// File events not yet read.
+#[derive(Debug, Default)]
+struct Pending {
+    all: bool,
+    ready: BTreeSet<PathBuf>,
+    /// Files being written, with their last event.
+    writing: BTreeMap<PathBuf, Instant>,
+}
+
+/// What to read now.
+#[derive(Debug, Default)]
+pub struct Work {
+    /// Rescan the whole directory.
+    pub all: bool,
+    pub paths: BTreeSet<PathBuf>,
+}
+
+/// Watches the directory (inotify via notify) and sorts its events per file, so the agent
+/// reads only what changed, and a file as soon as it is complete.
+pub struct ManifestWatch {
+    pending: Arc<Mutex<Pending>>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl ManifestWatch {
+    /// Starts watching `dir`; `wake` is notified on every relevant event.
+    pub fn start(dir: &Path, wake: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
+        use notify::Watcher as _;
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let shared = pending.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                let mut p = shared.lock().expect("not poisoned");
+                match res.as_ref().map(classify) {
+                    Ok(EventClass::Ignore) => return,
+                    Ok(EventClass::Ready) => {
+                        for path in &res.as_ref().expect("ok").paths {
+                            p.writing.remove(path);
+                            p.ready.insert(path.clone());
+                        }
+                    }
+                    Ok(EventClass::Writing) => {
+                        let now = Instant::now();
+                        for path in &res.as_ref().expect("ok").paths {
+                            p.writing.insert(path.clone(), now);
+                        }
+                    }
+                    // An error may mean lost events: the directory is read again.
+                    Ok(EventClass::RescanAll) | Err(_) => p.all = true,
+                }
+                drop(p);
+                wake.notify_one();
+            })?;
+        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(ManifestWatch {
+            pending,
+            _watcher: watcher,
+        })
+    }
+
+    /// When files being written should be looked at again (None: none is).
+    pub fn next_due(&self) -> Option<Instant> {
+        let p = self.pending.lock().expect("not poisoned");
+        p.writing.values().min().map(|t| *t + SETTLE)
+    }
+
+    /// Takes what should be read at `now`.
+    pub fn take(&self, now: Instant) -> Work {
+        let mut p = self.pending.lock().expect("not poisoned");
+        let mut paths = std::mem::take(&mut p.ready);
+        let quiet: Vec<PathBuf> = p
+            .writing
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= SETTLE)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in quiet {
+            p.writing.remove(&path);
+            paths.insert(path);
+        }
+        Work {
+            all: std::mem::take(&mut p.all),
+            paths,
+        }
     }
 }
 

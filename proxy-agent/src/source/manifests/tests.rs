@@ -147,3 +147,111 @@ fn a_missing_directory_is_an_error_naming_it() {
     let err = ManifestDir::new(Path::new("/nonexistent/manifests")).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/manifests"));
 }
+
+#[test]
+fn a_file_rescan_reads_only_that_file_and_keeps_the_index_in_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "a.yaml", SVC);
+    write(tmp.path(), "b.yaml", SLICE);
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    m.rescan().unwrap();
+    assert_eq!(
+        m.index().len(),
+        1,
+        "the Service and its slice share one group"
+    );
+
+    // Another file appears but is not named: a per-file rescan does not see it.
+    write(tmp.path(), "c.yaml", &SVC.replace("web", "api"));
+    let r = m.rescan_paths(&[tmp.path().join("a.yaml")]);
+    assert!(!r.changed, "a.yaml did not change");
+    assert_eq!(counts(&m), (1, 1, 0));
+    let r = m.rescan_paths(&[tmp.path().join("c.yaml")]);
+    assert!(r.changed);
+    assert_eq!((counts(&m), m.index().len()), ((2, 1, 0), 2));
+
+    // Removal through the per-file path, and paths outside the directory are ignored.
+    fs::remove_file(tmp.path().join("b.yaml")).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    write(outside.path(), "x.yaml", SVC);
+    m.rescan_paths(&[tmp.path().join("b.yaml"), outside.path().join("x.yaml")]);
+    assert_eq!((counts(&m), m.index().len()), ((2, 0, 0), 2));
+    // The index built file by file equals one built from all objects.
+    let fresh = crate::model::build(&m.objects(), "node-a");
+    let mut model = crate::model::Model::default();
+    assert_eq!(model.build(m.index(), "node-a", true).desired, fresh);
+}
+
+#[test]
+fn events_are_sorted_into_read_now_and_wait_for_close() {
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, Flag, ModifyKind, RenameMode,
+    };
+    let ev = |kind| notify::Event::new(kind);
+    let cases = [
+        (
+            ev(EventKind::Access(AccessKind::Close(AccessMode::Write))),
+            EventClass::Ready,
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Name(RenameMode::To))),
+            EventClass::Ready,
+        ),
+        (ev(EventKind::Create(CreateKind::File)), EventClass::Ready),
+        (
+            ev(EventKind::Remove(notify::event::RemoveKind::File)),
+            EventClass::Ready,
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Data(DataChange::Any))),
+            EventClass::Writing,
+        ),
+        (
+            ev(EventKind::Access(AccessKind::Open(AccessMode::Any))),
+            EventClass::Ignore,
+        ),
+        (
+            ev(EventKind::Any).set_flag(Flag::Rescan),
+            EventClass::RescanAll,
+        ),
+    ];
+    for (event, want) in cases {
+        assert_eq!(classify(&event), want, "{event:?}");
+    }
+}
+
+#[test]
+fn the_watch_hands_out_closed_files_at_once_and_open_ones_after_they_settle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let watch = ManifestWatch::start(tmp.path(), wake).unwrap();
+    let path = tmp.path().join("a.yaml");
+    // An atomic replace: ready as soon as it is renamed into place.
+    fs::write(tmp.path().join(".a.yaml.tmp"), SVC).unwrap();
+    fs::rename(tmp.path().join(".a.yaml.tmp"), &path).unwrap();
+    let mut seen = false;
+    for _ in 0..100 {
+        if watch.take(Instant::now()).paths.contains(&path) {
+            seen = true;
+            break;
+        }
+        sleep(Duration::from_millis(10));
+    }
+    assert!(seen, "a renamed file is read at once");
+
+    // A write still open is held back until it settles.
+    let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut f, b"# more\n").unwrap();
+    let mut due = None;
+    for _ in 0..100 {
+        due = watch.next_due();
+        if due.is_some() {
+            break;
+        }
+        sleep(Duration::from_millis(10));
+    }
+    let due = due.expect("an open write is tracked");
+    assert!(!watch.take(Instant::now()).paths.contains(&path), "not yet");
+    assert!(watch.take(due).paths.contains(&path), "settled");
+    drop(f);
+}
