@@ -157,7 +157,9 @@ impl Agent {
         if snap.unchanged && !full {
             return;
         }
+        let read = started.elapsed();
         let built = self.model.build(&snap.index, &self.node_name, full);
+        let modeled = started.elapsed();
         let desired = built.desired;
         self.rejections.report(
             snap.file_problems.iter().chain(desired.problems.iter()),
@@ -169,19 +171,23 @@ impl Agent {
             warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
         }
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
-        if !report.removed_backends.is_empty() {
-            match self
-                .syncer
-                .datapath_mut()
-                .forget_udp_flows(&report.removed_backends)
-            {
+        // Only UDP has flows and connected sockets to clean (TCP connections to a removed pod
+        // fail on their own, as with kube-proxy); skipping the walks keeps TCP changes fast.
+        let removed_udp: Vec<proxy_common::Backend> = report
+            .removed_backends
+            .iter()
+            .filter(|b| b.proto == proxy_common::PROTO_UDP)
+            .copied()
+            .collect();
+        if !removed_udp.is_empty() {
+            match self.syncer.datapath_mut().forget_udp_flows(&removed_udp) {
                 Ok(n) if n > 0 => info!(entries = n, "forgot UDP flows to removed backends"),
                 Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath")
                 }
             }
-            self.destroy_stale_udp_sockets(&report.removed_backends);
+            self.destroy_stale_udp_sockets(&removed_udp);
         }
         let kind = if scope.is_some() { "partial" } else { "full" };
         self.metrics
@@ -215,6 +221,8 @@ impl Agent {
                 updates = report.updates,
                 deletes = report.deletes,
                 errors = report.errors.len(),
+                read_us = read.as_micros() as u64,
+                model_us = (modeled - read).as_micros() as u64,
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "synced"
             );

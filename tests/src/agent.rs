@@ -163,6 +163,11 @@ impl Agent {
         bail!("agent not ready after 20 s:\n{}", self.log_text())
     }
 
+    /// The agent's process id (None once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -134,17 +134,19 @@ impl Cluster {
 
     /// Adds one more pod to a routed cluster (a new `vpod<i>` appears on the node).
     pub fn add_routed_pod(&mut self) -> anyhow::Result<&Pod> {
+        let pod = self.add_routed_pod_without_servers()?;
+        let servers = PodServers::start(&pod.netns.path(), &pod.name, &[TCP_PORT], &[UDP_PORT])?;
+        self.servers.push(servers);
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Adds a pod with no server in it (the caller brings its own, e.g. the benchmark's).
+    pub fn add_routed_pod_without_servers(&mut self) -> anyhow::Result<&Pod> {
         let i = self.pods.len();
         let name = format!("pod-{i}");
         let ip = Ipv4Addr::new(10, 201, 0, 10 + i as u8);
         let netns = Netns::new(&format!("{}-p{i}", self.id()))?;
         attach_routed(&self.node, &netns, &format!("vpod{i}"), ip)?;
-        self.servers.push(PodServers::start(
-            &netns.path(),
-            &name,
-            &[TCP_PORT],
-            &[UDP_PORT],
-        )?);
         self.pods.push(Pod { name, ip, netns });
         Ok(self.pods.last().expect("just pushed"))
     }

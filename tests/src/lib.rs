@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod host;

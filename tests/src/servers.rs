@@ -25,7 +25,7 @@ pub struct PodServers {
 }
 
 /// Enters the network namespace at `ns_path` on the calling thread.
-fn enter_netns(ns_path: &Path) -> anyhow::Result<()> {
+pub fn enter_netns(ns_path: &Path) -> anyhow::Result<()> {
     let f = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
     // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

@@ -35,6 +35,16 @@ enum Cmd {
     },
     /// A netns mini-cluster, the agent on it, requests to a ClusterIP; cleans up after itself.
     Demo,
+    /// Benchmarks (as root): data plane and control plane against direct, iptables and
+    /// nftables; prints tables, writes JSON, Markdown and SVG results.
+    Bench {
+        /// Small sizes and 1 s windows: checks the benchmark runs (numbers are rough).
+        #[arg(long)]
+        quick: bool,
+        /// Where results go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
 }
 
 fn root() -> PathBuf {
@@ -157,6 +167,45 @@ fn main() -> anyhow::Result<()> {
             // One closing line for the whole suite (cargo prints one per test binary).
             println!("xtask: {passed} passed, {failed} failed");
             Ok(())
+        }
+        Cmd::Bench { quick, out } => {
+            toolchain::ensure()?;
+            require_root("cargo xtask bench")?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "proxy-agent",
+                "-p",
+                "proxy-tests",
+                "--bins",
+            ]))?;
+            let dir = root().join("target/release");
+            let out = if out.is_absolute() {
+                out
+            } else {
+                root().join(out)
+            };
+            let mut cmd = Command::new(dir.join("pxt-bench"));
+            cmd.arg("--agent")
+                .arg(dir.join("proxy-agent"))
+                .arg("--load")
+                .arg(dir.join("pxt-load"))
+                .arg("--out")
+                .arg(&out)
+                .arg("--command")
+                .arg(if quick {
+                    "cargo xtask bench --quick"
+                } else {
+                    "cargo xtask bench"
+                });
+            if quick {
+                cmd.arg("--quick");
+            }
+            let result = run(&mut cmd);
+            // Whatever happened, nothing may be left behind.
+            toolchain::check_host_clean()?;
+            result
         }
         Cmd::Demo => {
             toolchain::ensure()?;

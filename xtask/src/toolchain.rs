@@ -98,6 +98,9 @@ fn check() -> Missing {
         ("tcpdump", "tcpdump"),
         // Checksum-offload off in the capture test.
         ("ethtool", "ethtool"),
+        // The benchmark's kube-proxy rows.
+        ("iptables-restore", "iptables"),
+        ("nft", "nftables"),
     ] {
         if which(bin).is_none() {
             m.push((bin, pkg));
@@ -140,6 +143,7 @@ fn try_install(mut missing: Missing) {
             ]),
             "bpf-linker" => Some(vec!["cargo", "+nightly", "install", "bpf-linker"]),
             "ip" | "nsenter" | "bpftool" | "ping" | "tcpdump" | "ethtool" | "kubectl"
+            | "iptables-restore" | "nft"
                 if which("apt-get").is_some() =>
             {
                 if !apt_updated {

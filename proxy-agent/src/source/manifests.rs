@@ -291,9 +291,21 @@ impl ManifestWatch {
         use notify::Watcher as _;
         let pending = Arc::new(Mutex::new(Pending::default()));
         let shared = pending.clone();
+        let watched = dir.to_path_buf();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 let mut p = shared.lock().expect("not poisoned");
+                // An event about the directory itself (moved, deleted): read it all again,
+                // which reports a directory that is gone and keeps the programmed state.
+                let about_dir = res
+                    .as_ref()
+                    .is_ok_and(|e| e.paths.iter().any(|path| path.parent() != Some(&watched)));
+                if about_dir {
+                    p.all = true;
+                    drop(p);
+                    wake.notify_one();
+                    return;
+                }
                 match res.as_ref().map(classify) {
                     Ok(EventClass::Ignore) => return,
                     Ok(EventClass::Ready) => {

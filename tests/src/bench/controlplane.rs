@@ -1,0 +1,351 @@
+//! Control plane: programming N Services x M endpoints from nothing, then one endpoint change
+//! at a time, through the agent's real path (manifest files -> source -> model -> sync -> map
+//! writes) and through kube-proxy's two rule loaders (`iptables-restore`, `nft -f`).
+
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use proxy_common::{BACKEND_MAP, Backend, PROTO_TCP, SVC_MAP, ServiceKey, ServiceValue};
+use serde::Serialize;
+
+use super::{
+    kube_proxy,
+    workload::{self, Svc},
+};
+use crate::{
+    agent::{Agent, Manifests},
+    host::{BpffsDir, Cgroup, Netns, sh},
+    unique,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<Duration>) -> Self {
+        v.sort();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i].as_secs_f64() * 1e3
+        };
+        Percentiles {
+            samples: v.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Programmer {
+    pub name: &'static str,
+    /// From nothing to every Service programmed.
+    pub full_seconds: f64,
+    /// The agent's own account of that sync; None for kube-proxy's loaders, whose time is
+    /// all in the command.
+    pub agent_sync: Option<SyncPhases>,
+    pub change: Percentiles,
+    pub peak_rss_mib: Option<f64>,
+    pub kernel_memory_mib: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ControlPlane {
+    pub services: usize,
+    pub endpoints: usize,
+    pub programmers: Vec<Programmer>,
+}
+
+/// The changes of one programmer stop after this long (the samples taken are reported).
+const CHANGES_BUDGET: Duration = Duration::from_secs(90);
+
+/// A deterministic sequence of changes: (Service index, endpoint index, new IP).
+fn changes(n: usize, m: usize, count: usize) -> Vec<(usize, usize, Ipv4Addr)> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..count)
+        .map(|c| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 1)) + c as u32);
+            ((x % n as u64) as usize, ((x >> 32) % m as u64) as usize, ip)
+        })
+        .collect()
+}
+
+/// The backends the maps hold for `svc`'s TCP frontend.
+struct MapReader {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+}
+
+impl MapReader {
+    fn open(pins: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| {
+            MapData::from_pin(pins.join(name)).with_context(|| format!("opening pinned {name}"))
+        };
+        Ok(MapReader {
+            services: BpfHashMap::try_from(aya::maps::Map::HashMap(open(SVC_MAP)?))?,
+            backends: BpfHashMap::try_from(aya::maps::Map::HashMap(open(BACKEND_MAP)?))?,
+        })
+    }
+
+    fn has_backend(&self, svc: &Svc, ip: Ipv4Addr) -> bool {
+        let key = |slot: u16| ServiceKey {
+            vip_be: u32::from(svc.vip).to_be(),
+            port_be: workload::TCP_PORT.to_be(),
+            slot,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let Ok(master) = self.services.get(&key(0), 0) else {
+            return false;
+        };
+        (1..=master.count).any(|slot| {
+            self.services
+                .get(&key(slot), 0)
+                .and_then(|v| self.backends.get(&v.backend_id, 0))
+                .is_ok_and(|b| b.addr_be == u32::from(ip).to_be())
+        })
+    }
+}
+
+fn vm_hwm_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Kernel memory of the pinned maps, as `bpftool map show` reports it (memlock).
+fn maps_memlock_mib(pins: &Path) -> anyhow::Result<f64> {
+    let mut total = 0u64;
+    for name in proxy_common::MAP_NAMES {
+        let path = pins.join(name);
+        let out = sh(
+            "bpftool",
+            &["-j", "map", "show", "pinned", path.to_str().expect("utf-8")],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("bpftool output")?;
+        total += v["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    Ok(total as f64 / (1024.0 * 1024.0))
+}
+
+/// Where the agent's first full sync spent its time (seconds), from its log line.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SyncPhases {
+    /// Reading and parsing the manifest files.
+    pub read: f64,
+    pub model: f64,
+    /// Diff and map writes.
+    pub write: f64,
+    pub total: f64,
+}
+
+fn first_sync(log: &str) -> Option<SyncPhases> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("synced") && l.contains("kind=\"full\""))?;
+    let field = |name: &str| -> Option<f64> {
+        let v = line.split(&format!(" {name}=")).nth(1)?;
+        let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<f64>().ok().map(|us| us / 1e6)
+    };
+    let (read, model, total) = (field("read_us")?, field("model_us")?, field("elapsed_us")?);
+    Some(SyncPhases {
+        read,
+        model,
+        write: total - read - model,
+        total,
+    })
+}
+
+pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
+    let mut svcs = workload::services(n, m, None);
+    let manifests = Manifests::new()?;
+    for s in &svcs {
+        std::fs::write(manifests.dir.join(s.file_name()), s.manifest())?;
+    }
+    let cgroup = Cgroup::new(&unique("cp"))?;
+    let pins = BpffsDir::new(&unique("cp"));
+    let started = Instant::now();
+    let agent = Agent::start(&manifests.dir, &cgroup.path, &pins)?;
+    let full_seconds = started.elapsed().as_secs_f64();
+    let agent_sync = first_sync(&agent.log_text());
+    let maps = MapReader::open(&pins.path)?;
+    if !maps.has_backend(&svcs[n - 1], svcs[n - 1].endpoints[0]) {
+        bail!("the agent reported ready without the last Service programmed");
+    }
+
+    let mut samples = Vec::with_capacity(count);
+    let budget = Instant::now() + CHANGES_BUDGET;
+    for (i, j, ip) in changes(n, m, count) {
+        if Instant::now() > budget {
+            break;
+        }
+        svcs[i].endpoints[j] = ip;
+        let s = &svcs[i];
+        let t0 = Instant::now();
+        manifests.write(&s.file_name(), &s.manifest())?;
+        // Bounded: 2 s per change.
+        loop {
+            if maps.has_backend(s, ip) {
+                samples.push(t0.elapsed());
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(2) {
+                bail!(
+                    "change {} not programmed after 2 s:\n{}",
+                    samples.len(),
+                    agent.log_text()
+                );
+            }
+            sleep(Duration::from_micros(50));
+        }
+    }
+    let peak_rss_mib = agent.pid().and_then(vm_hwm_mib);
+    Ok(Programmer {
+        name: "this project (agent, manifests)",
+        full_seconds,
+        agent_sync,
+        change: Percentiles::of(samples),
+        peak_rss_mib,
+        kernel_memory_mib: Some(maps_memlock_mib(&pins.path)?),
+    })
+}
+
+/// Times `cmd file` in `ns`, with `text` as the file (the loader reads it as kube-proxy's
+/// loaders read their stdin).
+fn timed_load(ns: &Netns, cmd: &[&str], text: &str) -> anyhow::Result<Duration> {
+    let path = std::env::temp_dir().join(format!("{}.rules", unique("cp")));
+    std::fs::write(&path, text)?;
+    let t0 = Instant::now();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .args(cmd)
+        .arg(&path)
+        .output();
+    let elapsed = t0.elapsed();
+    let _ = std::fs::remove_file(&path);
+    let out = out.with_context(|| format!("running {}", cmd[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(elapsed)
+}
+
+#[derive(Clone, Copy)]
+pub enum Shape {
+    Iptables,
+    Nftables,
+}
+
+pub fn kube_proxy_shape(
+    shape: Shape,
+    n: usize,
+    m: usize,
+    count: usize,
+) -> anyhow::Result<Programmer> {
+    let mut svcs = workload::services(n, m, None);
+    let ns = Netns::new(&unique("cp"))?;
+    let cidr = workload::CLUSTER_CIDR;
+    let (name, full_cmd, partial_cmd): (_, &[&str], &[&str]) = match shape {
+        Shape::Iptables => (
+            "kube-proxy iptables shape (iptables-restore)",
+            &["iptables-restore"],
+            &["iptables-restore", "--noflush"],
+        ),
+        Shape::Nftables => (
+            "kube-proxy nftables shape (nft -f)",
+            &["nft", "-f"],
+            &["nft", "-f"],
+        ),
+    };
+    let ports = workload::ports(&svcs);
+    let full = match shape {
+        Shape::Iptables => kube_proxy::iptables_full(&ports, cidr),
+        Shape::Nftables => kube_proxy::nft_full(&ports, cidr, workload::SERVICE_CIDR),
+    };
+    let full_seconds = timed_load(&ns, full_cmd, &full)?.as_secs_f64();
+    let mut samples = Vec::with_capacity(count);
+    let mut ports = ports;
+    let budget = Instant::now() + CHANGES_BUDGET;
+    for (i, j, ip) in changes(n, m, count) {
+        if Instant::now() > budget {
+            break;
+        }
+        let old = ports[i].clone();
+        svcs[i].endpoints[j] = ip;
+        ports[i] = svcs[i].ports().remove(0);
+        let text = match shape {
+            Shape::Iptables => kube_proxy::iptables_partial(&ports, &ports[i], &old, cidr),
+            Shape::Nftables => kube_proxy::nft_partial(&ports[i], &old, cidr),
+        };
+        samples.push(timed_load(&ns, partial_cmd, &text)?);
+    }
+    Ok(Programmer {
+        name,
+        full_seconds,
+        agent_sync: None,
+        change: Percentiles::of(samples),
+        peak_rss_mib: None,
+        kernel_memory_mib: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let p = Percentiles::of((1..=200).map(Duration::from_millis).collect());
+        assert_eq!((p.p50_ms, p.p99_ms, p.max_ms), (100.0, 198.0, 200.0));
+    }
+
+    #[test]
+    fn changes_stay_in_range_and_use_fresh_addresses() {
+        let c = changes(7, 3, 50);
+        assert!(c.iter().all(|(i, j, _)| *i < 7 && *j < 3));
+        let ips: std::collections::BTreeSet<_> = c.iter().map(|(_, _, ip)| *ip).collect();
+        assert_eq!(ips.len(), 50);
+    }
+
+    #[test]
+    fn the_agent_log_gives_its_first_full_sync() {
+        let log = "x INFO proxy_agent::run: synced kind=\"full\" services=3 updates=9 deletes=0 errors=0 read_us=500 model_us=250 elapsed_us=1500\n";
+        assert_eq!(
+            first_sync(log),
+            Some(SyncPhases {
+                read: 0.0005,
+                model: 0.00025,
+                write: 0.00075,
+                total: 0.0015
+            })
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! Data plane: connection rate and latency through each datapath, side by side on one
+//! routed mini-cluster shape (client pod -> node -> backend pods).
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use super::{
+    kernel_cost::{self, KernelCost},
+    kube_proxy,
+    load::{LoadResult, Mode},
+    servers::Greeters,
+    workload::{self, Svc},
+};
+use crate::{
+    agent::{Agent, Manifests},
+    cluster::Cluster,
+    host::{BpffsDir, sh},
+    unique,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Row {
+    Direct,
+    Socket,
+    Packet,
+    Iptables,
+    Nftables,
+}
+
+impl Row {
+    pub const ALL: [Row; 5] = [
+        Row::Direct,
+        Row::Socket,
+        Row::Packet,
+        Row::Iptables,
+        Row::Nftables,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Row::Direct => "direct to pod IP",
+            Row::Socket => "this project, socket path",
+            Row::Packet => "this project, packet path (TC)",
+            Row::Iptables => "kube-proxy iptables shape",
+            Row::Nftables => "kube-proxy nftables shape",
+        }
+    }
+
+    /// UDP request/response is measured for these.
+    pub fn has_udp(self) -> bool {
+        matches!(self, Row::Direct | Row::Socket | Row::Packet)
+    }
+}
+
+impl fmt::Display for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub load_bin: PathBuf,
+    pub workers: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub endpoints: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub row: Row,
+    pub services: usize,
+    pub tcp: LoadResult,
+    pub udp: Option<LoadResult>,
+    /// In-kernel cost of our programs during a separate TCP run (stats on).
+    pub kernel: Option<KernelCost>,
+    pub setup_seconds: f64,
+    /// TCP conn/s of every round (this measurement is the median one).
+    pub rounds: Vec<f64>,
+}
+
+/// The median round (by TCP rate), carrying every round's rate.
+pub fn median(mut rounds: Vec<Measurement>) -> Option<Measurement> {
+    rounds.sort_by(|a, b| a.tcp.rate.total_cmp(&b.tcp.rate));
+    let rates: Vec<f64> = rounds.iter().map(|m| m.tcp.rate).collect();
+    let mid = rounds.len().checked_sub(1)? / 2;
+    let mut m = rounds.swap_remove(mid);
+    m.rounds = rates;
+    Some(m)
+}
+
+/// What makes the client's traffic reach the pods in one row; dropped after it.
+enum Datapath {
+    None,
+    Agent {
+        _agent: Agent,
+        pins: BpffsDir,
+        _manifests: Manifests,
+    },
+    Netfilter,
+}
+
+fn in_node(cluster: &Cluster, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let ns = format!("--net={}", cluster.node.path().display());
+    let mut all = vec![ns.as_str(), cmd];
+    all.extend_from_slice(args);
+    sh("nsenter", &all)
+}
+
+fn write_manifests(svcs: &[Svc]) -> anyhow::Result<Manifests> {
+    let m = Manifests::new()?;
+    for s in svcs {
+        std::fs::write(m.dir.join(s.file_name()), s.manifest())?;
+    }
+    Ok(m)
+}
+
+fn setup(row: Row, cluster: &Cluster, svcs: &[Svc]) -> anyhow::Result<Datapath> {
+    Ok(match row {
+        Row::Direct => Datapath::None,
+        Row::Socket | Row::Packet => {
+            let manifests = write_manifests(svcs)?;
+            let pins = BpffsDir::new(&unique("bench"));
+            let dir = manifests.dir.as_os_str();
+            let agent = if row == Row::Socket {
+                Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins)?
+            } else {
+                Agent::start_in(
+                    Some(&cluster.node.path()),
+                    &[
+                        "--manifests".as_ref(),
+                        dir,
+                        "--tc-interface".as_ref(),
+                        "vclient".as_ref(),
+                        "--tc-interface".as_ref(),
+                        "vpod*".as_ref(),
+                    ],
+                    &cluster.cgroup_path(),
+                    &pins,
+                )?
+            };
+            Datapath::Agent {
+                _agent: agent,
+                pins,
+                _manifests: manifests,
+            }
+        }
+        Row::Iptables => {
+            let path = std::env::temp_dir().join(format!("{}.rules", unique("ipt")));
+            std::fs::write(
+                &path,
+                kube_proxy::iptables_full(&workload::ports(svcs), workload::CLUSTER_CIDR),
+            )?;
+            let r = in_node(
+                cluster,
+                "iptables-restore",
+                &[path.to_str().expect("utf-8")],
+            );
+            let _ = std::fs::remove_file(&path);
+            r?;
+            Datapath::Netfilter
+        }
+        Row::Nftables => {
+            let path = std::env::temp_dir().join(format!("{}.nft", unique("nft")));
+            std::fs::write(
+                &path,
+                kube_proxy::nft_full(
+                    &workload::ports(svcs),
+                    workload::CLUSTER_CIDR,
+                    workload::SERVICE_CIDR,
+                ),
+            )?;
+            let r = in_node(cluster, "nft", &["-f", path.to_str().expect("utf-8")]);
+            let _ = std::fs::remove_file(&path);
+            r?;
+            Datapath::Netfilter
+        }
+    })
+}
+
+/// Runs `pxt-load` as the client pod: in its cgroup (socket path) or only its netns.
+fn load(
+    cluster: &Cluster,
+    hooked: bool,
+    s: &Settings,
+    mode: Mode,
+    targets: &[SocketAddr],
+    (warmup, duration): (Duration, Duration),
+) -> anyhow::Result<LoadResult> {
+    let mut cmd: Command = if hooked {
+        cluster.client_command(&s.load_bin)
+    } else {
+        cluster.client_command_unhooked(&s.load_bin)
+    };
+    cmd.arg("--mode")
+        .arg(match mode {
+            Mode::Tcp => "tcp",
+            Mode::Udp => "udp",
+        })
+        .arg("--workers")
+        .arg(s.workers.to_string())
+        .arg("--warmup-ms")
+        .arg(warmup.as_millis().to_string())
+        .arg("--duration-ms")
+        .arg(duration.as_millis().to_string());
+    for t in targets {
+        cmd.arg("--target").arg(t.to_string());
+    }
+    let out = cmd.output().context("running pxt-load")?;
+    if !out.status.success() {
+        bail!(
+            "pxt-load failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let r: LoadResult = serde_json::from_slice(&out.stdout).context("pxt-load output")?;
+    if r.ops == 0 {
+        bail!("no operation succeeded ({} errors)", r.errors);
+    }
+    Ok(r)
+}
+
+/// One row at one size, on a fresh cluster (so no row inherits another's conntrack or hooks).
+pub fn measure(row: Row, n: usize, s: &Settings) -> anyhow::Result<Measurement> {
+    let mut cluster = Cluster::routed(0)?;
+    let mut greeters = Vec::new();
+    for _ in 0..3 {
+        let pod = cluster.add_routed_pod_without_servers()?;
+        greeters.push(Greeters::start(
+            &pod.netns.path(),
+            &pod.name,
+            workload::TCP_TARGET_PORT,
+            workload::UDP_TARGET_PORT,
+            2,
+        )?);
+    }
+    let pods: Vec<Ipv4Addr> = cluster.pods.iter().map(|p| p.ip).collect();
+    let svcs = workload::services(n, s.endpoints, Some(&pods));
+    let target = svcs.last().expect("n >= 1");
+    let started = std::time::Instant::now();
+    let dp = setup(row, &cluster, &svcs)?;
+    let setup_seconds = started.elapsed().as_secs_f64();
+    let (tcp_targets, udp_targets): (Vec<SocketAddr>, Vec<SocketAddr>) = match row {
+        // The physical limit: the same three pods, no translation.
+        Row::Direct => (
+            pods.iter()
+                .map(|ip| SocketAddr::from((*ip, workload::TCP_TARGET_PORT)))
+                .collect(),
+            pods.iter()
+                .map(|ip| SocketAddr::from((*ip, workload::UDP_TARGET_PORT)))
+                .collect(),
+        ),
+        _ => (
+            vec![SocketAddr::from((target.vip, workload::TCP_PORT))],
+            vec![SocketAddr::from((target.vip, workload::UDP_PORT))],
+        ),
+    };
+    let hooked = row == Row::Socket;
+    let window = (s.warmup, s.duration);
+    let tcp = load(&cluster, hooked, s, Mode::Tcp, &tcp_targets, window)?;
+    let udp = if row.has_udp() {
+        Some(load(&cluster, hooked, s, Mode::Udp, &udp_targets, window)?)
+    } else {
+        None
+    };
+    let kernel = match &dp {
+        Datapath::Agent { pins, .. } => {
+            let links = links_of(&pins.path, row)?;
+            // No warm-up here: every program run in the window belongs to a counted connection.
+            let short = (Duration::ZERO, s.duration.min(Duration::from_secs(2)));
+            Some(kernel_cost::during(&links, || {
+                load(&cluster, hooked, s, Mode::Tcp, &tcp_targets, short).map(|r| r.ops)
+            })?)
+        }
+        _ => None,
+    };
+    drop(dp);
+    drop(greeters);
+    Ok(Measurement {
+        row,
+        services: n,
+        tcp,
+        udp,
+        kernel,
+        setup_seconds,
+        rounds: vec![],
+    })
+}
+
+/// The pinned links of the programs a row exercises.
+fn links_of(pins: &Path, row: Row) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = pins.join("links");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = e?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let wanted = match row {
+            Row::Socket => !name.starts_with("tc_"),
+            Row::Packet => name.starts_with("tc_"),
+            _ => false,
+        };
+        if wanted {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(rate: f64) -> Measurement {
+        Measurement {
+            row: Row::Direct,
+            services: 1,
+            tcp: LoadResult {
+                rate,
+                ..Default::default()
+            },
+            udp: None,
+            kernel: None,
+            setup_seconds: 0.0,
+            rounds: vec![],
+        }
+    }
+
+    #[test]
+    fn the_median_round_is_reported_with_every_round() {
+        let got = median(vec![m(3.0), m(1.0), m(2.0)]).unwrap();
+        assert_eq!((got.tcp.rate, got.rounds), (2.0, vec![1.0, 2.0, 3.0]));
+        assert_eq!(median(vec![m(5.0)]).unwrap().tcp.rate, 5.0);
+        assert!(median(vec![]).is_none());
+    }
+}

@@ -1,0 +1,216 @@
+//! The result file, the tables and the plot.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{
+    controlplane::ControlPlane,
+    dataplane::{Measurement, Row},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub iptables: String,
+    pub nft: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub command: String,
+    pub machine: Machine,
+    pub settings: serde_json::Value,
+    pub dataplane: Vec<Measurement>,
+    pub controlplane: Option<ControlPlane>,
+}
+
+fn direct(all: &[Measurement], n: usize) -> Option<&Measurement> {
+    all.iter().find(|m| m.row == Row::Direct && m.services == n)
+}
+
+/// Markdown tables (they read as plain text too).
+pub fn tables(r: &Results) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        out,
+        "Machine: {} ({} CPUs, {:.0} GiB), kernel {}; {}; {}\n",
+        m.cpu, m.cpus, m.memory_gib, m.kernel, m.iptables, m.nft
+    );
+    let _ = writeln!(
+        out,
+        "TCP connection rate (connect, read greeting, close with RST; closed loop):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| services | datapath | conn/s (median) | rounds min-max | vs direct | p50 µs | p99 µs | BPF ns/run | BPF runs/conn | BPF ns/conn |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for x in &r.dataplane {
+        let ratio = direct(&r.dataplane, x.services)
+            .map(|d| format!("{:.3}", x.tcp.rate / d.tcp.rate))
+            .unwrap_or_else(|| "-".into());
+        let (ns, runs, per_conn) = match &x.kernel {
+            Some(k) => (
+                format!("{:.0}", k.ns_per_run),
+                format!("{:.1}", k.runs_per_op),
+                format!("{:.0}", k.ns_per_op),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let spread = match (x.rounds.first(), x.rounds.last()) {
+            (Some(lo), Some(hi)) => format!("{lo:.0}-{hi:.0}"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
+            x.services,
+            x.row,
+            x.tcp.rate,
+            spread,
+            ratio,
+            x.tcp.p50_us,
+            x.tcp.p99_us,
+            ns,
+            runs,
+            per_conn
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nUDP request/response rate (one connected socket per worker):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| services | datapath | req/s | vs direct | p50 µs | p99 µs |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|");
+    for x in &r.dataplane {
+        let Some(u) = &x.udp else { continue };
+        let ratio = direct(&r.dataplane, x.services)
+            .and_then(|d| d.udp.as_ref())
+            .map(|d| format!("{:.3}", u.rate / d.rate))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {:.0} | {:.0} |",
+            x.services, x.row, u.rate, ratio, u.p50_us, u.p99_us
+        );
+    }
+    if let Some(cp) = &r.controlplane {
+        let _ = writeln!(
+            out,
+            "\nControl plane: {} Services x {} endpoints from nothing, then {} single endpoint changes:\n",
+            cp.services,
+            cp.endpoints,
+            cp.programmers.first().map_or(0, |p| p.change.samples)
+        );
+        let _ = writeln!(
+            out,
+            "| programmer | full program s | agent sync: read + model + write s | change p50 ms | change p99 ms | change max ms | peak RSS MiB | kernel map MiB |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+        for p in &cp.programmers {
+            let _ = writeln!(
+                out,
+                "| {} | {:.3} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                p.name,
+                p.full_seconds,
+                p.agent_sync.as_ref().map_or("-".into(), |a| format!(
+                    "{:.3} = {:.3} + {:.3} + {:.3}",
+                    a.total, a.read, a.model, a.write
+                )),
+                p.change.p50_ms,
+                p.change.p99_ms,
+                p.change.max_ms,
+                opt(p.peak_rss_mib, 1),
+                opt(p.kernel_memory_mib, 1),
+            );
+        }
+    }
+    out
+}
+
+/// Grouped bars: TCP conn/s per datapath, one group per number of Services. A plain SVG
+/// writer (some 60 lines) rather than a plotting crate with a font stack to build.
+pub fn svg(r: &Results) -> String {
+    let sizes: Vec<usize> = {
+        let mut v: Vec<usize> = r.dataplane.iter().map(|m| m.services).collect();
+        v.dedup();
+        v
+    };
+    let colors = ["#555555", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e"];
+    let max = r
+        .dataplane
+        .iter()
+        .map(|m| m.tcp.rate)
+        .fold(1.0f64, f64::max);
+    let (w, h, left, top, bottom) = (900.0, 460.0, 70.0, 40.0, 120.0);
+    let plot_h = h - top - bottom;
+    let group_w = (w - left - 20.0) / sizes.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / Row::ALL.len() as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">TCP connections/s to one ClusterIP (higher is better), by number of Services</text>\n"
+    );
+    for t in 0..=4 {
+        let v = max * f64::from(t) / 4.0;
+        let y = top + plot_h - plot_h * f64::from(t) / 4.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>",
+            w - 10.0,
+            left - 5.0,
+            y + 4.0,
+            v
+        );
+    }
+    for (g, n) in sizes.iter().enumerate() {
+        let x0 = left + g as f64 * group_w + group_w * 0.1;
+        for (i, row) in Row::ALL.iter().enumerate() {
+            let Some(m) = r
+                .dataplane
+                .iter()
+                .find(|m| m.row == *row && m.services == *n)
+            else {
+                continue;
+            };
+            let bh = plot_h * m.tcp.rate / max;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{}: {:.0} conn/s</title></rect>",
+                x0 + i as f64 * bar_w,
+                top + plot_h - bh,
+                bar_w * 0.9,
+                colors[i],
+                row,
+                m.tcp.rate
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{n} Services</text>",
+            x0 + group_w * 0.4,
+            top + plot_h + 18.0
+        );
+    }
+    for (i, row) in Row::ALL.iter().enumerate() {
+        let y = h - bottom + 45.0 + (i / 3) as f64 * 20.0;
+        let x = left + (i % 3) as f64 * 260.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{y:.1}\">{row}</text>",
+            y - 10.0,
+            colors[i],
+            x + 16.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,173 @@
+//! `pxt-bench`: the benchmark behind `cargo xtask bench` (see `proxy_tests::bench`). Root only;
+//! every namespace, cgroup and pin it makes is removed when it is done, also on failure.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use proxy_tests::{
+    bench::{
+        controlplane::{self, ControlPlane, Shape},
+        dataplane::{self, Row, Settings},
+        report::{self, Machine, Results},
+    },
+    host::{require_root, sh},
+};
+
+#[derive(Parser)]
+struct Args {
+    /// The agent binary (release build).
+    #[arg(long)]
+    agent: PathBuf,
+    /// The load generator binary.
+    #[arg(long)]
+    load: PathBuf,
+    /// Where the result JSON and SVG go.
+    #[arg(long)]
+    out: PathBuf,
+    /// A short run (small sizes, 1 s windows): checks the benchmark works, numbers are rough.
+    #[arg(long)]
+    quick: bool,
+    /// Skip the data plane (control plane only).
+    #[arg(long)]
+    skip_dataplane: bool,
+    /// In the control plane, measure only the agent (kube-proxy's loaders take minutes at
+    /// 10,000 Services).
+    #[arg(long)]
+    skip_kube_proxy: bool,
+    /// How the run was started, for the result file.
+    #[arg(long, default_value = "cargo xtask bench")]
+    command: String,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let first_line = |cmd: &str, args: &[&str]| {
+        sh(cmd, args)
+            .map(|s| s.lines().next().unwrap_or("").trim().to_string())
+            .unwrap_or_else(|_| format!("{cmd}: not found"))
+    };
+    Machine {
+        kernel: first_line("uname", &["-r"]),
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gib: mem_kb / (1024.0 * 1024.0),
+        iptables: first_line("iptables-restore", &["--version"]),
+        nft: first_line("nft", &["--version"]),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    require_root();
+    // SAFETY: set before any thread starts; the test harness's Agent reads it.
+    unsafe { std::env::set_var("PROXY_AGENT_BIN", &args.agent) };
+    // Rounds: each row is measured that many times, interleaved with the others (so slow
+    // drift of the machine hits every row alike), and the median round is reported.
+    let (sizes, rounds, window, warmup, workers, cp_n, cp_m, cp_changes): (
+        &[usize],
+        usize,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+    ) = if args.quick {
+        (&[1, 100], 1, 1000, 200, 2, 1000, 10, 20)
+    } else {
+        (&[1, 1000, 10000], 3, 3000, 500, 4, 10000, 10, 200)
+    };
+    let settings = Settings {
+        load_bin: args.load.clone(),
+        workers,
+        warmup: Duration::from_millis(warmup),
+        duration: Duration::from_millis(window),
+        endpoints: 3,
+    };
+    let mut results = Results {
+        date: sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])?
+            .trim()
+            .to_string(),
+        command: args.command.clone(),
+        machine: machine(),
+        settings: serde_json::json!({
+            "quick": args.quick, "sizes": sizes, "rounds": rounds, "endpoints_per_service": 3,
+            "window_ms": window, "warmup_ms": warmup, "workers": workers,
+            "controlplane": {"services": cp_n, "endpoints": cp_m, "changes": cp_changes},
+        }),
+        dataplane: vec![],
+        controlplane: None,
+    };
+
+    for &n in sizes.iter().filter(|_| !args.skip_dataplane) {
+        let mut by_row: Vec<Vec<_>> = Row::ALL.iter().map(|_| Vec::new()).collect();
+        for round in 1..=rounds {
+            for (i, row) in Row::ALL.into_iter().enumerate() {
+                eprintln!("bench: data plane, {n} Services, round {round}/{rounds}, {row} ...");
+                let m = dataplane::measure(row, n, &settings)
+                    .with_context(|| format!("data plane: {row}, {n} Services"))?;
+                eprintln!(
+                    "bench:   {:.0} conn/s, p50 {:.0} µs, p99 {:.0} µs",
+                    m.tcp.rate, m.tcp.p50_us, m.tcp.p99_us
+                );
+                by_row[i].push(m);
+            }
+        }
+        results
+            .dataplane
+            .extend(by_row.into_iter().filter_map(dataplane::median));
+    }
+
+    eprintln!("bench: control plane, {cp_n} x {cp_m}, agent ...");
+    let agent = controlplane::agent(cp_n, cp_m, cp_changes).context("control plane: agent")?;
+    let mut programmers = vec![agent];
+    if !args.skip_kube_proxy {
+        eprintln!("bench: control plane, iptables-restore ...");
+        programmers.push(
+            controlplane::kube_proxy_shape(Shape::Iptables, cp_n, cp_m, cp_changes)
+                .context("control plane: iptables")?,
+        );
+        eprintln!("bench: control plane, nft ...");
+        programmers.push(
+            controlplane::kube_proxy_shape(Shape::Nftables, cp_n, cp_m, cp_changes)
+                .context("control plane: nftables")?,
+        );
+    }
+    results.controlplane = Some(ControlPlane {
+        services: cp_n,
+        endpoints: cp_m,
+        programmers,
+    });
+
+    let text = report::tables(&results);
+    println!("{text}");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stamp = results.date.replace([':', '-'], "");
+    let base = args.out.join(format!(
+        "bench-{stamp}{}",
+        if args.quick { "-quick" } else { "" }
+    ));
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(base.with_extension("svg"), report::svg(&results))?;
+    std::fs::write(base.with_extension("md"), &text)?;
+    println!("bench: wrote {}.{{json,svg,md}}", base.display());
+    Ok(())
+}
