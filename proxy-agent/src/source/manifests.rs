@@ -125,6 +125,10 @@ impl ManifestDir {
     /// directory. Paths outside the directory or not manifests are ignored.
     pub fn rescan_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a PathBuf>) -> Rescan {
         let mut out = Rescan::default();
+        // A directory that is gone is not "every file removed": the full rescan reports it.
+        if !self.dir.is_dir() {
+            return out;
+        }
         for path in paths {
             if path.parent() != Some(self.dir.as_path()) {
                 continue;
