@@ -221,6 +221,29 @@ pub struct ObjectSet {
     pub nodes: Vec<Arc<Node>>,
 }
 
+impl ObjectSet {
+    /// One kind of this set's objects, each with `origin`.
+    fn sourced<'a, T: 'a>(
+        &'a self,
+        origin: &'a Arc<str>,
+        kind: impl Fn(&'a ObjectSet) -> &'a Vec<Arc<T>>,
+    ) -> impl Iterator<Item = Sourced<T>> + 'a {
+        kind(self).iter().map(move |o| Sourced {
+            origin: origin.clone(),
+            object: o.clone(),
+        })
+    }
+}
+
+impl Objects {
+    /// Adds the objects of one origin (in its order) after those already here.
+    pub fn extend_from(&mut self, origin: &Arc<str>, set: &ObjectSet) {
+        self.services.extend(set.sourced(origin, |s| &s.services));
+        self.slices.extend(set.sourced(origin, |s| &s.slices));
+        self.nodes.extend(set.sourced(origin, |s| &s.nodes));
+    }
+}
+
 /// Which Service a slice feeds; None: not for this datapath (IPv6, FQDN, another proxy's).
 enum SliceOwner {
     Service(ServiceRef),
@@ -273,30 +296,14 @@ impl Index {
 
     /// Adds the objects of `origin`.
     pub fn insert(&mut self, origin: &Arc<str>, set: &ObjectSet) {
-        let sourced = |o| Sourced {
-            origin: origin.clone(),
-            object: o,
-        };
-        for (i, s) in set.services.iter().enumerate() {
-            self.add_service((origin.clone(), i), sourced(s.clone()));
+        for (i, s) in set.sourced(origin, |s| &s.services).enumerate() {
+            self.add_service((origin.clone(), i), s);
         }
-        for (i, s) in set.slices.iter().enumerate() {
-            self.add_slice(
-                (origin.clone(), i),
-                Sourced {
-                    origin: origin.clone(),
-                    object: s.clone(),
-                },
-            );
+        for (i, s) in set.sourced(origin, |s| &s.slices).enumerate() {
+            self.add_slice((origin.clone(), i), s);
         }
-        for (i, n) in set.nodes.iter().enumerate() {
-            self.nodes.insert(
-                (origin.clone(), i),
-                Sourced {
-                    origin: origin.clone(),
-                    object: n.clone(),
-                },
-            );
+        for (i, n) in set.sourced(origin, |s| &s.nodes).enumerate() {
+            self.nodes.insert((origin.clone(), i), n);
         }
     }
 

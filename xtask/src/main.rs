@@ -121,6 +121,20 @@ fn cargo() -> Command {
     c
 }
 
+/// Builds the agent and the test tools (release); returns where they are.
+fn build_release_bins() -> anyhow::Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-agent",
+        "-p",
+        "proxy-tests",
+        "--bins",
+    ]))?;
+    Ok(root().join("target/release"))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Toolchain => toolchain::ensure(),
@@ -171,16 +185,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { quick, out } => {
             toolchain::ensure()?;
             require_root("cargo xtask bench")?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "proxy-agent",
-                "-p",
-                "proxy-tests",
-                "--bins",
-            ]))?;
-            let dir = root().join("target/release");
+            let dir = build_release_bins()?;
             let out = if out.is_absolute() {
                 out
             } else {
@@ -210,16 +215,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             toolchain::ensure()?;
             require_root("cargo xtask demo")?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "proxy-agent",
-                "-p",
-                "proxy-tests",
-                "--bins",
-            ]))?;
-            let dir = root().join("target/release");
+            let dir = build_release_bins()?;
             run(Command::new(dir.join("pxt-demo"))
                 .arg("--agent")
                 .arg(dir.join("proxy-agent"))

@@ -618,32 +618,10 @@ fn incremental_model_equals_a_fresh_build_after_every_change() {
             index.insert(&origin, &set);
             files.insert(name, set);
         }
-        let objects = Objects {
-            services: files
-                .iter()
-                .flat_map(|(f, s)| s.services.iter().map(move |o| (f, o)))
-                .map(|(f, o)| Sourced {
-                    origin: Arc::from(f.as_str()),
-                    object: o.clone(),
-                })
-                .collect(),
-            slices: files
-                .iter()
-                .flat_map(|(f, s)| s.slices.iter().map(move |o| (f, o)))
-                .map(|(f, o)| Sourced {
-                    origin: Arc::from(f.as_str()),
-                    object: o.clone(),
-                })
-                .collect(),
-            nodes: files
-                .iter()
-                .flat_map(|(f, s)| s.nodes.iter().map(move |o| (f, o)))
-                .map(|(f, o)| Sourced {
-                    origin: Arc::from(f.as_str()),
-                    object: o.clone(),
-                })
-                .collect(),
-        };
+        let mut objects = Objects::default();
+        for (f, set) in &files {
+            objects.extend_from(&Arc::from(f.as_str()), set);
+        }
         let want = build(&objects, "node-a");
         let partial = model.build(&index, "node-a", false);
         let changed = partial.changed.expect("a partial pass names what changed");

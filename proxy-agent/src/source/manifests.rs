@@ -16,7 +16,7 @@ use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::Endpoin
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{Index, ObjectSet, Objects, Problem, ProblemReason, Sourced};
+use crate::model::{Index, ObjectSet, Objects, Problem, ProblemReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -218,17 +218,9 @@ impl ManifestDir {
     }
 
     pub fn objects(&self) -> Objects {
-        fn sourced<T>(origin: &Arc<str>, objects: &[Arc<T>]) -> impl Iterator<Item = Sourced<T>> {
-            objects.iter().map(|o| Sourced {
-                origin: origin.clone(),
-                object: o.clone(),
-            })
-        }
         let mut out = Objects::default();
         for f in self.files.values() {
-            out.services.extend(sourced(&f.origin, &f.objects.services));
-            out.slices.extend(sourced(&f.origin, &f.objects.slices));
-            out.nodes.extend(sourced(&f.origin, &f.objects.nodes));
+            out.extend_from(&f.origin, &f.objects);
         }
         out
     }
