@@ -95,6 +95,7 @@ impl Source {
         match self {
             Source::Manifests { dir, watch } => {
                 let work = watch.take(Instant::now());
+                tracing::debug!(all = work.all, paths = ?work.paths, full, "manifests work");
                 let rescan = if full || work.all {
                     match dir.rescan() {
                         Ok(r) => r,

@@ -125,7 +125,7 @@ impl Agent {
             .arg(cgroup)
             .arg("--bpffs-dir")
             .arg(&pins.path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()

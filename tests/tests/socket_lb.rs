@@ -442,7 +442,7 @@ fn a_vanished_manifests_directory_keeps_the_datapath_serving() {
     });
     std::fs::rename(&moved, &f.manifests.dir).unwrap();
     assert!(warned.is_some(), "{}", f.agent.log_text());
-    assert_eq!(frontends(&f.pins), before);
+    assert_eq!(frontends(&f.pins), before, "{}", f.agent.log_text());
     let r = f.client("tcp", &format!("{VIP}:80"), 10);
     assert!(r.errors.is_empty(), "{r:?}");
 }

@@ -114,6 +114,14 @@ impl ManifestDir {
             .filter(|p| !seen.contains(*p))
             .cloned()
             .collect();
+        // Files that failed to read because the directory went away meanwhile are not
+        // removed files.
+        if !gone.is_empty() && !self.dir.is_dir() {
+            return Err(SourceError::Dir {
+                path: self.dir.clone(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         for path in gone {
             self.forget(&path);
             out.changed = true;
@@ -129,11 +137,18 @@ impl ManifestDir {
         if !self.dir.is_dir() {
             return out;
         }
+        let mut gone = Vec::new();
         for path in paths {
             if path.parent() != Some(self.dir.as_path()) {
                 continue;
             }
             if !self.read(path, &mut out) && self.files.contains_key(path) {
+                gone.push(path);
+            }
+        }
+        // As in `rescan`: the directory may have gone while its files were read.
+        if self.dir.is_dir() {
+            for path in gone {
                 self.forget(path);
                 out.changed = true;
             }
@@ -257,6 +272,42 @@ fn classify(event: &notify::Event) -> EventClass {
     }
 }
 
+/// Where one event goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Ignore,
+    /// Read the whole directory.
+    All,
+    Ready(Vec<PathBuf>),
+    Writing(Vec<PathBuf>),
+}
+
+/// Routes an event of the watch on `dir`. Reading the directory makes events too (opening
+/// it, opening its files): those are ignored, or every read would cause another.
+fn route(event: &notify::Event, dir: &Path) -> Route {
+    let class = classify(event);
+    match class {
+        EventClass::Ignore => return Route::Ignore,
+        EventClass::RescanAll => return Route::All,
+        EventClass::Ready | EventClass::Writing => {}
+    }
+    let whole_dir = event.paths.iter().any(|path| {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        // The directory itself moved or was deleted: the full read reports it (and keeps
+        // the programmed state). `..data` and friends: kubelet updates a mounted ConfigMap
+        // by swapping a symlinked directory, so the files' own names see no event.
+        path.parent() != Some(dir) || name.starts_with("..")
+    });
+    match (whole_dir, class) {
+        (true, EventClass::Ready) => Route::All,
+        // Writes to the directory inode itself or to kubelet's staging files: their
+        // completion (a rename) is what counts.
+        (true, _) => Route::Ignore,
+        (false, EventClass::Ready) => Route::Ready(event.paths.clone()),
+        (false, _) => Route::Writing(event.paths.clone()),
+    }
+}
+
 /// File events not yet read.
 #[derive(Debug, Default)]
 struct Pending {
@@ -290,34 +341,27 @@ impl ManifestWatch {
         let watched = dir.to_path_buf();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                let mut p = shared.lock().expect("not poisoned");
-                // An event about the directory itself (moved, deleted): read it all again,
-                // which reports a directory that is gone and keeps the programmed state.
-                let about_dir = res
-                    .as_ref()
-                    .is_ok_and(|e| e.paths.iter().any(|path| path.parent() != Some(&watched)));
-                if about_dir {
-                    p.all = true;
-                    drop(p);
-                    wake.notify_one();
-                    return;
-                }
-                match res.as_ref().map(classify) {
-                    Ok(EventClass::Ignore) => return,
-                    Ok(EventClass::Ready) => {
-                        for path in &res.as_ref().expect("ok").paths {
-                            p.writing.remove(path);
-                            p.ready.insert(path.clone());
-                        }
-                    }
-                    Ok(EventClass::Writing) => {
-                        let now = Instant::now();
-                        for path in &res.as_ref().expect("ok").paths {
-                            p.writing.insert(path.clone(), now);
-                        }
-                    }
+                let route = match &res {
+                    Ok(event) => route(event, &watched),
                     // An error may mean lost events: the directory is read again.
-                    Ok(EventClass::RescanAll) | Err(_) => p.all = true,
+                    Err(_) => Route::All,
+                };
+                let mut p = shared.lock().expect("not poisoned");
+                match route {
+                    Route::Ignore => return,
+                    Route::All => p.all = true,
+                    Route::Ready(paths) => {
+                        for path in paths {
+                            p.writing.remove(&path);
+                            p.ready.insert(path);
+                        }
+                    }
+                    Route::Writing(paths) => {
+                        let now = Instant::now();
+                        for path in paths {
+                            p.writing.insert(path, now);
+                        }
+                    }
                 }
                 drop(p);
                 wake.notify_one();

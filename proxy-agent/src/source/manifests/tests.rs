@@ -255,3 +255,124 @@ fn the_watch_hands_out_closed_files_at_once_and_open_ones_after_they_settle() {
     assert!(watch.take(due).paths.contains(&path), "settled");
     drop(f);
 }
+
+#[test]
+fn events_are_routed_by_what_they_are_about() {
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
+        RemoveKind, RenameMode,
+    };
+    let dir = Path::new("/m");
+    let ev = |kind, path: &str| notify::Event::new(kind).add_path(PathBuf::from(path));
+    let file = || vec![PathBuf::from("/m/a.yaml")];
+    let cases = [
+        // The agent's own reads open the directory and its files: never a reason to read.
+        (
+            ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), "/m"),
+            Route::Ignore,
+        ),
+        (
+            ev(
+                EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                "/m/a.yaml",
+            ),
+            Route::Ignore,
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), "/m"),
+            Route::Ignore,
+        ),
+        // The directory moved or was deleted.
+        (
+            ev(EventKind::Modify(ModifyKind::Name(RenameMode::From)), "/m"),
+            Route::All,
+        ),
+        (ev(EventKind::Remove(RemoveKind::Folder), "/m"), Route::All),
+        // kubelet's ConfigMap update: a new `..<timestamp>` directory, `..data` swapped.
+        (
+            ev(EventKind::Create(CreateKind::Folder), "/m/..2026_11_29"),
+            Route::All,
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/m/..data"),
+            Route::All,
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/m/..data_tmp"),
+            Route::Ignore,
+        ),
+        // A file.
+        (
+            ev(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                "/m/a.yaml",
+            ),
+            Route::Ready(file()),
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/m/a.yaml"),
+            Route::Writing(file()),
+        ),
+        (
+            ev(EventKind::Any, "/m/a.yaml").set_flag(notify::event::Flag::Rescan),
+            Route::All,
+        ),
+    ];
+    for (event, want) in cases {
+        assert_eq!(route(&event, dir), want, "{event:?}");
+    }
+}
+
+/// Waits (bounded) for the watch to hand out work.
+fn next_work(watch: &ManifestWatch) -> Option<Work> {
+    for _ in 0..100 {
+        let w = watch.take(Instant::now());
+        if w.all || !w.paths.is_empty() {
+            return Some(w);
+        }
+        sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn reading_the_directory_does_not_wake_its_watch() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "a.yaml", SVC);
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    let watch = ManifestWatch::start(tmp.path(), Arc::new(tokio::sync::Notify::new())).unwrap();
+    // A full read opens the directory and every file; were that an event to act on, each
+    // read would cause the next one, forever.
+    m.rescan().unwrap();
+    sleep(Duration::from_millis(50));
+    let w = watch.take(Instant::now());
+    assert!(!w.all && w.paths.is_empty(), "{w:?}");
+    assert_eq!(watch.next_due(), None);
+}
+
+#[test]
+fn a_mounted_configmap_update_is_read() {
+    use std::os::unix::fs::symlink;
+    // kubelet's layout: `..<ts>/` holds the data, `..data -> ..<ts>`, `a.yaml -> ..data/a.yaml`.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir(d.join("..v1")).unwrap();
+    fs::write(d.join("..v1/a.yaml"), SVC).unwrap();
+    symlink("..v1", d.join("..data")).unwrap();
+    symlink("..data/a.yaml", d.join("a.yaml")).unwrap();
+    let mut m = ManifestDir::new(d).unwrap();
+    m.rescan().unwrap();
+    assert_eq!(counts(&m), (1, 0, 0));
+
+    let watch = ManifestWatch::start(d, Arc::new(tokio::sync::Notify::new())).unwrap();
+    // The update: a new data directory, a new symlink renamed over `..data`.
+    fs::create_dir(d.join("..v2")).unwrap();
+    fs::write(d.join("..v2/a.yaml"), format!("{SVC}---\n{SLICE}")).unwrap();
+    symlink("..v2", d.join("..data_tmp")).unwrap();
+    fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    fs::remove_dir_all(d.join("..v1")).unwrap();
+    let w = next_work(&watch).expect("the swap is seen");
+    assert!(w.all, "{w:?}");
+    assert!(m.rescan().unwrap().changed);
+    assert_eq!(counts(&m), (1, 1, 0));
+}
