@@ -179,7 +179,7 @@ pub struct Desired {
 /// for [`Model`], which gives the same answer incrementally.
 pub fn build(objects: &Objects, node_name: &str) -> Desired {
     Model::default()
-        .build(&Index::from_objects(objects), node_name, true)
+        .build(&Index::from_objects(objects), Changes::All, node_name, true)
         .desired
 }
 
@@ -211,6 +211,9 @@ pub struct Index {
     unnamed: BTreeMap<Pos, Sourced<Service>>,
     unowned: BTreeMap<(String, Pos), Sourced<EndpointSlice>>,
     nodes: BTreeMap<Pos, Sourced<Node>>,
+    /// Services whose objects were added or removed since [`Self::take_touched`]; None:
+    /// not known (a new index).
+    touched: Option<BTreeSet<ServiceRef>>,
 }
 
 /// The objects of one origin (a manifest file), in the order it lists them.
@@ -313,6 +316,7 @@ impl Index {
             let pos = (origin.clone(), i);
             match service_ref(s) {
                 Some(r) => {
+                    self.touch(&r);
                     if let Some(g) = self.groups.get_mut(&r) {
                         g.services.remove(&pos);
                         if g.is_empty() {
@@ -332,6 +336,7 @@ impl Index {
             );
             match slice_owner(s) {
                 Some(SliceOwner::Service(r)) => {
+                    self.touch(&r);
                     if let Some(g) = self.groups.get_mut(&r) {
                         g.slices.remove(&key);
                         if g.is_empty() {
@@ -353,6 +358,7 @@ impl Index {
     fn add_service(&mut self, pos: Pos, s: Sourced<Service>) {
         match service_ref(&s.object) {
             Some(r) => {
+                self.touch(&r);
                 self.groups.entry(r).or_default().services.insert(pos, s);
             }
             None => {
@@ -365,12 +371,25 @@ impl Index {
         let key = (s.object.metadata.name.clone().unwrap_or_default(), pos);
         match slice_owner(&s.object) {
             Some(SliceOwner::Service(r)) => {
+                self.touch(&r);
                 self.groups.entry(r).or_default().slices.insert(key, s);
             }
             Some(SliceOwner::Unowned) => {
                 self.unowned.insert(key, s);
             }
             None => {}
+        }
+    }
+
+    /// The Services whose objects changed since the last call (None: any may have), for
+    /// [`Model::build`].
+    pub fn take_touched(&mut self) -> Option<BTreeSet<ServiceRef>> {
+        self.touched.replace(BTreeSet::new())
+    }
+
+    fn touch(&mut self, r: &ServiceRef) {
+        if let Some(t) = &mut self.touched {
+            t.insert(r.clone());
         }
     }
 
@@ -390,11 +409,14 @@ impl Index {
 struct Cached {
     /// The inputs, kept alive so pointer equality means "the same object".
     services: Vec<Arc<Service>>,
+    /// Where each Service object came from (its clash problems name it).
+    origins: Vec<Arc<str>>,
     slices: Vec<Arc<EndpointSlice>>,
     outcomes: Vec<(ServiceOutcome, Vec<Problem>)>,
     slice_problems: Vec<Problem>,
-    /// Per Service object: refused because a frontend is already another Service's.
-    clashed: Vec<bool>,
+    /// Per Service object: the frontends it lost to another Service, as problems (empty: it
+    /// owns all of its frontends).
+    clashes: Vec<Vec<Problem>>,
 }
 
 impl Cached {
@@ -412,16 +434,79 @@ impl Cached {
                 .zip(g.slices.values())
                 .all(|(a, b)| Arc::ptr_eq(a, &b.object))
     }
+
+    /// The frontends each valid Service object claims: (object, frontend).
+    fn claims(&self) -> impl Iterator<Item = (usize, Frontend)> + '_ {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (o, problems))| match o {
+                ServiceOutcome::Frontends { frontends, .. } if valid(problems) => {
+                    Some(frontends.iter().map(move |(f, _)| (i, *f)))
+                }
+                _ => None,
+            })
+            .flatten()
+    }
+
+    /// Per Service object: its frontends are not programmed, and what is programmed for
+    /// it stays as it is.
+    fn held(&self, i: usize) -> bool {
+        match &self.outcomes[i] {
+            (ServiceOutcome::Skipped, _) => false,
+            (ServiceOutcome::Invalid { .. }, _) => true,
+            (ServiceOutcome::Frontends { .. }, problems) => {
+                !valid(problems) || !self.clashes[i].is_empty()
+            }
+        }
+    }
+
+    /// Whether this Service has anything to report or hold: the complete lists of problems
+    /// and held VIPs are rebuilt from such Services only.
+    fn noted(&self) -> bool {
+        !self.slice_problems.is_empty()
+            || self.outcomes.iter().any(|(_, p)| !p.is_empty())
+            || (0..self.outcomes.len()).any(|i| self.held(i))
+    }
 }
 
-/// The model, computed incrementally: each Service's frontends are recomputed only when its
-/// objects (or this node's zone) changed; checking frontends against other Services' is a
-/// cheap pass over cached results. [`build`] is the same computation from scratch.
+/// A Service object's problems that still let it program its frontends.
+fn valid(problems: &[Problem]) -> bool {
+    problems
+        .iter()
+        .all(|p| p.reason == ProblemReason::UnsupportedProtocol)
+}
+
+/// A Service object (its Service's name, its position among objects of that name) claiming
+/// frontends. Ordered as ownership is decided: the first valid claimant owns a frontend.
+type Claim = (ServiceRef, usize);
+
+/// Which Services changed since the model's previous pass, as the source knows it.
+#[derive(Clone, Copy, Debug)]
+pub enum Changes<'a> {
+    /// Unknown: every Service is compared with what the model has.
+    All,
+    /// Only these Services' objects changed (see [`Index::take_touched`]).
+    Only(&'a BTreeSet<ServiceRef>),
+}
+
+/// The model, computed incrementally: a Service's frontends are recomputed only when its
+/// objects (or this node's zone) changed, and who owns a contended frontend is decided
+/// among its claimants only, so a pass costs what changed, not the cluster. [`build`] is
+/// the same computation from scratch.
 #[derive(Debug, Default)]
 pub struct Model {
     node_name: String,
     zone: Option<String>,
     cache: HashMap<ServiceRef, Cached>,
+    /// Every claimed frontend and its claimants.
+    claims: HashMap<Frontend, BTreeSet<Claim>>,
+    /// Frontends with more than one claimant: the only place a clash can be.
+    contended: BTreeSet<Frontend>,
+    /// Services with a clash now.
+    clashed: BTreeSet<ServiceRef>,
+    /// Services with problems or held objects (see [`Cached::noted`]).
+    noted: BTreeSet<ServiceRef>,
 }
 
 /// A model pass.
@@ -435,26 +520,66 @@ pub struct Built {
 }
 
 impl Model {
-    pub fn build(&mut self, index: &Index, node_name: &str, full: bool) -> Built {
+    /// One pass over `index`. `changes` must name every Service whose objects changed since
+    /// this model's previous pass (or be [`Changes::All`]).
+    pub fn build(
+        &mut self,
+        index: &Index,
+        changes: Changes<'_>,
+        node_name: &str,
+        full: bool,
+    ) -> Built {
         let zone = index
             .nodes
             .values()
             .find(|n| n.object.metadata.name.as_deref() == Some(node_name))
             .and_then(|n| n.object.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        let mut changes = changes;
         if zone != self.zone || node_name != self.node_name {
             // Endpoint selection depends on both: everything is recomputed.
-            self.cache.clear();
-            self.zone = zone;
-            self.node_name = node_name.to_string();
+            *self = Model {
+                zone,
+                node_name: node_name.to_string(),
+                ..Model::default()
+            };
+            changes = Changes::All;
         }
-        let mut changed: BTreeSet<ServiceRef> = self
-            .cache
-            .keys()
-            .filter(|r| !index.groups.contains_key(*r))
-            .cloned()
-            .collect();
+        let candidates: BTreeSet<ServiceRef> = match changes {
+            Changes::All => self
+                .cache
+                .keys()
+                .chain(index.groups.keys())
+                .cloned()
+                .collect(),
+            Changes::Only(set) => set.clone(),
+        };
+
+        // Services whose objects changed: recomputed, their claims replaced.
+        let mut changed = BTreeSet::new();
+        for r in candidates {
+            let group = index.groups.get(&r);
+            if let (Some(c), Some(g)) = (self.cache.get(&r), group)
+                && c.same_inputs(g)
+            {
+                continue;
+            }
+            if let Some(old) = self.cache.remove(&r) {
+                self.unclaim(&r, &old);
+            }
+            if let Some(g) = group {
+                let c = self.compute(g, node_name);
+                self.claim(&r, &c);
+                self.cache.insert(r.clone(), c);
+            }
+            changed.insert(r);
+        }
+        changed.extend(self.resolve_clashes());
         for r in &changed {
-            self.cache.remove(r);
+            if self.cache.get(r).is_some_and(Cached::noted) {
+                self.noted.insert(r.clone());
+            } else {
+                self.noted.remove(r);
+            }
         }
 
         let mut out = Desired::default();
@@ -472,72 +597,34 @@ impl Model {
                 "the slice names no Service; ignored",
             ));
         }
-        // Which Service owns each frontend: the first valid one in (namespace, name) order.
-        let mut owners: HashMap<Frontend, &ServiceRef> = HashMap::new();
-        for (r, g) in &index.groups {
-            let recomputed = !self.cache.get(r).is_some_and(|c| c.same_inputs(g));
-            if recomputed {
-                let c = self.compute(g, node_name);
-                self.cache.insert(r.clone(), c);
-            }
-            let c = self.cache.get_mut(r).expect("cached above");
+        for r in &self.noted {
+            let c = &self.cache[r];
             out.problems.extend(c.slice_problems.iter().cloned());
-            // First pass: which of this Service's objects lose a frontend to another Service.
-            let mut clashed = Vec::with_capacity(c.outcomes.len());
-            let mut held = Vec::with_capacity(c.outcomes.len());
-            for ((outcome, problems), svc) in c.outcomes.iter().zip(g.services.values()) {
+            for (i, ((outcome, problems), clashes)) in c.outcomes.iter().zip(&c.clashes).enumerate()
+            {
                 out.problems.extend(problems.iter().cloned());
-                let (is_held, clash) = match outcome {
-                    ServiceOutcome::Skipped => (false, false),
-                    ServiceOutcome::Invalid { vips } => {
-                        out.held_vips.extend(vips.iter().copied());
-                        (true, false)
-                    }
-                    ServiceOutcome::Frontends { vips, frontends } => {
-                        let invalid = !problems
-                            .iter()
-                            .all(|p| p.reason == ProblemReason::UnsupportedProtocol);
-                        let mut clash = false;
-                        if !invalid {
-                            for (f, _) in frontends {
-                                if let Some(owner) = owners.get(f) {
-                                    out.problems.push(problem(
-                                        svc,
-                                        "Service",
-                                        "spec.clusterIP",
-                                        ProblemReason::DuplicateFrontend,
-                                        format!("{f} is already used by Service {owner}"),
-                                    ));
-                                    clash = true;
-                                }
-                            }
-                        }
-                        if invalid || clash {
-                            out.held_vips.extend(vips.iter().copied());
-                        } else {
-                            owners.extend(frontends.iter().map(|(f, _)| (*f, r)));
-                        }
-                        (invalid || clash, clash)
-                    }
-                };
-                if is_held {
+                out.problems.extend(clashes.iter().cloned());
+                if c.held(i) {
                     out.held_services.insert(r.clone());
-                }
-                clashed.push(clash);
-                held.push(is_held);
-            }
-            let differs = recomputed || c.clashed != clashed;
-            c.clashed = clashed;
-            // Second pass: the frontends, only where the sync needs them.
-            if full || differs {
-                for ((outcome, _), held) in c.outcomes.iter().zip(&held) {
-                    if let (ServiceOutcome::Frontends { frontends, .. }, false) = (outcome, held) {
-                        out.frontends.extend(frontends.iter().cloned());
+                    if let ServiceOutcome::Invalid { vips }
+                    | ServiceOutcome::Frontends { vips, .. } = outcome
+                    {
+                        out.held_vips.extend(vips.iter().copied());
                     }
                 }
             }
-            if differs {
-                changed.insert(r.clone());
+        }
+        let emit: Box<dyn Iterator<Item = &ServiceRef>> = if full {
+            Box::new(self.cache.keys())
+        } else {
+            Box::new(changed.iter())
+        };
+        for r in emit {
+            let Some(c) = self.cache.get(r) else { continue };
+            for (i, (outcome, _)) in c.outcomes.iter().enumerate() {
+                if let (ServiceOutcome::Frontends { frontends, .. }, false) = (outcome, c.held(i)) {
+                    out.frontends.extend(frontends.iter().cloned());
+                }
             }
         }
         Built {
@@ -546,10 +633,101 @@ impl Model {
         }
     }
 
+    fn claim(&mut self, r: &ServiceRef, c: &Cached) {
+        for (i, f) in c.claims() {
+            let set = self.claims.entry(f).or_default();
+            set.insert((r.clone(), i));
+            if set.len() > 1 {
+                self.contended.insert(f);
+            }
+        }
+    }
+
+    fn unclaim(&mut self, r: &ServiceRef, c: &Cached) {
+        for (i, f) in c.claims() {
+            let Some(set) = self.claims.get_mut(&f) else {
+                continue;
+            };
+            set.remove(&(r.clone(), i));
+            match set.len() {
+                0 => {
+                    self.claims.remove(&f);
+                    self.contended.remove(&f);
+                }
+                1 => {
+                    self.contended.remove(&f);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Decides who owns each contended frontend: the first valid claimant, in (namespace,
+    /// name, position) order, that has not itself lost a frontend (as kube-proxy, one
+    /// Service per ClusterIP:port). Returns the Services whose clashes changed.
+    fn resolve_clashes(&mut self) -> BTreeSet<ServiceRef> {
+        let claimants: BTreeSet<&Claim> = self
+            .contended
+            .iter()
+            .flat_map(|f| &self.claims[f])
+            .collect();
+        let mut owners: HashMap<Frontend, &ServiceRef> = HashMap::new();
+        let mut clashes: BTreeMap<Claim, Vec<Problem>> = BTreeMap::new();
+        for (r, i) in claimants {
+            let c = &self.cache[r];
+            let ServiceOutcome::Frontends { frontends, .. } = &c.outcomes[*i].0 else {
+                continue;
+            };
+            let src = Sourced {
+                origin: Arc::clone(&c.origins[*i]),
+                object: Arc::clone(&c.services[*i]),
+            };
+            let lost: Vec<Problem> = frontends
+                .iter()
+                .filter_map(|(f, _)| {
+                    let owner = owners.get(f)?;
+                    Some(problem(
+                        &src,
+                        "Service",
+                        "spec.clusterIP",
+                        ProblemReason::DuplicateFrontend,
+                        format!("{f} is already used by Service {owner}"),
+                    ))
+                })
+                .collect();
+            if lost.is_empty() {
+                for (f, _) in frontends {
+                    if self.contended.contains(f) {
+                        owners.insert(*f, r);
+                    }
+                }
+            } else {
+                clashes.insert((r.clone(), *i), lost);
+            }
+        }
+        let now: BTreeSet<ServiceRef> = clashes.keys().map(|(r, _)| r.clone()).collect();
+        let mut changed = BTreeSet::new();
+        for r in self.clashed.union(&now) {
+            // A Service that clashed before may be gone (it is already among the changed).
+            let Some(c) = self.cache.get_mut(r) else {
+                continue;
+            };
+            let new: Vec<Vec<Problem>> = (0..c.outcomes.len())
+                .map(|i| clashes.remove(&(r.clone(), i)).unwrap_or_default())
+                .collect();
+            if new != c.clashes {
+                c.clashes = new;
+                changed.insert(r.clone());
+            }
+        }
+        self.clashed = now;
+        changed
+    }
+
     fn compute(&self, g: &Group, node_name: &str) -> Cached {
         let mut slice_problems = Vec::new();
         let slices = merge_slices(g.slices.values(), node_name, &mut slice_problems);
-        let outcomes = g
+        let outcomes: Vec<_> = g
             .services
             .values()
             .map(|s| {
@@ -561,10 +739,11 @@ impl Model {
             .collect();
         Cached {
             services: g.services.values().map(|s| s.object.clone()).collect(),
+            origins: g.services.values().map(|s| s.origin.clone()).collect(),
             slices: g.slices.values().map(|s| s.object.clone()).collect(),
+            clashes: vec![Vec::new(); outcomes.len()],
             outcomes,
             slice_problems,
-            clashed: vec![],
         }
     }
 }

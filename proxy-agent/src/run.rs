@@ -17,7 +17,7 @@ use crate::{
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics, SyncKind},
-    model::{Index, Model, Problem, ProblemReason, ServiceRef},
+    model::{Changes, Index, Model, Problem, ProblemReason, ServiceRef},
     source::{
         kube::KubeSource,
         manifests::{ManifestDir, ManifestWatch},
@@ -84,6 +84,8 @@ enum Source {
 /// What a source has now.
 struct Snapshot<'a> {
     index: std::borrow::Cow<'a, Index>,
+    /// The Services whose objects changed since the previous snapshot (None: unknown).
+    touched: Option<BTreeSet<ServiceRef>>,
     file_problems: Vec<Problem>,
     /// Nothing changed since the last snapshot.
     unchanged: bool,
@@ -109,7 +111,9 @@ impl Source {
                     dir.rescan_paths(&work.paths)
                 };
                 let file_problems = dir.problems().cloned().collect();
+                let touched = dir.take_touched();
                 Some(Snapshot {
+                    touched,
                     index: std::borrow::Cow::Borrowed(dir.index()),
                     file_problems,
                     unchanged: !rescan.changed,
@@ -118,6 +122,7 @@ impl Source {
             // The reflector stores are rebuilt into an index (a few ms at 10k Services); the
             // model still recomputes only the Services whose objects changed.
             Source::Kube(k) => Some(Snapshot {
+                touched: None,
                 index: std::borrow::Cow::Owned(Index::from_objects(&k.objects())),
                 file_problems: vec![],
                 unchanged: false,
@@ -159,7 +164,10 @@ impl Agent {
             return;
         }
         let read = started.elapsed();
-        let built = self.model.build(&snap.index, &self.node_name, full);
+        let changes = snap.touched.as_ref().map_or(Changes::All, Changes::Only);
+        let built = self
+            .model
+            .build(&snap.index, changes, &self.node_name, full);
         let modeled = started.elapsed();
         let desired = built.desired;
         self.rejections.report(

@@ -125,7 +125,10 @@ impl Agent {
             .arg(cgroup)
             .arg("--bpffs-dir")
             .arg(&pins.path)
-            .env("RUST_LOG", std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()

@@ -227,6 +227,11 @@ impl ManifestDir {
         &self.index
     }
 
+    /// The Services whose objects changed since the last call (see [`Index::take_touched`]).
+    pub fn take_touched(&mut self) -> Option<BTreeSet<crate::model::ServiceRef>> {
+        self.index.take_touched()
+    }
+
     /// Problems of the files' current contents.
     pub fn problems(&self) -> impl Iterator<Item = &Problem> {
         self.files.values().flat_map(|f| f.problems.iter())

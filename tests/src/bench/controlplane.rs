@@ -58,6 +58,9 @@ pub struct Programmer {
     /// all in the command.
     pub agent_sync: Option<SyncPhases>,
     pub change: Percentiles,
+    /// The agent's own account of one change (median of each phase over the changes'
+    /// syncs): the rest of a change's latency is inotify and the reader polling the maps.
+    pub agent_change: Option<SyncPhases>,
     pub peak_rss_mib: Option<f64>,
     pub kernel_memory_mib: Option<f64>,
 }
@@ -162,10 +165,31 @@ pub struct SyncPhases {
     pub total: f64,
 }
 
-fn first_sync(log: &str) -> Option<SyncPhases> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("synced") && l.contains("kind=\"full\""))?;
+/// The phases of the agent's syncs of `kind` ("full" or "partial"), from its log.
+fn syncs(log: &str, kind: &str) -> Vec<SyncPhases> {
+    let kind = format!("kind=\"{kind}\"");
+    log.lines()
+        .filter(|l| l.contains("synced") && l.contains(&kind))
+        .filter_map(sync_phases)
+        .collect()
+}
+
+/// Each phase's median.
+fn median_phases(syncs: &[SyncPhases]) -> Option<SyncPhases> {
+    let median = |f: fn(&SyncPhases) -> f64| {
+        let mut v: Vec<f64> = syncs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    Some(SyncPhases {
+        read: median(|s| s.read)?,
+        model: median(|s| s.model)?,
+        write: median(|s| s.write)?,
+        total: median(|s| s.total)?,
+    })
+}
+
+fn sync_phases(line: &str) -> Option<SyncPhases> {
     let field = |name: &str| -> Option<f64> {
         let v = line.split(&format!(" {name}=")).nth(1)?;
         let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
@@ -191,7 +215,7 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
     let started = Instant::now();
     let agent = Agent::start(&manifests.dir, &cgroup.path, &pins)?;
     let full_seconds = started.elapsed().as_secs_f64();
-    let agent_sync = first_sync(&agent.log_text());
+    let agent_sync = syncs(&agent.log_text(), "full").into_iter().next();
     let maps = MapReader::open(&pins.path)?;
     if !maps.has_backend(&svcs[n - 1], svcs[n - 1].endpoints[0]) {
         bail!("the agent reported ready without the last Service programmed");
@@ -224,7 +248,9 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
         }
     }
     let peak_rss_mib = agent.pid().and_then(vm_hwm_mib);
+    let agent_change = median_phases(&syncs(&agent.log_text(), "partial"));
     Ok(Programmer {
+        agent_change,
         name: "this project (agent, manifests)",
         full_seconds,
         agent_sync,
@@ -311,6 +337,7 @@ pub fn kube_proxy_shape(
         name,
         full_seconds,
         agent_sync: None,
+        agent_change: None,
         change: Percentiles::of(samples),
         peak_rss_mib: None,
         kernel_memory_mib: None,
@@ -336,16 +363,31 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_log_gives_its_first_full_sync() {
-        let log = "x INFO proxy_agent::run: synced kind=\"full\" services=3 updates=9 deletes=0 errors=0 read_us=500 model_us=250 elapsed_us=1500\n";
+    fn the_agent_log_gives_its_syncs() {
+        let line = |kind: &str, read: u32| {
+            format!(
+                "x INFO proxy_agent::run: synced kind=\"{kind}\" services=3 updates=9 deletes=0 errors=0 read_us={read} model_us=250 elapsed_us=1500\n"
+            )
+        };
+        let log = [
+            line("full", 500),
+            line("partial", 100),
+            line("partial", 300),
+            line("partial", 200),
+        ]
+        .concat();
         assert_eq!(
-            first_sync(log),
-            Some(SyncPhases {
+            syncs(&log, "full"),
+            vec![SyncPhases {
                 read: 0.0005,
                 model: 0.00025,
                 write: 0.00075,
                 total: 0.0015
-            })
+            }]
         );
+        let partial = syncs(&log, "partial");
+        assert_eq!(partial.len(), 3);
+        assert_eq!(median_phases(&partial).map(|p| p.read), Some(0.0002));
+        assert_eq!(median_phases(&[]), None);
     }
 }

@@ -113,14 +113,14 @@ pub fn tables(r: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "| programmer | full program s | agent sync: read + model + write s | change p50 ms | change p99 ms | change max ms | peak RSS MiB | kernel map MiB |"
+            "| programmer | full program s | agent sync: read + model + write s | change p50 ms | change p99 ms | change max ms | agent per change: read + model + write µs (median) | peak RSS MiB | kernel map MiB |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
         for p in &cp.programmers {
             let _ = writeln!(
                 out,
-                "| {} | {:.3} | {} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {:.3} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                 p.name,
                 p.full_seconds,
                 p.agent_sync.as_ref().map_or("-".into(), |a| format!(
@@ -130,6 +130,13 @@ pub fn tables(r: &Results) -> String {
                 p.change.p50_ms,
                 p.change.p99_ms,
                 p.change.max_ms,
+                p.agent_change.as_ref().map_or("-".into(), |a| format!(
+                    "{:.0} = {:.0} + {:.0} + {:.0}",
+                    a.total * 1e6,
+                    a.read * 1e6,
+                    a.model * 1e6,
+                    a.write * 1e6
+                )),
                 opt(p.peak_rss_mib, 1),
                 opt(p.kernel_memory_mib, 1),
             );

@@ -179,7 +179,12 @@ fn a_file_rescan_reads_only_that_file_and_keeps_the_index_in_step() {
     // The index built file by file equals one built from all objects.
     let fresh = crate::model::build(&m.objects(), "node-a");
     let mut model = crate::model::Model::default();
-    assert_eq!(model.build(m.index(), "node-a", true).desired, fresh);
+    assert_eq!(
+        model
+            .build(m.index(), crate::model::Changes::All, "node-a", true)
+            .desired,
+        fresh
+    );
 }
 
 #[test]
@@ -279,7 +284,10 @@ fn events_are_routed_by_what_they_are_about() {
             Route::Ignore,
         ),
         (
-            ev(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), "/m"),
+            ev(
+                EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+                "/m",
+            ),
             Route::Ignore,
         ),
         // The directory moved or was deleted.
@@ -294,11 +302,17 @@ fn events_are_routed_by_what_they_are_about() {
             Route::All,
         ),
         (
-            ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/m/..data"),
+            ev(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/m/..data",
+            ),
             Route::All,
         ),
         (
-            ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/m/..data_tmp"),
+            ev(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                "/m/..data_tmp",
+            ),
             Route::Ignore,
         ),
         // A file.
@@ -310,7 +324,10 @@ fn events_are_routed_by_what_they_are_about() {
             Route::Ready(file()),
         ),
         (
-            ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/m/a.yaml"),
+            ev(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                "/m/a.yaml",
+            ),
             Route::Writing(file()),
         ),
         (
@@ -375,4 +392,80 @@ fn a_mounted_configmap_update_is_read() {
     assert!(w.all, "{w:?}");
     assert!(m.rescan().unwrap().changed);
     assert_eq!(counts(&m), (1, 1, 0));
+}
+
+#[test]
+#[ignore]
+fn tmp_parse_speed() {
+    let mut eps = String::new();
+    for i in 0..10 {
+        eps.push_str(&format!(
+            "- {{addresses: [\"10.200.{i}.{i}\"], conditions: {{ready: true}}}}\n"
+        ));
+    }
+    let text = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: svc-1, namespace: bench}}
+spec:
+  clusterIP: 10.96.1.1
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: svc-1-abcde
+  namespace: bench
+  labels: {{kubernetes.io/service-name: svc-1}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+{eps}"
+    );
+    println!("{} bytes", text.len());
+    let origin: Arc<str> = Arc::from("x");
+    let p = Path::new("/x/a.yaml");
+    let n = 2000;
+    let t = Instant::now();
+    for _ in 0..n {
+        parse_file(&origin, p, &text).unwrap();
+    }
+    println!("parse_file {:?}/file", t.elapsed() / n);
+    let t = Instant::now();
+    for _ in 0..n {
+        for doc in yaml_serde::Deserializer::from_str(&text) {
+            let _v = Value::deserialize(doc).unwrap();
+        }
+    }
+    println!("yaml->json Value {:?}/file", t.elapsed() / n);
+    let t = Instant::now();
+    for _ in 0..n {
+        for doc in yaml_serde::Deserializer::from_str(&text) {
+            let _v = yaml_serde::Value::deserialize(doc).unwrap();
+        }
+    }
+    println!("yaml->yaml Value {:?}/file", t.elapsed() / n);
+    let docs: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    let t = Instant::now();
+    for _ in 0..n {
+        let _s: Service = serde_json::from_value(docs[0].clone()).unwrap();
+        let _e: EndpointSlice = serde_json::from_value(docs[1].clone()).unwrap();
+    }
+    println!("Value->typed {:?}/file", t.elapsed() / n);
+    let t = Instant::now();
+    for _ in 0..n {
+        let _s: Service = typed(docs[0].clone()).unwrap();
+        let _e: EndpointSlice = typed(docs[1].clone()).unwrap();
+    }
+    println!("Value->typed path_to_error {:?}/file", t.elapsed() / n);
+    let js = serde_json::to_string(&docs[1]).unwrap();
+    let t = Instant::now();
+    for _ in 0..n {
+        let _e: EndpointSlice = serde_json::from_str(&js).unwrap();
+    }
+    println!("json str->slice {:?}/file", t.elapsed() / n);
 }
