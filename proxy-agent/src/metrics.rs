@@ -154,10 +154,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_state(&self, state: &MapState) {
-        // Per-VIP frontend counts: cheaper than walking every slot key after each sync.
-        self.frontends
-            .set(state.vips.values().map(|n| i64::from(*n)).sum::<i64>());
+    pub fn record_state(&self, state: &MapState, frontends: usize) {
+        self.frontends.set(frontends as i64);
         self.backends.set(state.backends.len() as i64);
         for l in MAP_LAYOUTS {
             let n = match l.name {

@@ -203,7 +203,8 @@ impl Agent {
             .sync_duration
             .get_or_create(&SyncKind { kind })
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.record_state(self.syncer.state());
+        self.metrics
+            .record_state(self.syncer.state(), self.syncer.frontend_count());
         if let Source::Kube(k) = &self.source
             && !report.written_services.is_empty()
         {

@@ -128,6 +128,8 @@ pub struct Syncer<D: Datapath> {
     owners: HashMap<Frontend, ServiceRef>,
     /// The inverse of `owners`: a scoped sync visits only its Services' frontends.
     by_owner: HashMap<ServiceRef, BTreeSet<Frontend>>,
+    /// Masters in `state.services`.
+    masters: usize,
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -151,7 +153,6 @@ impl<D: Datapath> Syncer<D> {
             .collect();
         Syncer {
             dp,
-            state,
             backend_ids,
             backend_refs,
             unreferenced,
@@ -159,7 +160,14 @@ impl<D: Datapath> Syncer<D> {
             next_rev_nat_id: 1,
             owners: HashMap::new(),
             by_owner: HashMap::new(),
+            masters: state.services.keys().filter(|k| k.slot == 0).count(),
+            state,
         }
+    }
+
+    /// Frontends (masters) in the maps, counted as they are written rather than walked.
+    pub fn frontend_count(&self) -> usize {
+        self.masters
     }
 
     pub fn state(&self) -> &MapState {
@@ -413,7 +421,9 @@ impl<D: Datapath> Syncer<D> {
         };
         if old_master != Some(master) {
             self.dp.update_service(master_key, master)?;
-            self.state.services.insert(master_key, master);
+            if self.state.services.insert(master_key, master).is_none() {
+                self.masters += 1;
+            }
             report.updates += 1;
         }
         // 5. slots past the new count, then what nothing references any more.
@@ -438,6 +448,7 @@ impl<D: Datapath> Syncer<D> {
         if old_master.is_some() {
             self.dp.delete_service(master_key)?;
             self.state.services.remove(&master_key);
+            self.masters -= 1;
             report.deletes += 1;
             self.remove_vip(f, report)?;
         }

@@ -31,10 +31,24 @@ pub enum SourceError {
 /// One file's objects.
 type FileObjects = ObjectSet;
 
+/// What tells a file's versions apart: modification time and size.
+type Fingerprint = (SystemTime, u64);
+
+/// A file read and parsed: its origin (the path, as problems name it) and its objects.
+type Loaded = (Arc<str>, Result<FileObjects, Vec<Problem>>);
+
+fn load(path: &Path) -> Loaded {
+    let origin: Arc<str> = Arc::from(path.display().to_string());
+    let parsed = fs::read_to_string(path)
+        .map_err(|e| vec![file_problem(&origin, "file", e.to_string())])
+        .and_then(|text| parse_file(&origin, path, &text));
+    (origin, parsed)
+}
+
 #[derive(Debug)]
 struct FileEntry {
     origin: Arc<str>,
-    fingerprint: (SystemTime, u64),
+    fingerprint: Fingerprint,
     /// What the file contributes: its last good parse (empty if it never parsed).
     objects: FileObjects,
     /// Problems of the current content (non-empty: `objects` is from an older version).
@@ -46,6 +60,8 @@ struct FileEntry {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileEntry>,
+    /// Files whose current content has problems (so listing them costs their number).
+    troubled: BTreeSet<PathBuf>,
     /// The files' objects grouped for the model, updated file by file.
     index: Index,
 }
@@ -85,6 +101,7 @@ impl ManifestDir {
         Ok(ManifestDir {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
+            troubled: BTreeSet::new(),
             index: Index::default(),
         })
     }
@@ -102,12 +119,14 @@ impl ManifestDir {
         })?;
         let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut todo = Vec::new();
         for path in paths {
-            if self.read(&path, &mut out) {
-                seen.insert(path);
+            if let Some(fingerprint) = self.needs_read(&path, &mut seen) {
+                todo.push((path, fingerprint));
             }
         }
+        self.read_all(todo, &mut out);
         let gone: Vec<PathBuf> = self
             .files
             .keys()
@@ -138,14 +157,19 @@ impl ManifestDir {
             return out;
         }
         let mut gone = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut todo = Vec::new();
         for path in paths {
             if path.parent() != Some(self.dir.as_path()) {
                 continue;
             }
-            if !self.read(path, &mut out) && self.files.contains_key(path) {
-                gone.push(path);
+            match self.needs_read(path, &mut seen) {
+                Some(fingerprint) => todo.push((path.clone(), fingerprint)),
+                None if !seen.contains(path) && self.files.contains_key(path) => gone.push(path),
+                None => {}
             }
         }
+        self.read_all(todo, &mut out);
         // As in `rescan`: the directory may have gone while its files were read.
         if self.dir.is_dir() {
             for path in gone {
@@ -156,35 +180,72 @@ impl ManifestDir {
         out
     }
 
-    /// Reads `path` if it is a manifest whose fingerprint changed; false if it is not (or no
-    /// longer) a manifest file.
-    fn read(&mut self, path: &Path, out: &mut Rescan) -> bool {
+    /// The fingerprint of `path` if it must be read (a manifest file that is new or changed);
+    /// manifest files are added to `seen`.
+    fn needs_read(&self, path: &Path, seen: &mut BTreeSet<PathBuf>) -> Option<Fingerprint> {
         if !is_manifest(path) {
-            return false;
+            return None;
         }
-        let Ok(meta) = fs::metadata(path) else {
-            return false;
-        };
-        if !meta.is_file() {
-            return false;
-        }
+        let meta = fs::metadata(path).ok().filter(fs::Metadata::is_file)?;
+        seen.insert(path.to_path_buf());
         let fingerprint = (
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             meta.len(),
         );
-        if self
+        let unchanged = self
             .files
             .get(path)
-            .is_some_and(|f| f.fingerprint == fingerprint)
-        {
-            return true;
+            .is_some_and(|f| f.fingerprint == fingerprint);
+        (!unchanged).then_some(fingerprint)
+    }
+
+    /// Reads and parses these files (on every core when there are many: parsing YAML is
+    /// most of a cold start), then indexes them in order.
+    fn read_all(&mut self, todo: Vec<(PathBuf, Fingerprint)>, out: &mut Rescan) {
+        // Plain scoped threads rather than a pool crate: one loop, and no idle threads kept
+        // in the agent between cold starts.
+        const PER_THREAD_MIN: usize = 64;
+        let threads = if todo.len() < 2 * PER_THREAD_MIN {
+            1 // (asking for the parallelism reads cgroup files: not for every edit)
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(todo.len() / PER_THREAD_MIN)
+        };
+        let load = |chunk: &[(PathBuf, Fingerprint)]| -> Vec<Loaded> {
+            chunk.iter().map(|(path, _)| load(path)).collect()
+        };
+        let loaded: Vec<Loaded> = if threads == 1 {
+            load(&todo)
+        } else {
+            let chunk = todo.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = todo
+                    .chunks(chunk)
+                    .map(|c| scope.spawn(move || load(c)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("parsing does not panic"))
+                    .collect()
+            })
+        };
+        for ((path, fingerprint), (origin, parsed)) in todo.into_iter().zip(loaded) {
+            self.apply(path, fingerprint, origin, parsed, out);
         }
+    }
+
+    /// Indexes one file's new content; content that does not parse keeps the last good one.
+    fn apply(
+        &mut self,
+        path: PathBuf,
+        fingerprint: Fingerprint,
+        origin: Arc<str>,
+        parsed: Result<FileObjects, Vec<Problem>>,
+        out: &mut Rescan,
+    ) {
         out.changed = true;
-        let origin: Arc<str> = Arc::from(path.display().to_string());
-        let parsed = fs::read_to_string(path)
-            .map_err(|e| vec![file_problem(&origin, "file", e.to_string())])
-            .and_then(|text| parse_file(&origin, path, &text));
-        let previous = self.files.remove(path);
+        let previous = self.files.remove(&path);
         let entry = match (parsed, previous) {
             (Ok(objects), previous) => {
                 if let Some(p) = previous {
@@ -212,11 +273,16 @@ impl ManifestDir {
                 }
             }
         };
-        self.files.insert(path.to_path_buf(), entry);
-        true
+        if entry.problems.is_empty() {
+            self.troubled.remove(&path);
+        } else {
+            self.troubled.insert(path.clone());
+        }
+        self.files.insert(path, entry);
     }
 
     fn forget(&mut self, path: &Path) {
+        self.troubled.remove(path);
         if let Some(f) = self.files.remove(path) {
             self.index.remove(&f.origin, &f.objects);
         }
@@ -234,7 +300,10 @@ impl ManifestDir {
 
     /// Problems of the files' current contents.
     pub fn problems(&self) -> impl Iterator<Item = &Problem> {
-        self.files.values().flat_map(|f| f.problems.iter())
+        self.troubled
+            .iter()
+            .filter_map(|p| self.files.get(p))
+            .flat_map(|f| f.problems.iter())
     }
 
     pub fn objects(&self) -> Objects {
@@ -543,6 +612,10 @@ fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects,
 
 /// Deserializes into a k8s-openapi type, naming the field that failed.
 fn typed<T: serde::de::DeserializeOwned>(doc: Value) -> Result<T, (String, String)> {
+    // Tracking the path costs about as much as the conversion: only a failure pays for it.
+    if let Ok(t) = T::deserialize(&doc) {
+        return Ok(t);
+    }
     serde_path_to_error::deserialize(doc).map_err(|e| (e.path().to_string(), e.inner().to_string()))
 }
 

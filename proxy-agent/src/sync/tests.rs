@@ -516,6 +516,7 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
         let r = s.sync(&d);
         assert!(r.errors.is_empty());
         assert_eq!(s.state(), &s.dp.maps);
+        assert_eq!(s.frontend_count(), d.frontends.len(), "masters counted");
         let mut fresh = Syncer::new(Fake::default(), MapState::default());
         fresh.sync(&d);
         assert_eq!(view(&s.dp.maps), view(&fresh.dp.maps));

@@ -90,6 +90,14 @@ fn a_file_that_does_not_parse_keeps_its_last_good_objects() {
         .cluster_ip
         .clone();
     assert_eq!(ip.as_deref(), Some("10.96.0.20"));
+
+    // A broken file that is removed takes its problems along.
+    write(tmp.path(), "web.yaml", "kind: [");
+    m.rescan().unwrap();
+    assert_eq!(m.problems().count(), 1);
+    fs::remove_file(tmp.path().join("web.yaml")).unwrap();
+    m.rescan().unwrap();
+    assert_eq!((m.problems().count(), counts(&m)), (0, (0, 0, 0)));
 }
 
 #[test]
@@ -392,80 +400,4 @@ fn a_mounted_configmap_update_is_read() {
     assert!(w.all, "{w:?}");
     assert!(m.rescan().unwrap().changed);
     assert_eq!(counts(&m), (1, 1, 0));
-}
-
-#[test]
-#[ignore]
-fn tmp_parse_speed() {
-    let mut eps = String::new();
-    for i in 0..10 {
-        eps.push_str(&format!(
-            "- {{addresses: [\"10.200.{i}.{i}\"], conditions: {{ready: true}}}}\n"
-        ));
-    }
-    let text = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: svc-1, namespace: bench}}
-spec:
-  clusterIP: 10.96.1.1
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: svc-1-abcde
-  namespace: bench
-  labels: {{kubernetes.io/service-name: svc-1}}
-addressType: IPv4
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-endpoints:
-{eps}"
-    );
-    println!("{} bytes", text.len());
-    let origin: Arc<str> = Arc::from("x");
-    let p = Path::new("/x/a.yaml");
-    let n = 2000;
-    let t = Instant::now();
-    for _ in 0..n {
-        parse_file(&origin, p, &text).unwrap();
-    }
-    println!("parse_file {:?}/file", t.elapsed() / n);
-    let t = Instant::now();
-    for _ in 0..n {
-        for doc in yaml_serde::Deserializer::from_str(&text) {
-            let _v = Value::deserialize(doc).unwrap();
-        }
-    }
-    println!("yaml->json Value {:?}/file", t.elapsed() / n);
-    let t = Instant::now();
-    for _ in 0..n {
-        for doc in yaml_serde::Deserializer::from_str(&text) {
-            let _v = yaml_serde::Value::deserialize(doc).unwrap();
-        }
-    }
-    println!("yaml->yaml Value {:?}/file", t.elapsed() / n);
-    let docs: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .collect();
-    let t = Instant::now();
-    for _ in 0..n {
-        let _s: Service = serde_json::from_value(docs[0].clone()).unwrap();
-        let _e: EndpointSlice = serde_json::from_value(docs[1].clone()).unwrap();
-    }
-    println!("Value->typed {:?}/file", t.elapsed() / n);
-    let t = Instant::now();
-    for _ in 0..n {
-        let _s: Service = typed(docs[0].clone()).unwrap();
-        let _e: EndpointSlice = typed(docs[1].clone()).unwrap();
-    }
-    println!("Value->typed path_to_error {:?}/file", t.elapsed() / n);
-    let js = serde_json::to_string(&docs[1]).unwrap();
-    let t = Instant::now();
-    for _ in 0..n {
-        let _e: EndpointSlice = serde_json::from_str(&js).unwrap();
-    }
-    println!("json str->slice {:?}/file", t.elapsed() / n);
 }
