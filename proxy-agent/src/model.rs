@@ -11,7 +11,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service};
+
+mod slice;
+pub use slice::{Slice, SliceEndpoint, SlicePort};
 
 use crate::endpoints::{self, Endpoint, TrafficPolicy};
 
@@ -84,10 +87,22 @@ pub struct FrontendSpec {
     pub no_local_endpoints: bool,
 }
 
+/// A Service's namespace and name. Shared strings: every frontend, claim and map owner
+/// names its Service, and a clone should not cost two allocations.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceRef {
+    /// `namespace` None is "default", as in the API.
+    pub fn new(namespace: Option<&str>, name: &str) -> Self {
+        ServiceRef {
+            namespace: namespace.unwrap_or("default").into(),
+            name: name.into(),
+        }
+    }
 }
 
 impl fmt::Display for ServiceRef {
@@ -108,7 +123,7 @@ pub struct Sourced<T> {
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Sourced<Service>>,
-    pub slices: Vec<Sourced<EndpointSlice>>,
+    pub slices: Vec<Sourced<Slice>>,
     pub nodes: Vec<Sourced<Node>>,
 }
 
@@ -191,8 +206,50 @@ type Pos = (Arc<str>, usize);
 /// its EndpointSlices, in name order.
 #[derive(Clone, Debug, Default)]
 struct Group {
-    services: BTreeMap<Pos, Sourced<Service>>,
-    slices: BTreeMap<(String, Pos), Sourced<EndpointSlice>>,
+    services: SortedVec<Pos, Sourced<Service>>,
+    slices: SortedVec<(String, Pos), Sourced<Slice>>,
+}
+
+/// A map for a handful of entries (a Service's objects, a frontend's claimants): a sorted
+/// Vec. A BTreeMap allocates nodes of 11 slots, about 1 KiB per Service at this size.
+#[derive(Clone, Debug)]
+struct SortedVec<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for SortedVec<K, V> {
+    fn default() -> Self {
+        SortedVec(Vec::new())
+    }
+}
+
+impl<K: Ord, V> SortedVec<K, V> {
+    fn insert(&mut self, k: K, v: V) {
+        match self.0.binary_search_by(|(e, _)| e.cmp(&k)) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (k, v)),
+        }
+    }
+
+    fn remove(&mut self, k: &K) {
+        if let Ok(i) = self.0.binary_search_by(|(e, _)| e.cmp(k)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Group {
@@ -209,7 +266,7 @@ pub struct Index {
     groups: BTreeMap<ServiceRef, Group>,
     /// Services without a name and slices that name no Service: reported, never programmed.
     unnamed: BTreeMap<Pos, Sourced<Service>>,
-    unowned: BTreeMap<(String, Pos), Sourced<EndpointSlice>>,
+    unowned: BTreeMap<(String, Pos), Sourced<Slice>>,
     nodes: BTreeMap<Pos, Sourced<Node>>,
     /// Services whose objects were added or removed since [`Self::take_touched`]; None:
     /// not known (a new index).
@@ -220,7 +277,7 @@ pub struct Index {
 #[derive(Clone, Debug, Default)]
 pub struct ObjectSet {
     pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub slices: Vec<Arc<Slice>>,
     pub nodes: Vec<Arc<Node>>,
 }
 
@@ -253,30 +310,14 @@ enum SliceOwner {
     Unowned,
 }
 
-fn slice_owner(slice: &EndpointSlice) -> Option<SliceOwner> {
+fn slice_owner(slice: &Slice) -> Option<SliceOwner> {
     // IPv6 and FQDN slices are not for this (IPv4) datapath.
-    if slice.address_type != "IPv4" {
-        return None;
-    }
-    let labels = slice.metadata.labels.as_ref();
-    if labels
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
-    {
+    if slice.address_type != "IPv4" || slice.not_ours {
         return None;
     }
     Some(
-        match labels
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-            .filter(|n| !n.is_empty())
-        {
-            Some(name) => SliceOwner::Service(ServiceRef {
-                namespace: slice
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                name: name.clone(),
-            }),
+        match slice.service_name.as_deref().filter(|n| !n.is_empty()) {
+            Some(name) => SliceOwner::Service(ServiceRef::new(slice.namespace.as_deref(), name)),
             None => SliceOwner::Unowned,
         },
     )
@@ -330,10 +371,7 @@ impl Index {
             }
         }
         for (i, s) in set.slices.iter().enumerate() {
-            let key = (
-                s.metadata.name.clone().unwrap_or_default(),
-                (origin.clone(), i),
-            );
+            let key = (s.name.clone().unwrap_or_default(), (origin.clone(), i));
             match slice_owner(s) {
                 Some(SliceOwner::Service(r)) => {
                     self.touch(&r);
@@ -367,8 +405,8 @@ impl Index {
         }
     }
 
-    fn add_slice(&mut self, pos: Pos, s: Sourced<EndpointSlice>) {
-        let key = (s.object.metadata.name.clone().unwrap_or_default(), pos);
+    fn add_slice(&mut self, pos: Pos, s: Sourced<Slice>) {
+        let key = (s.object.name.clone().unwrap_or_default(), pos);
         match slice_owner(&s.object) {
             Some(SliceOwner::Service(r)) => {
                 self.touch(&r);
@@ -411,7 +449,7 @@ struct Cached {
     services: Vec<Arc<Service>>,
     /// Where each Service object came from (its clash problems name it).
     origins: Vec<Arc<str>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<Slice>>,
     outcomes: Vec<(ServiceOutcome, Vec<Problem>)>,
     slice_problems: Vec<Problem>,
     /// Per Service object: the frontends it lost to another Service, as problems (empty: it
@@ -500,7 +538,7 @@ pub struct Model {
     zone: Option<String>,
     cache: HashMap<ServiceRef, Cached>,
     /// Every claimed frontend and its claimants.
-    claims: HashMap<Frontend, BTreeSet<Claim>>,
+    claims: HashMap<Frontend, SortedVec<Claim, ()>>,
     /// Frontends with more than one claimant: the only place a clash can be.
     contended: BTreeSet<Frontend>,
     /// Services with a clash now.
@@ -636,7 +674,7 @@ impl Model {
     fn claim(&mut self, r: &ServiceRef, c: &Cached) {
         for (i, f) in c.claims() {
             let set = self.claims.entry(f).or_default();
-            set.insert((r.clone(), i));
+            set.insert((r.clone(), i), ());
             if set.len() > 1 {
                 self.contended.insert(f);
             }
@@ -669,7 +707,7 @@ impl Model {
         let claimants: BTreeSet<&Claim> = self
             .contended
             .iter()
-            .flat_map(|f| &self.claims[f])
+            .flat_map(|f| self.claims[f].keys())
             .collect();
         let mut owners: HashMap<Frontend, &ServiceRef> = HashMap::new();
         let mut clashes: BTreeMap<Claim, Vec<Problem>> = BTreeMap::new();
@@ -749,14 +787,8 @@ impl Model {
 }
 
 fn service_ref(svc: &Service) -> Option<ServiceRef> {
-    Some(ServiceRef {
-        namespace: svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: svc.metadata.name.clone().filter(|n| !n.is_empty())?,
-    })
+    let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty())?;
+    Some(ServiceRef::new(svc.metadata.namespace.as_deref(), name))
 }
 
 #[derive(Debug)]
@@ -771,21 +803,42 @@ enum ServiceOutcome {
     Invalid { vips: Vec<Ipv4Addr> },
 }
 
-fn problem<
-    T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
->(
+/// An object problems can name.
+trait Named {
+    fn namespace(&self) -> Option<&str>;
+    fn name(&self) -> Option<&str>;
+}
+
+impl Named for Service {
+    fn namespace(&self) -> Option<&str> {
+        self.metadata.namespace.as_deref()
+    }
+    fn name(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+}
+
+impl Named for Slice {
+    fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+    fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+fn problem<T: Named>(
     src: &Sourced<T>,
     kind: &'static str,
     field: impl Into<String>,
     reason: ProblemReason,
     detail: impl Into<String>,
 ) -> Problem {
-    let meta = src.object.metadata();
     Problem {
         origin: src.origin.clone(),
         kind,
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
+        namespace: src.object.namespace().unwrap_or("default").into(),
+        name: src.object.name().unwrap_or_default().into(),
         field: field.into(),
         reason,
         detail: detail.into(),
@@ -816,14 +869,7 @@ fn service_frontends(
         ));
         return ServiceOutcome::Invalid { vips: vec![] };
     };
-    let service = ServiceRef {
-        namespace: svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name,
-    };
+    let service = ServiceRef::new(svc.metadata.namespace.as_deref(), &name);
     let Some(spec) = svc.spec.as_ref() else {
         return ServiceOutcome::Skipped;
     };
@@ -999,7 +1045,7 @@ type EndpointsByPort = BTreeMap<(String, Proto), Vec<Endpoint>>;
 /// merged over the Service's slices (given in name order, so the result is deterministic),
 /// deduplicated by ip:port (a local copy wins, as in kube-proxy).
 fn merge_slices<'a>(
-    slices: impl Iterator<Item = &'a Sourced<EndpointSlice>>,
+    slices: impl Iterator<Item = &'a Sourced<Slice>>,
     node_name: &str,
     problems: &mut Vec<Problem>,
 ) -> EndpointsByPort {
@@ -1008,8 +1054,8 @@ fn merge_slices<'a>(
     for src in slices {
         let slice = &src.object;
         let mut endpoints = Vec::new();
-        for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
-            let Some(addr) = ep.addresses.first() else {
+        for (i, ep) in slice.endpoints.iter().enumerate() {
+            let Some(addr) = &ep.address else {
                 continue;
             };
             let Ok(ip) = addr.parse::<Ipv4Addr>() else {
@@ -1022,28 +1068,20 @@ fn merge_slices<'a>(
                 ));
                 continue;
             };
-            let cond = ep.conditions.as_ref();
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let hints = ep.hints.as_ref();
+            let ready = ep.ready.unwrap_or(true);
             // The port is filled in per slice port below.
             endpoints.push(Endpoint {
                 ip,
                 port: 0,
                 ready,
-                serving: cond.and_then(|c| c.serving).unwrap_or(ready),
-                terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+                serving: ep.serving.unwrap_or(ready),
+                terminating: ep.terminating.unwrap_or(false),
                 local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
-                zone_hints: hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                    .unwrap_or_default(),
-                node_hints: hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                    .unwrap_or_default(),
+                zone_hints: ep.zone_hints.clone(),
+                node_hints: ep.node_hints.clone(),
             });
         }
-        for (i, port) in slice.ports.iter().flatten().enumerate() {
+        for (i, port) in slice.ports.iter().enumerate() {
             // kube-proxy ignores ports with a nil name or a nil/zero port.
             let Some(name) = port.name.clone() else {
                 continue;

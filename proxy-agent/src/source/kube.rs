@@ -4,7 +4,7 @@
 //! seeing the same objects until the watches resume and the reflectors converge.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Objects, ServiceRef, Sourced};
+use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Objects, ServiceRef, Slice, Sourced};
 
 /// kube-proxy's informer selector: objects of other proxies and headless ones are not ours.
 fn not_ours() -> String {
@@ -37,23 +37,20 @@ pub struct KubeSource {
     slices: reflector::Store<EndpointSlice>,
     nodes: reflector::Store<Node>,
     tasks: Vec<JoinHandle<()>>,
+    /// The model's view of each stored slice, kept while the store holds the same object
+    /// (keyed by its address, which the Arc kept alongside keeps from being reused), so an
+    /// unchanged slice stays the same input to the model.
+    slim: HashMap<usize, (Arc<EndpointSlice>, Arc<Slice>)>,
 }
 
 /// The Service a slice belongs to (for its trigger time).
 fn owner(slice: &EndpointSlice) -> Option<ServiceRef> {
-    Some(ServiceRef {
-        namespace: slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: slice
-            .metadata
-            .labels
-            .as_ref()?
-            .get(crate::model::LABEL_SERVICE_NAME)?
-            .clone(),
-    })
+    let name = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(crate::model::LABEL_SERVICE_NAME)?;
+    Some(ServiceRef::new(slice.metadata.namespace.as_deref(), name))
 }
 
 fn spawn_reflector<K>(
@@ -116,6 +113,7 @@ impl KubeSource {
             slices,
             nodes,
             tasks: vec![t1, t2, t3],
+            slim: HashMap::new(),
         }
     }
 
@@ -127,7 +125,7 @@ impl KubeSource {
         Ok(())
     }
 
-    pub fn objects(&self) -> Objects {
+    pub fn objects(&mut self) -> Objects {
         fn sourced<K>(store: &reflector::Store<K>) -> Vec<Sourced<K>>
         where
             K: Resource + Clone + 'static,
@@ -143,9 +141,29 @@ impl KubeSource {
                 })
                 .collect()
         }
+        let origin: Arc<str> = Arc::from("kube-apiserver");
+        let mut slim = HashMap::with_capacity(self.slim.len());
+        let slices = self
+            .slices
+            .state()
+            .into_iter()
+            .map(|o| {
+                let key = Arc::as_ptr(&o) as usize;
+                let s = match self.slim.remove(&key) {
+                    Some((_, s)) => s,
+                    None => Arc::new(Slice::from(&*o)),
+                };
+                slim.insert(key, (o, s.clone()));
+                Sourced {
+                    origin: origin.clone(),
+                    object: s,
+                }
+            })
+            .collect();
+        self.slim = slim;
         Objects {
             services: sourced(&self.services),
-            slices: sourced(&self.slices),
+            slices,
             nodes: sourced(&self.nodes),
         }
     }
@@ -182,5 +200,56 @@ impl Drop for KubeSource {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, ip: &str) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": ip,
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip]}],
+        }))
+        .unwrap()
+    }
+
+    /// The model recomputes a Service when an input is a different object: an unchanged
+    /// slice must come out as the same `Arc<Slice>` every time.
+    #[tokio::test]
+    async fn unchanged_slices_stay_the_same_model_input() {
+        let (slices, mut writer) = reflector::store::<EndpointSlice>();
+        let (services, _w1) = reflector::store::<Service>();
+        let (nodes, _w2) = reflector::store::<Node>();
+        writer.apply_watcher_event(&watcher::Event::Apply(slice("a", "10.1.0.1")));
+        writer.apply_watcher_event(&watcher::Event::Apply(slice("b", "10.1.0.2")));
+        let mut k = KubeSource {
+            services,
+            slices,
+            nodes,
+            tasks: vec![],
+            slim: HashMap::new(),
+        };
+        let by_name = |o: &Objects| -> BTreeMap<String, Arc<Slice>> {
+            o.slices
+                .iter()
+                .map(|s| (s.object.name.clone().unwrap(), s.object.clone()))
+                .collect()
+        };
+        let first = by_name(&k.objects());
+        writer.apply_watcher_event(&watcher::Event::Apply(slice("b", "10.1.0.3")));
+        let second = by_name(&k.objects());
+        assert!(Arc::ptr_eq(&first["a"], &second["a"]), "unchanged");
+        assert!(!Arc::ptr_eq(&first["b"], &second["b"]), "replaced");
+        assert_eq!(
+            second["b"].endpoints[0].address.as_deref(),
+            Some("10.1.0.3")
+        );
+        writer.apply_watcher_event(&watcher::Event::Delete(slice("a", "10.1.0.1")));
+        assert_eq!(by_name(&k.objects()).len(), 1);
+        assert_eq!(k.slim.len(), 1, "views of deleted slices are dropped");
     }
 }

@@ -12,11 +12,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::{Index, ObjectSet, Objects, Problem, ProblemReason};
+use crate::model::{Index, ObjectSet, Objects, Problem, ProblemReason, Slice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -575,7 +575,7 @@ fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileObjects,
                 Ok(s) => out.services.push(Arc::new(s)),
                 Err((field, e)) => bad("Service", field, ProblemReason::InvalidValue, e),
             },
-            ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(doc) {
+            ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<Slice>(doc) {
                 Ok(s) => out.slices.push(Arc::new(s)),
                 Err((field, e)) => bad("EndpointSlice", field, ProblemReason::InvalidValue, e),
             },

@@ -506,7 +506,7 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
                 FrontendSpec {
                     service: ServiceRef {
                         namespace: "d".into(),
-                        name: format!("s{svc}"),
+                        name: format!("s{svc}").into(),
                     },
                     backends: backends.into_iter().collect(),
                     no_local_endpoints: false,

@@ -156,7 +156,7 @@ mod tests {
             desired
                 .frontends
                 .values()
-                .filter(|s| s.service.name == "svc-0")
+                .filter(|s| &*s.service.name == "svc-0")
                 .all(|s| s.backends.len() == 4)
         );
         assert_eq!(ports(&svcs).len(), 4);

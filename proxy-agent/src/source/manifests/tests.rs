@@ -117,6 +117,23 @@ fn a_field_of_the_wrong_type_is_named() {
         ("Service", "web", "spec.ports[0].port")
     );
     assert_eq!(counts(&m), (0, 0, 0));
+
+    // Slices are kept in a smaller form, read through the EndpointSlice type: its field
+    // paths still name the culprit.
+    write(
+        tmp.path(),
+        "web.yaml",
+        &SLICE.replace(
+            "- addresses: [10.1.0.1]",
+            "- addresses: [10.1.0.1]\n  conditions: {ready: maybe}",
+        ),
+    );
+    let r = m.rescan().unwrap();
+    let p = &r.new_problems[0];
+    assert_eq!(
+        (p.kind, p.name.as_str(), p.field.as_str()),
+        ("EndpointSlice", "web-1", "endpoints[0].conditions.ready")
+    );
 }
 
 #[test]
