@@ -44,6 +44,10 @@ enum Cmd {
         /// Where results go.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+        /// More options for `pxt-bench` after `--` (e.g. `-- --sizes 1 --rounds 5
+        /// --skip-controlplane`; `--help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
 }
 
@@ -182,7 +186,7 @@ fn main() -> anyhow::Result<()> {
             println!("xtask: {passed} passed, {failed} failed");
             Ok(())
         }
-        Cmd::Bench { quick, out } => {
+        Cmd::Bench { quick, out, args } => {
             toolchain::ensure()?;
             require_root("cargo xtask bench")?;
             let dir = build_release_bins()?;
@@ -199,14 +203,22 @@ fn main() -> anyhow::Result<()> {
                 .arg("--out")
                 .arg(&out)
                 .arg("--command")
-                .arg(if quick {
-                    "cargo xtask bench --quick"
-                } else {
-                    "cargo xtask bench"
-                });
+                .arg(
+                    [
+                        "cargo xtask bench",
+                        if quick { " --quick" } else { "" },
+                        &if args.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" -- {}", args.join(" "))
+                        },
+                    ]
+                    .concat(),
+                );
             if quick {
                 cmd.arg("--quick");
             }
+            cmd.args(&args);
             let result = run(&mut cmd);
             // Whatever happened, nothing may be left behind.
             toolchain::check_host_clean()?;

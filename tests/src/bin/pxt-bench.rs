@@ -31,6 +31,15 @@ struct Args {
     /// Skip the data plane (control plane only).
     #[arg(long)]
     skip_dataplane: bool,
+    /// Skip the control plane (data plane only).
+    #[arg(long)]
+    skip_controlplane: bool,
+    /// Data plane sizes (numbers of Services) instead of the defaults, e.g. `--sizes 1,1000`.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<usize>>,
+    /// Data plane rounds instead of the default (more rounds: a steadier median).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// In the control plane, measure only the agent (kube-proxy's loaders take minutes at
     /// 10,000 Services).
     #[arg(long)]
@@ -77,7 +86,7 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("PROXY_AGENT_BIN", &args.agent) };
     // Rounds: each row is measured that many times, interleaved with the others (so slow
     // drift of the machine hits every row alike), and the median round is reported.
-    let (sizes, rounds, window, warmup, workers, cp_n, cp_m, cp_changes): (
+    let (default_sizes, default_rounds, window, warmup, workers, cp_n, cp_m, cp_changes): (
         &[usize],
         usize,
         _,
@@ -91,6 +100,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         (&[1, 1000, 10000], 3, 3000, 500, 4, 10000, 10, 200)
     };
+    let sizes: &[usize] = args.sizes.as_deref().unwrap_or(default_sizes);
+    let rounds = args.rounds.unwrap_or(default_rounds).max(1);
     let settings = Settings {
         load_bin: args.load.clone(),
         workers,
@@ -132,26 +143,28 @@ fn main() -> anyhow::Result<()> {
             .extend(by_row.into_iter().filter_map(dataplane::median));
     }
 
-    eprintln!("bench: control plane, {cp_n} x {cp_m}, agent ...");
-    let agent = controlplane::agent(cp_n, cp_m, cp_changes).context("control plane: agent")?;
-    let mut programmers = vec![agent];
-    if !args.skip_kube_proxy {
-        eprintln!("bench: control plane, iptables-restore ...");
-        programmers.push(
-            controlplane::kube_proxy_shape(Shape::Iptables, cp_n, cp_m, cp_changes)
-                .context("control plane: iptables")?,
-        );
-        eprintln!("bench: control plane, nft ...");
-        programmers.push(
-            controlplane::kube_proxy_shape(Shape::Nftables, cp_n, cp_m, cp_changes)
-                .context("control plane: nftables")?,
-        );
+    if !args.skip_controlplane {
+        eprintln!("bench: control plane, {cp_n} x {cp_m}, agent ...");
+        let agent = controlplane::agent(cp_n, cp_m, cp_changes).context("control plane: agent")?;
+        let mut programmers = vec![agent];
+        if !args.skip_kube_proxy {
+            eprintln!("bench: control plane, iptables-restore ...");
+            programmers.push(
+                controlplane::kube_proxy_shape(Shape::Iptables, cp_n, cp_m, cp_changes)
+                    .context("control plane: iptables")?,
+            );
+            eprintln!("bench: control plane, nft ...");
+            programmers.push(
+                controlplane::kube_proxy_shape(Shape::Nftables, cp_n, cp_m, cp_changes)
+                    .context("control plane: nftables")?,
+            );
+        }
+        results.controlplane = Some(ControlPlane {
+            services: cp_n,
+            endpoints: cp_m,
+            programmers,
+        });
     }
-    results.controlplane = Some(ControlPlane {
-        services: cp_n,
-        endpoints: cp_m,
-        programmers,
-    });
 
     let text = report::tables(&results);
     println!("{text}");
