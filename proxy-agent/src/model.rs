@@ -528,6 +528,13 @@ pub enum Changes<'a> {
     Only(&'a BTreeSet<ServiceRef>),
 }
 
+impl<'a> From<Option<&'a BTreeSet<ServiceRef>>> for Changes<'a> {
+    /// What a source's `take_touched` says: None is unknown.
+    fn from(touched: Option<&'a BTreeSet<ServiceRef>>) -> Self {
+        touched.map_or(Changes::All, Changes::Only)
+    }
+}
+
 /// The model, computed incrementally: a Service's frontends are recomputed only when its
 /// objects (or this node's zone) changed, and who owns a contended frontend is decided
 /// among its claimants only, so a pass costs what changed, not the cluster. [`build`] is

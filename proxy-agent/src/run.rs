@@ -17,7 +17,7 @@ use crate::{
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics, SyncKind},
-    model::{Changes, Index, Model, Problem, ProblemReason, ServiceRef},
+    model::{Index, Model, Problem, ProblemReason, ServiceRef},
     source::{
         kube::KubeSource,
         manifests::{ManifestDir, ManifestWatch},
@@ -164,7 +164,7 @@ impl Agent {
             return;
         }
         let read = started.elapsed();
-        let changes = snap.touched.as_ref().map_or(Changes::All, Changes::Only);
+        let changes = snap.touched.as_ref().into();
         let built = self
             .model
             .build(&snap.index, changes, &self.node_name, full);

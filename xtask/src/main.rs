@@ -195,6 +195,15 @@ fn main() -> anyhow::Result<()> {
             } else {
                 root().join(out)
             };
+            // How the run was started, for the result file.
+            let mut command = String::from("cargo xtask bench");
+            if quick {
+                command.push_str(" --quick");
+            }
+            if !args.is_empty() {
+                command.push_str(" -- ");
+                command.push_str(&args.join(" "));
+            }
             let mut cmd = Command::new(dir.join("pxt-bench"));
             cmd.arg("--agent")
                 .arg(dir.join("proxy-agent"))
@@ -203,18 +212,7 @@ fn main() -> anyhow::Result<()> {
                 .arg("--out")
                 .arg(&out)
                 .arg("--command")
-                .arg(
-                    [
-                        "cargo xtask bench",
-                        if quick { " --quick" } else { "" },
-                        &if args.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" -- {}", args.join(" "))
-                        },
-                    ]
-                    .concat(),
-                );
+                .arg(&command);
             if quick {
                 cmd.arg("--quick");
             }

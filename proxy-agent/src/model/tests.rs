@@ -624,8 +624,7 @@ fn incremental_model_equals_a_fresh_build_after_every_change() {
         }
         let want = build(&objects, "node-a");
         let touched = index.take_touched();
-        let changes = touched.as_ref().map_or(Changes::All, Changes::Only);
-        let partial = model.build(&index, changes, "node-a", false);
+        let partial = model.build(&index, touched.as_ref().into(), "node-a", false);
         let changed = partial.changed.expect("a partial pass names what changed");
         view.retain(|_, spec| !changed.contains(&spec.service));
         assert!(

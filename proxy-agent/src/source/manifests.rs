@@ -133,29 +133,35 @@ impl ManifestDir {
             .filter(|p| !seen.contains(*p))
             .cloned()
             .collect();
-        // Files that failed to read because the directory went away meanwhile are not
-        // removed files.
-        if !gone.is_empty() && !self.dir.is_dir() {
+        if !self.forget_gone(gone, &mut out) {
             return Err(SourceError::Dir {
                 path: self.dir.clone(),
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
+        Ok(out)
+    }
+
+    /// Forgets files that are no longer there; false (forgetting nothing) when the directory
+    /// itself went away meanwhile: its files failed to read, they were not removed.
+    fn forget_gone(&mut self, gone: Vec<PathBuf>, out: &mut Rescan) -> bool {
+        if gone.is_empty() {
+            return true;
+        }
+        if !self.dir.is_dir() {
+            return false;
+        }
         for path in gone {
             self.forget(&path);
             out.changed = true;
         }
-        Ok(out)
+        true
     }
 
     /// Re-reads just these files (from file events): a change costs its file, not the
     /// directory. Paths outside the directory or not manifests are ignored.
     pub fn rescan_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a PathBuf>) -> Rescan {
         let mut out = Rescan::default();
-        // A directory that is gone is not "every file removed": the full rescan reports it.
-        if !self.dir.is_dir() {
-            return out;
-        }
         let mut gone = Vec::new();
         let mut seen = BTreeSet::new();
         let mut todo = Vec::new();
@@ -165,18 +171,15 @@ impl ManifestDir {
             }
             match self.needs_read(path, &mut seen) {
                 Some(fingerprint) => todo.push((path.clone(), fingerprint)),
-                None if !seen.contains(path) && self.files.contains_key(path) => gone.push(path),
+                None if !seen.contains(path) && self.files.contains_key(path) => {
+                    gone.push(path.clone())
+                }
                 None => {}
             }
         }
         self.read_all(todo, &mut out);
-        // As in `rescan`: the directory may have gone while its files were read.
-        if self.dir.is_dir() {
-            for path in gone {
-                self.forget(path);
-                out.changed = true;
-            }
-        }
+        // A directory that is gone is not "every file removed": the full rescan reports it.
+        self.forget_gone(gone, &mut out);
         out
     }
 
@@ -212,17 +215,17 @@ impl ManifestDir {
                 .map_or(1, |n| n.get())
                 .min(todo.len() / PER_THREAD_MIN)
         };
-        let load = |chunk: &[(PathBuf, Fingerprint)]| -> Vec<Loaded> {
+        let load_chunk = |chunk: &[(PathBuf, Fingerprint)]| -> Vec<Loaded> {
             chunk.iter().map(|(path, _)| load(path)).collect()
         };
         let loaded: Vec<Loaded> = if threads == 1 {
-            load(&todo)
+            load_chunk(&todo)
         } else {
             let chunk = todo.len().div_ceil(threads);
             std::thread::scope(|scope| {
                 let handles: Vec<_> = todo
                     .chunks(chunk)
-                    .map(|c| scope.spawn(move || load(c)))
+                    .map(|c| scope.spawn(move || load_chunk(c)))
                     .collect();
                 handles
                     .into_iter()

@@ -418,3 +418,22 @@ fn a_mounted_configmap_update_is_read() {
     assert!(m.rescan().unwrap().changed);
     assert_eq!(counts(&m), (1, 1, 0));
 }
+
+#[test]
+fn a_vanished_directory_is_not_every_file_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    fs::create_dir(&dir).unwrap();
+    write(&dir, "a.yaml", SVC);
+    let mut m = ManifestDir::new(&dir).unwrap();
+    m.rescan().unwrap();
+    fs::rename(&dir, tmp.path().join("away")).unwrap();
+    // The files' events arrive, but reading them fails because the directory is gone.
+    let r = m.rescan_paths(&[dir.join("a.yaml")]);
+    assert!(!r.changed);
+    assert!(m.rescan().is_err());
+    assert_eq!(counts(&m), (1, 0, 0), "the objects are kept");
+    // Back in place: nothing to re-read.
+    fs::rename(tmp.path().join("away"), &dir).unwrap();
+    assert!(!m.rescan().unwrap().changed);
+}
