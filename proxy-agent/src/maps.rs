@@ -4,12 +4,13 @@
 
 use std::{
     collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
     BACKEND_MAP, Backend, COUNTERS_MAP, CT_DIR_FORWARD, CT_MAP, Counter, CtKey, CtValue,
@@ -17,7 +18,7 @@ use proxy_common::{
     ServiceValue, SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
-use crate::sync::{Datapath, DatapathError, MapState};
+use crate::sync::{Datapath, DatapathError, MapState, Partial};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -207,11 +208,95 @@ fn absent_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), DatapathE
     }
 }
 
+/// Writes `values[i]` under `keys[i]`, in order, with one `BPF_MAP_UPDATE_BATCH` (kernel
+/// 5.6+; aya 0.14 has no wrapper for it). On failure, the kernel reports how many entries it
+/// wrote before the one that failed.
+pub fn update_batch<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: bpf_attr is plain data; all-zero is its "no flags, no options" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.batch.keys = keys.as_ptr() as u64;
+    attr.batch.values = values.as_ptr() as u64;
+    attr.batch.count = keys.len() as u32;
+    attr.batch.map_fd = map.map().fd().as_fd().as_raw_fd() as u32;
+    // SAFETY: the kernel reads `count` keys and values from the two live slices (Pod types
+    // laid out as the map's key and value) and writes only `attr`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    // SAFETY: the kernel set `count` to the number of entries it wrote.
+    let written = unsafe { attr.batch.count } as usize;
+    Err((written.min(keys.len()), error))
+}
+
+/// A run of updates as one batch; one entry by one where the kernel has no batch updates.
+fn update_run<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), Partial> {
+    let single = |map: &mut HashMap<MapData, K, V>, from: usize| {
+        for (i, (k, v)) in keys.iter().zip(values).enumerate().skip(from) {
+            map.insert(k, v, 0).map_err(|e| Partial {
+                written: i,
+                error: map_err(name, "update", e),
+            })?;
+        }
+        Ok(())
+    };
+    if keys.len() < 2 {
+        return single(map, 0);
+    }
+    match update_batch(map, keys, values) {
+        Ok(()) => Ok(()),
+        Err((0, e)) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {
+            // 524 is the kernel's ENOTSUPP: no batch operations on this kernel or map.
+            single(map, 0)
+        }
+        Err((written, source)) => Err(Partial {
+            written,
+            error: DatapathError::Map {
+                map: name,
+                op: "batch update",
+                source,
+            },
+        }),
+    }
+}
+
 impl Datapath for PinnedMaps {
     fn update_backend(&mut self, id: u32, b: Backend) -> Result<(), DatapathError> {
         self.backends
             .insert(id, b, 0)
             .map_err(|e| map_err(BACKEND_MAP, "update", e))
+    }
+    fn update_backends(&mut self, ids: &[u32], backends: &[Backend]) -> Result<(), Partial> {
+        update_run(&mut self.backends, BACKEND_MAP, ids, backends)
+    }
+    fn update_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> Result<(), Partial> {
+        update_run(&mut self.services, SVC_MAP, keys, values)
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         absent_ok(self.backends.remove(&id), BACKEND_MAP)

@@ -20,7 +20,7 @@ use crate::{
     model::{Index, Model, Problem, ProblemReason, ServiceRef},
     source::{
         kube::KubeSource,
-        manifests::{ManifestDir, ManifestWatch},
+        manifests::{ManifestDir, ManifestWatch, Work},
     },
     sync::Syncer,
     tc::{self, TcAttacher},
@@ -76,7 +76,9 @@ impl Rejections {
 enum Source {
     Manifests {
         dir: ManifestDir,
-        watch: ManifestWatch,
+        /// Started after the first read (see [`Source::watch`]); until then every read is a
+        /// full one.
+        watch: Option<ManifestWatch>,
     },
     Kube(KubeSource),
 }
@@ -96,7 +98,13 @@ impl Source {
     fn snapshot(&mut self, full: bool) -> Option<Snapshot<'_>> {
         match self {
             Source::Manifests { dir, watch } => {
-                let work = watch.take(Instant::now());
+                let work = watch.as_ref().map_or(
+                    Work {
+                        all: true,
+                        ..Work::default()
+                    },
+                    |w| w.take(Instant::now()),
+                );
                 tracing::debug!(all = work.all, paths = ?work.paths, full, "manifests work");
                 let rescan = if full || work.all {
                     match dir.rescan() {
@@ -130,10 +138,27 @@ impl Source {
         }
     }
 
+    /// Starts watching the manifests directory. Called after the first read: while watched,
+    /// the agent's own opens of thousands of files are as many inotify events, which cost a
+    /// tenth of a cold start (and can overflow the event queue). What changed during that
+    /// read is found by one more full read, the watch's first work.
+    fn watch(&mut self, wake: &Arc<Notify>) -> anyhow::Result<()> {
+        if let Source::Manifests { dir, watch } = self
+            && watch.is_none()
+        {
+            let w = ManifestWatch::start(dir.dir(), wake.clone())
+                .with_context(|| format!("watching {}", dir.dir().display()))?;
+            w.read_all_next();
+            *watch = Some(w);
+            wake.notify_one();
+        }
+        Ok(())
+    }
+
     /// When files still being written should be read.
     fn next_read(&self) -> Option<Instant> {
         match self {
-            Source::Manifests { watch, .. } => watch.next_due(),
+            Source::Manifests { watch, .. } => watch.as_ref()?.next_due(),
             Source::Kube(_) => None,
         }
     }
@@ -283,7 +308,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         other => Some(kube_client(other).await?),
     };
     let manifests = match &cfg.source {
-        SourceConfig::Manifests(dir) => Some((ManifestDir::new(dir)?, dir.clone())),
+        SourceConfig::Manifests(dir) => Some(ManifestDir::new(dir)?),
         _ => None,
     };
     let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir)?;
@@ -291,13 +316,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let wake = Arc::new(Notify::new());
     let source = match (manifests, client) {
-        (Some((manifests, dir)), _) => {
+        (Some(manifests), _) => {
             // File events name the files to read; periodic resyncs read the whole directory.
-            let watch = ManifestWatch::start(&dir, wake.clone())
-                .with_context(|| format!("watching {}", dir.display()))?;
             Source::Manifests {
                 dir: manifests,
-                watch,
+                watch: None,
             }
         }
         (None, Some(client)) => {
@@ -355,6 +378,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     // Level-triggered start: one full sync against what the pinned maps already hold, then ready.
     agent.sync(true);
+    agent.source.watch(&wake)?;
     info!(node = %cfg.node_name, health = %cfg.health_addr, metrics = %cfg.metrics_addr, "ready");
     loop {
         tokio::select! {
@@ -380,4 +404,41 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The pinned datapath stays: connections keep working while the agent is away.
     info!("stopping; the datapath stays pinned (remove it with `proxy-agent cleanup`)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    /// The first read runs unwatched; a file written after it, before the watch started (no
+    /// event names it), is read as soon as watching starts, and then only events cause reads.
+    #[test]
+    fn a_change_before_watching_starts_is_read_once_it_does() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a.yaml"), service("a", "10.96.0.1")).unwrap();
+        let mut source = Source::Manifests {
+            dir: ManifestDir::new(tmp.path()).unwrap(),
+            watch: None,
+        };
+        let services = |s: &Source| match s {
+            Source::Manifests { dir, .. } => dir.objects().services.len(),
+            Source::Kube(_) => unreachable!(),
+        };
+        assert!(!source.snapshot(false).expect("readable").unchanged);
+        assert_eq!(services(&source), 1);
+        std::fs::write(tmp.path().join("b.yaml"), service("b", "10.96.0.2")).unwrap();
+
+        source.watch(&Arc::new(Notify::new())).unwrap();
+        assert!(!source.snapshot(false).expect("readable").unchanged);
+        assert_eq!(services(&source), 2, "b.yaml is read");
+        let snap = source.snapshot(false).expect("readable");
+        assert!(snap.unchanged, "no event, no read");
+    }
 }

@@ -7,6 +7,8 @@
 //! delete: master first -> slots -> rev-NAT -> unreferenced backends.
 //!
 //! So a reader (the eBPF programs) never sees a master whose slots or backends are missing.
+//! A frontend's new backends and its changed slots each go to the kernel as one run (one
+//! batch syscall on the pinned maps), in that same order.
 //! The mirror only records operations that succeeded, so a failed write is retried by the next
 //! sync (level-triggered), and nothing already programmed is lost.
 
@@ -39,9 +41,39 @@ pub enum DatapathError {
     },
 }
 
+/// A run of writes that stopped at a failure.
+#[derive(Debug)]
+pub struct Partial {
+    /// How many of the run's entries were written (in order) before `error`.
+    pub written: usize,
+    pub error: DatapathError,
+}
+
 /// Where the sync writes: the pinned BPF maps, or a fake in tests.
 pub trait Datapath {
     fn update_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError>;
+    /// Writes `backends[i]` under `ids[i]`, in order. The pinned maps write the run with one
+    /// syscall (`BPF_MAP_UPDATE_BATCH`): a Service's backends and slots are most of a cold
+    /// start's writes.
+    fn update_backends(&mut self, ids: &[u32], backends: &[Backend]) -> Result<(), Partial> {
+        for (i, (id, b)) in ids.iter().zip(backends).enumerate() {
+            self.update_backend(*id, *b)
+                .map_err(|error| Partial { written: i, error })?;
+        }
+        Ok(())
+    }
+    /// Like [`Self::update_backends`], for service-map entries (a frontend's slots).
+    fn update_services(
+        &mut self,
+        keys: &[ServiceKey],
+        values: &[ServiceValue],
+    ) -> Result<(), Partial> {
+        for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+            self.update_service(*k, *v)
+                .map_err(|error| Partial { written: i, error })?;
+        }
+        Ok(())
+    }
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError>;
     fn update_service(&mut self, key: ServiceKey, value: ServiceValue)
     -> Result<(), DatapathError>;
@@ -369,31 +401,55 @@ impl<D: Datapath> Syncer<D> {
             });
         }
 
-        // 1. backends
+        // 1. backends (new ones, as one run)
         let mut ids = Vec::with_capacity(values.len());
+        let (mut new_ids, mut new_values) = (Vec::new(), Vec::new());
         for b in &values {
             let id = match self.backend_ids.get(b) {
                 Some(id) => *id,
                 None => {
+                    // Recorded now so a backend listed twice gets one id; undone below for
+                    // those the write did not reach.
                     let id = self.alloc_backend_id();
-                    self.dp.update_backend(id, *b)?;
                     self.state.backends.insert(id, *b);
                     self.backend_ids.insert(*b, id);
-                    report.updates += 1;
+                    new_ids.push(id);
+                    new_values.push(*b);
                     id
                 }
             };
             ids.push(id);
         }
-        // 2. slots 1..n
+        if let Err(p) = self.dp.update_backends(&new_ids, &new_values) {
+            for (id, b) in new_ids.iter().zip(&new_values).skip(p.written) {
+                self.state.backends.remove(id);
+                self.backend_ids.remove(b);
+            }
+            // Written but not referenced yet: collected unless a retry references them.
+            self.unreferenced.extend(&new_ids[..p.written]);
+            report.updates += p.written;
+            return Err(p.error);
+        }
+        report.updates += new_ids.len();
+        // 2. slots 1..n (those that differ, as one run)
+        let (mut keys, mut slots) = (Vec::new(), Vec::new());
         for (i, id) in ids.iter().enumerate() {
             let key = service_key(f, i as u16 + 1);
             let value = ServiceValue {
                 backend_id: *id,
                 ..Default::default()
             };
-            self.put_slot(key, value, report)?;
+            if self.state.services.get(&key) != Some(&value) {
+                keys.push(key);
+                slots.push(value);
+            }
         }
+        let written = self.dp.update_services(&keys, &slots);
+        let done = written.as_ref().map_or_else(|p| p.written, |()| keys.len());
+        for (key, value) in keys.iter().zip(&slots).take(done) {
+            self.record_slot(*key, *value, report);
+        }
+        written.map_err(|p| p.error)?;
         // 3. rev-NAT: keep the master's id while it still maps to this frontend.
         let rn = rev_nat_value(f);
         let rev_nat_id = match old_master {
@@ -500,25 +556,15 @@ impl<D: Datapath> Syncer<D> {
             .unwrap_or(0)
     }
 
-    fn put_slot(
-        &mut self,
-        key: ServiceKey,
-        value: ServiceValue,
-        report: &mut SyncReport,
-    ) -> Result<(), DatapathError> {
-        let old = self.state.services.get(&key).copied();
-        if old == Some(value) {
-            return Ok(());
-        }
-        self.dp.update_service(key, value)?;
-        self.state.services.insert(key, value);
+    /// Records a slot the maps now hold.
+    fn record_slot(&mut self, key: ServiceKey, value: ServiceValue, report: &mut SyncReport) {
+        let old = self.state.services.insert(key, value);
         *self.backend_refs.entry(value.backend_id).or_insert(0) += 1;
         self.unreferenced.remove(&value.backend_id);
         if let Some(old) = old {
             self.unref_backend(old.backend_id);
         }
         report.updates += 1;
-        Ok(())
     }
 
     fn remove_slot(

@@ -334,6 +334,23 @@ fn no_backends_programs_a_reject_master_and_flags() {
 }
 
 #[test]
+fn backends_written_by_a_failed_update_are_removed_once_unused() {
+    let f = fe("10.96.0.10", 80);
+    let d = desired(&[(f, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]);
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    s.dp.fail_at = Some(1); // the second backend of the run
+    assert_eq!(s.sync(&d).errors.len(), 1);
+    assert!(
+        s.dp.ops.contains(&Op::Backend(1)),
+        "the first backend was written"
+    );
+    assert_eq!(s.state(), &s.dp.maps);
+    s.dp.fail_at = None;
+    s.sync(&Desired::default());
+    assert_eq!(s.dp.maps, MapState::default(), "nothing is left behind");
+}
+
+#[test]
 fn a_failed_write_keeps_the_old_state_and_the_next_sync_converges() {
     let f = fe("10.96.0.10", 80);
     let before = desired(&[(f, &[("10.1.0.1", 8080)])]);

@@ -437,3 +437,36 @@ fn a_vanished_directory_is_not_every_file_removed() {
     fs::rename(tmp.path().join("away"), &dir).unwrap();
     assert!(!m.rescan().unwrap().changed);
 }
+
+/// Enough files for the parallel read: each file's objects stay its own (a file changed or
+/// removed afterwards takes exactly its objects along).
+#[test]
+fn files_read_in_parallel_keep_their_own_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let svc = |i: usize| SVC.replace("web", &format!("s{i}"));
+    for i in 0..300 {
+        fs::write(tmp.path().join(format!("s{i}.yaml")), svc(i)).unwrap();
+    }
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    m.rescan().unwrap();
+    let names = |m: &ManifestDir| -> BTreeSet<String> {
+        m.objects()
+            .services
+            .iter()
+            .map(|s| s.object.metadata.name.clone().unwrap())
+            .collect()
+    };
+    let want: BTreeSet<String> = (0..300).map(|i| format!("s{i}")).collect();
+    assert_eq!(names(&m), want);
+    for f in m.files.values() {
+        let file_name = Path::new(&*f.origin).file_stem().unwrap().to_str().unwrap();
+        let objects = &f.objects.services;
+        assert_eq!(objects.len(), 1);
+        assert_eq!(objects[0].metadata.name.as_deref(), Some(file_name));
+    }
+    fs::remove_file(tmp.path().join("s7.yaml")).unwrap();
+    m.rescan_paths(&[tmp.path().join("s7.yaml")]);
+    let mut want = want;
+    want.remove("s7");
+    assert_eq!(names(&m), want);
+}
