@@ -113,16 +113,19 @@ pub fn tables(r: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "| programmer | full program s | agent sync: read + model + write s | change p50 ms | change p99 ms | change max ms | agent per change: read + model + write µs (median) | peak RSS MiB | kernel map MiB |"
+            "| programmer | full program s (median, runs min-max) | agent sync: read + model + write s | change p50 ms | change p99 ms | change max ms | agent per change: read + model + write µs (median) | peak RSS MiB | kernel map MiB |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
         for p in &cp.programmers {
             let _ = writeln!(
                 out,
-                "| {} | {:.3} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
                 p.name,
-                p.full_seconds,
+                match p.full_range {
+                    Some((lo, hi)) => format!("{:.3} ({lo:.2}-{hi:.2})", p.full_seconds),
+                    None => format!("{:.3}", p.full_seconds),
+                },
                 p.agent_sync.as_ref().map_or("-".into(), |a| format!(
                     "{:.3} = {:.3} + {:.3} + {:.3}",
                     a.total, a.read, a.model, a.write
