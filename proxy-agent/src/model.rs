@@ -198,9 +198,17 @@ pub fn build(objects: &Objects, node_name: &str) -> Desired {
         .desired
 }
 
-/// Where an object sits in its source: (origin, position). Orders duplicates the way the
-/// source lists them.
-type Pos = (Arc<str>, usize);
+/// Where an object sits in its source: (origin, position, unique within the origin). Orders
+/// duplicates the way the source lists them.
+pub type Pos = (Arc<str>, usize);
+
+/// One object, for sources that index objects one by one.
+#[derive(Clone, Copy, Debug)]
+pub enum ObjectRef<'a> {
+    Service(&'a Arc<Service>),
+    Slice(&'a Arc<Slice>),
+    Node(&'a Arc<Node>),
+}
 
 /// One Service's objects: its Service (more than one only when manifests repeat a name) and
 /// its EndpointSlices, in name order.
@@ -351,45 +359,87 @@ impl Index {
         }
     }
 
+    /// Adds one object at `pos` (unique among the objects indexed).
+    pub fn add(&mut self, pos: Pos, object: ObjectRef<'_>) {
+        let origin = pos.0.clone();
+        match object {
+            ObjectRef::Service(s) => self.add_service(
+                pos,
+                Sourced {
+                    origin,
+                    object: s.clone(),
+                },
+            ),
+            ObjectRef::Slice(s) => self.add_slice(
+                pos,
+                Sourced {
+                    origin,
+                    object: s.clone(),
+                },
+            ),
+            ObjectRef::Node(n) => {
+                self.nodes.insert(
+                    pos,
+                    Sourced {
+                        origin,
+                        object: n.clone(),
+                    },
+                );
+            }
+        }
+    }
+
     /// Removes the objects `origin` added with [`Self::insert`] (the same `set`).
     pub fn remove(&mut self, origin: &Arc<str>, set: &ObjectSet) {
         for (i, s) in set.services.iter().enumerate() {
-            let pos = (origin.clone(), i);
-            match service_ref(s) {
+            self.remove_one(&(origin.clone(), i), ObjectRef::Service(s));
+        }
+        for (i, s) in set.slices.iter().enumerate() {
+            self.remove_one(&(origin.clone(), i), ObjectRef::Slice(s));
+        }
+        for (i, n) in set.nodes.iter().enumerate() {
+            self.remove_one(&(origin.clone(), i), ObjectRef::Node(n));
+        }
+    }
+
+    /// Removes the object [`Self::add`] put at `pos` (the same object).
+    pub fn remove_one(&mut self, pos: &Pos, object: ObjectRef<'_>) {
+        match object {
+            ObjectRef::Service(s) => match service_ref(s) {
                 Some(r) => {
                     self.touch(&r);
                     if let Some(g) = self.groups.get_mut(&r) {
-                        g.services.remove(&pos);
+                        g.services.remove(pos);
                         if g.is_empty() {
                             self.groups.remove(&r);
                         }
                     }
                 }
                 None => {
-                    self.unnamed.remove(&pos);
+                    self.unnamed.remove(pos);
                 }
-            }
-        }
-        for (i, s) in set.slices.iter().enumerate() {
-            let key = (s.name.clone().unwrap_or_default(), (origin.clone(), i));
-            match slice_owner(s) {
-                Some(SliceOwner::Service(r)) => {
-                    self.touch(&r);
-                    if let Some(g) = self.groups.get_mut(&r) {
-                        g.slices.remove(&key);
-                        if g.is_empty() {
-                            self.groups.remove(&r);
+            },
+            ObjectRef::Slice(s) => {
+                let key = (s.name.clone().unwrap_or_default(), pos.clone());
+                match slice_owner(s) {
+                    Some(SliceOwner::Service(r)) => {
+                        self.touch(&r);
+                        if let Some(g) = self.groups.get_mut(&r) {
+                            g.slices.remove(&key);
+                            if g.is_empty() {
+                                self.groups.remove(&r);
+                            }
                         }
                     }
+                    Some(SliceOwner::Unowned) => {
+                        self.unowned.remove(&key);
+                    }
+                    None => {}
                 }
-                Some(SliceOwner::Unowned) => {
-                    self.unowned.remove(&key);
-                }
-                None => {}
             }
-        }
-        for i in 0..set.nodes.len() {
-            self.nodes.remove(&(origin.clone(), i));
+            ObjectRef::Node(_) => {
+                self.nodes.remove(pos);
+            }
         }
     }
 
@@ -429,6 +479,11 @@ impl Index {
         if let Some(t) = &mut self.touched {
             t.insert(r.clone());
         }
+    }
+
+    /// Whether some object of this Service is indexed.
+    pub fn contains(&self, service: &ServiceRef) -> bool {
+        self.groups.contains_key(service)
     }
 
     /// Number of Services (names) indexed.

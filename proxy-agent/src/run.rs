@@ -127,14 +127,18 @@ impl Source {
                     unchanged: !rescan.changed,
                 })
             }
-            // The reflector stores are rebuilt into an index (a few ms at 10k Services); the
-            // model still recomputes only the Services whose objects changed.
-            Source::Kube(k) => Some(Snapshot {
-                touched: None,
-                index: std::borrow::Cow::Owned(Index::from_objects(&k.objects())),
-                file_problems: vec![],
-                unchanged: false,
-            }),
+            // The index follows the stores object by object: a change costs a walk of the
+            // stores (pointer comparisons) and what it touched, and the model recomputes only
+            // the Services touched.
+            Source::Kube(k) => {
+                let index = k.refresh();
+                Some(Snapshot {
+                    touched: index.take_touched(),
+                    index: std::borrow::Cow::Borrowed(index),
+                    file_problems: vec![],
+                    unchanged: false,
+                })
+            }
         }
     }
 
@@ -237,12 +241,15 @@ impl Agent {
             // made an EndpointSlice (its trigger time) to the write it caused. Each trigger
             // time counts once, and only if it happened while this agent was running (an old
             // annotation read at start is not a latency).
-            for (svc, t) in k.trigger_times() {
+            for svc in &report.written_services {
+                let Some(t) = k.trigger_time(svc) else {
+                    continue;
+                };
                 let fresh =
-                    t > self.started && self.last_trigger.get(&svc).is_none_or(|last| t > *last);
-                if fresh && report.written_services.contains(&svc) {
+                    t > self.started && self.last_trigger.get(svc).is_none_or(|last| t > *last);
+                if fresh {
                     self.metrics.record_programming(t);
-                    self.last_trigger.insert(svc, t);
+                    self.last_trigger.insert(svc.clone(), t);
                 }
             }
         }

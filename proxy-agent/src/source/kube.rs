@@ -4,7 +4,8 @@
 //! seeing the same objects until the watches resume and the reflectors converge.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cell::Cell,
+    collections::HashMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -22,7 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Objects, ServiceRef, Slice, Sourced};
+use crate::model::{Index, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectRef, ServiceRef, Slice};
 
 /// kube-proxy's informer selector: objects of other proxies and headless ones are not ours.
 fn not_ours() -> String {
@@ -37,10 +38,36 @@ pub struct KubeSource {
     slices: reflector::Store<EndpointSlice>,
     nodes: reflector::Store<Node>,
     tasks: Vec<JoinHandle<()>>,
-    /// The model's view of each stored slice, kept while the store holds the same object
-    /// (keyed by its address, which the Arc kept alongside keeps from being reused), so an
-    /// unchanged slice stays the same input to the model.
-    slim: HashMap<usize, (Arc<EndpointSlice>, Arc<Slice>)>,
+    /// The stores' objects as indexed, by address (the Arc kept here keeps an address from
+    /// being reused while indexed): a store replaces an object it updates, so a new address is
+    /// a change, and a refresh costs a walk of the stores plus what changed.
+    indexed: HashMap<usize, (Indexed, Cell<bool>)>,
+    index: Index,
+    /// The newest `last-change-trigger-time` among each Service's slices as they arrived
+    /// (read once per slice version, not per sync).
+    triggers: HashMap<ServiceRef, SystemTime>,
+}
+
+/// A stored object and the model's view of it.
+enum Indexed {
+    Service(Arc<Service>),
+    /// The model keeps a slim view of each slice (see [`Slice`]); the stored object is
+    /// kept for its address.
+    Slice {
+        _stored: Arc<EndpointSlice>,
+        slim: Arc<Slice>,
+    },
+    Node(Arc<Node>),
+}
+
+impl Indexed {
+    fn object(&self) -> ObjectRef<'_> {
+        match self {
+            Indexed::Service(s) => ObjectRef::Service(s),
+            Indexed::Slice { slim, .. } => ObjectRef::Slice(slim),
+            Indexed::Node(n) => ObjectRef::Node(n),
+        }
+    }
 }
 
 /// The Service a slice belongs to (for its trigger time).
@@ -113,7 +140,9 @@ impl KubeSource {
             slices,
             nodes,
             tasks: vec![t1, t2, t3],
-            slim: HashMap::new(),
+            indexed: HashMap::new(),
+            index: Index::default(),
+            triggers: HashMap::new(),
         }
     }
 
@@ -125,74 +154,86 @@ impl KubeSource {
         Ok(())
     }
 
-    pub fn objects(&mut self) -> Objects {
-        fn sourced<K>(store: &reflector::Store<K>) -> Vec<Sourced<K>>
-        where
-            K: Resource + Clone + 'static,
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            let origin: Arc<str> = Arc::from("kube-apiserver");
-            store
-                .state()
-                .iter()
-                .map(|o| Sourced {
-                    origin: origin.clone(),
-                    object: o.clone(),
-                })
-                .collect()
-        }
+    /// Brings the index up to date with the stores: objects the stores no longer hold (or
+    /// replaced) leave it, new ones enter it. The index records the Services this touched.
+    pub fn refresh(&mut self) -> &mut Index {
         let origin: Arc<str> = Arc::from("kube-apiserver");
-        let mut slim = HashMap::with_capacity(self.slim.len());
+        // Mark what the stores hold, add what is new, then sweep what was not marked. The
+        // stores are walked by address only: taking (cloning) every object would touch each
+        // one's memory, milliseconds at 20,000 objects.
+        for (_, seen) in self.indexed.values() {
+            seen.set(false);
+        }
+        let indexed = &self.indexed;
+        let is_new = |address: usize| match indexed.get(&address) {
+            Some((_, seen)) => {
+                seen.set(true);
+                false
+            }
+            None => true,
+        };
+        let services = self
+            .services
+            .state_filter(|o| is_new(o as *const Service as usize));
         let slices = self
             .slices
-            .state()
-            .into_iter()
-            .map(|o| {
-                let key = Arc::as_ptr(&o) as usize;
-                let s = match self.slim.remove(&key) {
-                    Some((_, s)) => s,
-                    None => Arc::new(Slice::from(&*o)),
-                };
-                slim.insert(key, (o, s.clone()));
-                Sourced {
-                    origin: origin.clone(),
-                    object: s,
-                }
-            })
-            .collect();
-        self.slim = slim;
-        Objects {
-            services: sourced(&self.services),
-            slices,
-            nodes: sourced(&self.nodes),
+            .state_filter(|o| is_new(o as *const EndpointSlice as usize));
+        let nodes = self
+            .nodes
+            .state_filter(|o| is_new(o as *const Node as usize));
+        let mut add = |address: usize, e: Indexed| {
+            self.index.add((origin.clone(), address), e.object());
+            self.indexed.insert(address, (e, Cell::new(true)));
+        };
+        for o in services {
+            add(Arc::as_ptr(&o) as usize, Indexed::Service(o));
         }
+        for o in slices {
+            if let (Some(svc), Some(t)) = (owner(&o), trigger_time(&o)) {
+                let newest = self.triggers.entry(svc).or_insert(t);
+                *newest = (*newest).max(t);
+            }
+            let slim = Arc::new(Slice::from(&*o));
+            add(
+                Arc::as_ptr(&o) as usize,
+                Indexed::Slice { _stored: o, slim },
+            );
+        }
+        for o in nodes {
+            add(Arc::as_ptr(&o) as usize, Indexed::Node(o));
+        }
+        self.indexed.retain(|address, (e, seen)| {
+            if !seen.get() {
+                self.index
+                    .remove_one(&(origin.clone(), *address), e.object());
+            }
+            seen.get()
+        });
+        if self.triggers.len() > 2 * self.index.len() + 64 {
+            // Services deleted since: forgotten now and then, not on every sync.
+            let index = &self.index;
+            self.triggers.retain(|svc, _| index.contains(svc));
+        }
+        &mut self.index
     }
 
-    /// For network programming latency: the newest `last-change-trigger-time` of each
-    /// Service's EndpointSlices.
-    pub fn trigger_times(&self) -> BTreeMap<ServiceRef, SystemTime> {
-        let mut out = BTreeMap::new();
-        for s in self.slices.state() {
-            let Some(owner) = owner(&s) else { continue };
-            let Some(t) = s
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            else {
-                continue;
-            };
-            let Ok(ts) = t.parse::<Timestamp>() else {
-                continue;
-            };
-            let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ts.as_nanosecond().max(0) as u64);
-            let e = out.entry(owner).or_insert(t);
-            if t > *e {
-                *e = t;
-            }
-        }
-        out
+    /// For network programming latency: the newest `last-change-trigger-time` of the
+    /// Service's slices.
+    pub fn trigger_time(&self, service: &ServiceRef) -> Option<SystemTime> {
+        self.triggers.get(service).copied()
     }
+}
+
+/// A slice's `last-change-trigger-time` annotation.
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let t = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?
+        .parse::<Timestamp>()
+        .ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(t.as_nanosecond().max(0) as u64))
 }
 
 impl Drop for KubeSource {
@@ -217,39 +258,124 @@ mod tests {
         .unwrap()
     }
 
-    /// The model recomputes a Service when an input is a different object: an unchanged
-    /// slice must come out as the same `Arc<Slice>` every time.
+    fn service(name: &str, ip: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+        }))
+        .unwrap()
+    }
+
+    fn touched(k: &mut KubeSource) -> Option<Vec<String>> {
+        let t = k.refresh().take_touched()?;
+        Some(t.iter().map(|r| r.name.to_string()).collect())
+    }
+
+    /// A refresh indexes what the stores changed, and nothing else: an unchanged object stays
+    /// the same model input (the model recomputes a Service whose inputs are new objects), and
+    /// the index always equals one built from scratch from the stores.
     #[tokio::test]
-    async fn unchanged_slices_stay_the_same_model_input() {
-        let (slices, mut writer) = reflector::store::<EndpointSlice>();
-        let (services, _w1) = reflector::store::<Service>();
-        let (nodes, _w2) = reflector::store::<Node>();
-        writer.apply_watcher_event(&watcher::Event::Apply(slice("a", "10.1.0.1")));
-        writer.apply_watcher_event(&watcher::Event::Apply(slice("b", "10.1.0.2")));
+    async fn a_refresh_indexes_only_what_the_stores_changed() {
+        let (slices, mut slice_w) = reflector::store::<EndpointSlice>();
+        let (services, mut svc_w) = reflector::store::<Service>();
+        let (nodes, _w) = reflector::store::<Node>();
+        svc_w.apply_watcher_event(&watcher::Event::Apply(service("web", "10.96.0.10")));
+        svc_w.apply_watcher_event(&watcher::Event::Apply(service("api", "10.96.0.11")));
+        slice_w.apply_watcher_event(&watcher::Event::Apply(slice("a", "10.1.0.1")));
+        slice_w.apply_watcher_event(&watcher::Event::Apply(slice("b", "10.1.0.2")));
         let mut k = KubeSource {
             services,
             slices,
             nodes,
             tasks: vec![],
-            slim: HashMap::new(),
+            indexed: HashMap::new(),
+            index: Index::default(),
+            triggers: HashMap::new(),
         };
-        let by_name = |o: &Objects| -> BTreeMap<String, Arc<Slice>> {
-            o.slices
-                .iter()
-                .map(|s| (s.object.name.clone().unwrap(), s.object.clone()))
-                .collect()
+        let from_scratch = |k: &KubeSource| {
+            let origin: Arc<str> = Arc::from("kube-apiserver");
+            let objects = crate::model::Objects {
+                services: k
+                    .services
+                    .state()
+                    .into_iter()
+                    .map(|object| crate::model::Sourced {
+                        origin: origin.clone(),
+                        object,
+                    })
+                    .collect(),
+                slices: k
+                    .slices
+                    .state()
+                    .iter()
+                    .map(|o| crate::model::Sourced {
+                        origin: origin.clone(),
+                        object: Arc::new(Slice::from(&**o)),
+                    })
+                    .collect(),
+                nodes: vec![],
+            };
+            crate::model::build(&objects, "node-a")
         };
-        let first = by_name(&k.objects());
-        writer.apply_watcher_event(&watcher::Event::Apply(slice("b", "10.1.0.3")));
-        let second = by_name(&k.objects());
-        assert!(Arc::ptr_eq(&first["a"], &second["a"]), "unchanged");
-        assert!(!Arc::ptr_eq(&first["b"], &second["b"]), "replaced");
+        let built = |k: &mut KubeSource| {
+            crate::model::Model::default()
+                .build(k.refresh(), crate::model::Changes::All, "node-a", true)
+                .desired
+        };
         assert_eq!(
-            second["b"].endpoints[0].address.as_deref(),
-            Some("10.1.0.3")
+            touched(&mut k),
+            None,
+            "a new index: everything is to be computed"
         );
-        writer.apply_watcher_event(&watcher::Event::Delete(slice("a", "10.1.0.1")));
-        assert_eq!(by_name(&k.objects()).len(), 1);
-        assert_eq!(k.slim.len(), 1, "views of deleted slices are dropped");
+        assert_eq!(built(&mut k), from_scratch(&k));
+        assert_eq!(touched(&mut k), Some(vec![]), "nothing changed");
+
+        // One slice replaced: its Service only; the other slice stays the same input.
+        let slim_a = |k: &KubeSource| {
+            k.indexed
+                .values()
+                .find_map(|(e, _)| match e {
+                    Indexed::Slice { slim, .. } if slim.name.as_deref() == Some("a") => {
+                        Some(slim.clone())
+                    }
+                    _ => None,
+                })
+                .expect("slice a is indexed")
+        };
+        let a = slim_a(&k);
+        slice_w.apply_watcher_event(&watcher::Event::Apply(slice("b", "10.1.0.3")));
+        assert_eq!(touched(&mut k), Some(vec!["web".to_string()]));
+        assert!(Arc::ptr_eq(&a, &slim_a(&k)), "unchanged slice, same view");
+        assert_eq!(built(&mut k), from_scratch(&k));
+
+        // A Service deleted, then one added.
+        svc_w.apply_watcher_event(&watcher::Event::Delete(service("api", "10.96.0.11")));
+        assert_eq!(touched(&mut k), Some(vec!["api".to_string()]));
+        svc_w.apply_watcher_event(&watcher::Event::Apply(service("db", "10.96.0.12")));
+        assert_eq!(touched(&mut k), Some(vec!["db".to_string()]));
+        assert_eq!(built(&mut k), from_scratch(&k));
+        slice_w.apply_watcher_event(&watcher::Event::Delete(slice("a", "10.1.0.1")));
+        k.refresh();
+        assert_eq!(k.indexed.len(), 3, "views of deleted objects are dropped");
+        assert_eq!(built(&mut k), from_scratch(&k));
+
+        // A slice's trigger time is read as it arrives; the newest one counts.
+        let web = ServiceRef::new(Some("default"), "web");
+        assert_eq!(k.trigger_time(&web), None);
+        for (ip, at) in [
+            ("10.1.0.4", "2026-01-01T00:00:02Z"),
+            ("10.1.0.5", "2026-01-01T00:00:01Z"),
+        ] {
+            let mut s = slice("b", ip);
+            s.metadata.annotations =
+                Some([(TRIGGER_TIME_ANNOTATION.to_string(), at.to_string())].into());
+            slice_w.apply_watcher_event(&watcher::Event::Apply(s));
+            k.refresh();
+        }
+        let newest: Timestamp = "2026-01-01T00:00:02Z".parse().unwrap();
+        assert_eq!(
+            k.trigger_time(&web),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(newest.as_nanosecond() as u64))
+        );
     }
 }

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::{
     agent::{Agent, Manifests},
+    apiserver::FakeApiServer,
     host::{BpffsDir, Cgroup, Netns, sh},
     unique,
 };
@@ -239,6 +240,33 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
         bail!("the agent reported ready without the last Service programmed");
     }
 
+    let samples = time_changes(&mut svcs, count, &maps, &agent, |s| {
+        manifests.write(&s.file_name(), &s.manifest())
+    })?;
+    let peak_rss_mib = agent.pid().and_then(vm_hwm_mib);
+    let agent_change = median_phases(&syncs(&agent.log_text(), "partial"));
+    Ok(Programmer {
+        agent_change,
+        name: "this project (agent, manifests)",
+        full_seconds,
+        full_range,
+        agent_sync,
+        change: Percentiles::of(samples),
+        peak_rss_mib,
+        kernel_memory_mib: Some(maps_memlock_mib(&pins.path)?),
+    })
+}
+
+/// Makes `count` endpoint changes, one at a time, each by `write`, and times each from the
+/// write until the maps hold the new backend (bounded: 2 s each, [`CHANGES_BUDGET`] in all).
+fn time_changes(
+    svcs: &mut [Svc],
+    count: usize,
+    maps: &MapReader,
+    agent: &Agent,
+    mut write: impl FnMut(&Svc) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Duration>> {
+    let (n, m) = (svcs.len(), svcs[0].endpoints.len());
     let mut samples = Vec::with_capacity(count);
     let budget = Instant::now() + CHANGES_BUDGET;
     for (i, j, ip) in changes(n, m, count) {
@@ -248,8 +276,7 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
         svcs[i].endpoints[j] = ip;
         let s = &svcs[i];
         let t0 = Instant::now();
-        manifests.write(&s.file_name(), &s.manifest())?;
-        // Bounded: 2 s per change.
+        write(s)?;
         loop {
             if maps.has_backend(s, ip) {
                 samples.push(t0.elapsed());
@@ -265,17 +292,64 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
             sleep(Duration::from_micros(50));
         }
     }
+    Ok(samples)
+}
+
+/// A Service's objects as the API server holds them (JSON), from its manifest.
+fn api_objects(s: &Svc) -> anyhow::Result<Vec<serde_json::Value>> {
+    use serde::Deserialize as _;
+    yaml_serde::Deserializer::from_str(&s.manifest())
+        .map(|doc| serde_json::Value::deserialize(doc).context("the bench's own manifest"))
+        .collect()
+}
+
+/// The agent through the Kubernetes API source: the fake API server (list/watch, JSON as the
+/// API server sends it) holds the Services and slices; a change is a slice update. Full
+/// programming here is one cold start: listing 20,000 objects over HTTP is most of it.
+pub fn agent_kube(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
+    let mut svcs = workload::services(n, m, None);
+    let api = FakeApiServer::start()?;
+    for s in &svcs {
+        for o in api_objects(s)? {
+            api.apply(o);
+        }
+    }
+    let kubeconfig = Manifests::new()?;
+    kubeconfig.write("kubeconfig", &api.kubeconfig())?;
+    let path = kubeconfig.dir.join("kubeconfig");
+    let cgroup = Cgroup::new(&unique("cpk"))?;
+    let pins = BpffsDir::new(&unique("cpk"));
+    let started = Instant::now();
+    let agent = Agent::start_with(
+        &["--kubeconfig".as_ref(), path.as_os_str()],
+        &cgroup.path,
+        &pins,
+    )?;
+    let full_seconds = started.elapsed().as_secs_f64();
+    let agent_sync = syncs(&agent.log_text(), "full").into_iter().next();
+    let maps = MapReader::open(&pins.path)?;
+    if !maps.has_backend(&svcs[n - 1], svcs[n - 1].endpoints[0]) {
+        bail!("the agent reported ready without the last Service programmed");
+    }
+    let samples = time_changes(&mut svcs, count, &maps, &agent, |s| {
+        // The slice is the manifest's second object.
+        let slice = api_objects(s)?.pop().context("a slice")?;
+        api.apply(slice);
+        Ok(())
+    })?;
     let peak_rss_mib = agent.pid().and_then(vm_hwm_mib);
     let agent_change = median_phases(&syncs(&agent.log_text(), "partial"));
+    let kernel_memory_mib = Some(maps_memlock_mib(&pins.path)?);
+    drop(agent);
     Ok(Programmer {
         agent_change,
-        name: "this project (agent, manifests)",
+        name: "this project (agent, Kubernetes API)",
         full_seconds,
-        full_range,
+        full_range: None,
         agent_sync,
         change: Percentiles::of(samples),
         peak_rss_mib,
-        kernel_memory_mib: Some(maps_memlock_mib(&pins.path)?),
+        kernel_memory_mib,
     })
 }
 

@@ -146,7 +146,10 @@ fn main() -> anyhow::Result<()> {
     if !args.skip_controlplane {
         eprintln!("bench: control plane, {cp_n} x {cp_m}, agent ...");
         let agent = controlplane::agent(cp_n, cp_m, cp_changes).context("control plane: agent")?;
-        let mut programmers = vec![agent];
+        eprintln!("bench: control plane, {cp_n} x {cp_m}, agent through the Kubernetes API ...");
+        let kube = controlplane::agent_kube(cp_n, cp_m, cp_changes)
+            .context("control plane: agent, Kubernetes API")?;
+        let mut programmers = vec![agent, kube];
         if !args.skip_kube_proxy {
             eprintln!("bench: control plane, iptables-restore ...");
             programmers.push(
