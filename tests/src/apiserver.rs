@@ -128,6 +128,11 @@ impl FakeApiServer {
                     .send(listener.local_addr().expect("addr"))
                     .expect("send addr");
                 let app = Router::new().fallback(handle).with_state(s);
+                // As Go's net/http (the API server) does: a watch event is written at once,
+                // not held back by Nagle until the client's delayed ACK (40 ms).
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let _ = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
                         let _ = stop_rx.await;
