@@ -290,6 +290,14 @@ pub struct ObjectSet {
 }
 
 impl ObjectSet {
+    /// Each object with its position among those of its kind (as the set lists them).
+    fn each(&self) -> impl Iterator<Item = (usize, ObjectRef<'_>)> {
+        let services = self.services.iter().map(ObjectRef::Service).enumerate();
+        let slices = self.slices.iter().map(ObjectRef::Slice).enumerate();
+        let nodes = self.nodes.iter().map(ObjectRef::Node).enumerate();
+        services.chain(slices).chain(nodes)
+    }
+
     /// One kind of this set's objects, each with `origin`.
     fn sourced<'a, T: 'a>(
         &'a self,
@@ -348,14 +356,8 @@ impl Index {
 
     /// Adds the objects of `origin`.
     pub fn insert(&mut self, origin: &Arc<str>, set: &ObjectSet) {
-        for (i, s) in set.sourced(origin, |s| &s.services).enumerate() {
-            self.add_service((origin.clone(), i), s);
-        }
-        for (i, s) in set.sourced(origin, |s| &s.slices).enumerate() {
-            self.add_slice((origin.clone(), i), s);
-        }
-        for (i, n) in set.sourced(origin, |s| &s.nodes).enumerate() {
-            self.nodes.insert((origin.clone(), i), n);
+        for (i, o) in set.each() {
+            self.add((origin.clone(), i), o);
         }
     }
 
@@ -391,14 +393,8 @@ impl Index {
 
     /// Removes the objects `origin` added with [`Self::insert`] (the same `set`).
     pub fn remove(&mut self, origin: &Arc<str>, set: &ObjectSet) {
-        for (i, s) in set.services.iter().enumerate() {
-            self.remove_one(&(origin.clone(), i), ObjectRef::Service(s));
-        }
-        for (i, s) in set.slices.iter().enumerate() {
-            self.remove_one(&(origin.clone(), i), ObjectRef::Slice(s));
-        }
-        for (i, n) in set.nodes.iter().enumerate() {
-            self.remove_one(&(origin.clone(), i), ObjectRef::Node(n));
+        for (i, o) in set.each() {
+            self.remove_one(&(origin.clone(), i), o);
         }
     }
 
