@@ -5,12 +5,13 @@
 //! selection ([`crate::endpoints::categorize`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
+use foldhash::HashMap;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 
 mod slice;
@@ -767,7 +768,7 @@ impl Model {
             .iter()
             .flat_map(|f| self.claims[f].keys())
             .collect();
-        let mut owners: HashMap<Frontend, &ServiceRef> = HashMap::new();
+        let mut owners: HashMap<Frontend, &ServiceRef> = HashMap::default();
         let mut clashes: BTreeMap<Claim, Vec<Problem>> = BTreeMap::new();
         for (r, i) in claimants {
             let c = &self.cache[r];

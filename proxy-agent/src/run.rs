@@ -17,12 +17,12 @@ use crate::{
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics, SyncKind},
-    model::{Index, Model, Problem, ProblemReason, ServiceRef},
+    model::{Changes, Desired, Index, Model, Problem, ProblemReason, ServiceRef},
     source::{
         kube::KubeSource,
-        manifests::{ManifestDir, ManifestWatch, Work},
+        manifests::{ManifestDir, ManifestWatch, Reading, Rescan, SourceError, Work},
     },
-    sync::Syncer,
+    sync::{SyncReport, Syncer},
     tc::{self, TcAttacher},
 };
 
@@ -79,6 +79,11 @@ enum Source {
         /// Started after the first read (see [`Source::watch`]); until then every read is a
         /// full one.
         watch: Option<ManifestWatch>,
+        /// The first read, started before the datapath loaded (see [`Agent::first_sync`]).
+        reading: Option<Reading>,
+        /// The first read's outcome and how long it took, for the first snapshot (which takes
+        /// it instead of reading again).
+        first_read: Option<(Result<Rescan, SourceError>, Duration)>,
     },
     Kube(KubeSource),
 }
@@ -91,13 +96,25 @@ struct Snapshot<'a> {
     file_problems: Vec<Problem>,
     /// Nothing changed since the last snapshot.
     unchanged: bool,
+    /// How long the read took, when it was done before the snapshot was asked for.
+    read_before: Option<Duration>,
 }
 
 impl Source {
     /// Reads what changed (everything with `full`); None when the source cannot be read.
     fn snapshot(&mut self, full: bool) -> Option<Snapshot<'_>> {
         match self {
-            Source::Manifests { dir, watch } => {
+            Source::Manifests {
+                dir,
+                watch,
+                reading,
+                first_read,
+            } => {
+                if let Some(r) = reading.take() {
+                    let started = r.started();
+                    let read = dir.finish_rescan(r, |_| {});
+                    *first_read = Some((read, started.elapsed()));
+                }
                 let work = watch.as_ref().map_or(
                     Work {
                         all: true,
@@ -106,17 +123,21 @@ impl Source {
                     |w| w.take(Instant::now()),
                 );
                 tracing::debug!(all = work.all, paths = ?work.paths, full, "manifests work");
-                let rescan = if full || work.all {
-                    match dir.rescan() {
-                        Ok(r) => r,
-                        Err(e) => {
-                            // A directory that vanished is not "every object deleted".
-                            warn!(error = %e, "cannot read the manifests; the programmed state is kept");
-                            return None;
-                        }
-                    }
+                let read_before = first_read.as_ref().map(|(_, took)| *took);
+                let rescan = if let Some((read, _)) = first_read.take() {
+                    read
+                } else if full || work.all {
+                    dir.rescan()
                 } else {
-                    dir.rescan_paths(&work.paths)
+                    Ok(dir.rescan_paths(&work.paths))
+                };
+                let rescan = match rescan {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // A directory that vanished is not "every object deleted".
+                        warn!(error = %e, "cannot read the manifests; the programmed state is kept");
+                        return None;
+                    }
                 };
                 let file_problems = dir.problems().cloned().collect();
                 let touched = dir.take_touched();
@@ -125,6 +146,7 @@ impl Source {
                     index: std::borrow::Cow::Borrowed(dir.index()),
                     file_problems,
                     unchanged: !rescan.changed,
+                    read_before,
                 })
             }
             // The index follows the stores object by object: a change costs a walk of the
@@ -137,6 +159,7 @@ impl Source {
                     index: std::borrow::Cow::Borrowed(index),
                     file_problems: vec![],
                     unchanged: false,
+                    read_before: None,
                 })
             }
         }
@@ -147,7 +170,7 @@ impl Source {
     /// tenth of a cold start (and can overflow the event queue). What changed during that
     /// read is found by one more full read, the watch's first work.
     fn watch(&mut self, wake: &Arc<Notify>) -> anyhow::Result<()> {
-        if let Source::Manifests { dir, watch } = self
+        if let Source::Manifests { dir, watch, .. } = self
             && watch.is_none()
         {
             let w = ManifestWatch::start(dir.dir(), wake.clone())
@@ -182,38 +205,140 @@ struct Agent {
     last_trigger: std::collections::HashMap<ServiceRef, std::time::SystemTime>,
 }
 
+/// Model passes and their writes already made for the sync in progress (the first sync's,
+/// made while the manifests were still being parsed).
+#[derive(Default)]
+struct Passes {
+    count: usize,
+    model: Duration,
+    write: Duration,
+    updates: usize,
+    deletes: usize,
+    errors: usize,
+    removed_backends: Vec<proxy_common::Backend>,
+}
+
+/// One model pass over `index` and the writes it asks for (`full`: every frontend, and
+/// entries nobody owns; otherwise only the Services `changes` names). Returns the model's
+/// output, what the writes did, and the time each took.
+fn program(
+    model: &mut Model,
+    syncer: &mut Syncer<PinnedMaps>,
+    node_name: &str,
+    index: &Index,
+    changes: Changes<'_>,
+    full: bool,
+) -> (
+    Desired,
+    Option<BTreeSet<ServiceRef>>,
+    SyncReport,
+    Duration,
+    Duration,
+) {
+    let started = Instant::now();
+    let built = model.build(index, changes, node_name, full);
+    let modeled = started.elapsed();
+    let report = syncer.sync_scoped(&built.desired, built.changed.as_ref());
+    for (frontend, err) in &report.errors {
+        warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
+    }
+    let written = started.elapsed() - modeled;
+    (built.desired, built.changed, report, modeled, written)
+}
+
 impl Agent {
+    /// The first sync. The manifests' first read began before the datapath was loaded; from
+    /// empty maps (a fresh node, nothing to keep serving) Services are programmed as their
+    /// files come in, as partial syncs of the Services each batch touched, so writing
+    /// overlaps parsing. Otherwise (maps pinned by an earlier agent) one full sync once all
+    /// is read, which also removes what the maps hold that nothing owns any more.
+    fn first_sync(&mut self) {
+        let Source::Manifests {
+            dir,
+            reading,
+            first_read,
+            ..
+        } = &mut self.source
+        else {
+            return self.sync(true);
+        };
+        let Some(reading) = reading.take() else {
+            return self.sync(true);
+        };
+        let progressive = self.syncer.state().is_empty();
+        let started = reading.started();
+        let mut passes = Passes::default();
+        let (model, syncer, node_name) = (&mut self.model, &mut self.syncer, &self.node_name);
+        let read = dir.finish_rescan(reading, |index| {
+            if !progressive {
+                return;
+            }
+            let touched = index.take_touched();
+            let (_, _, report, modeled, written) = program(
+                model,
+                syncer,
+                node_name,
+                index,
+                touched.as_ref().into(),
+                false,
+            );
+            passes.count += 1;
+            passes.model += modeled;
+            passes.write += written;
+            passes.updates += report.updates;
+            passes.deletes += report.deletes;
+            passes.errors += report.errors.len();
+            passes.removed_backends.extend(report.removed_backends);
+        });
+        *first_read = Some((read, started.elapsed()));
+        if progressive {
+            // What the last batch touched, and the problems, metrics and health of the whole.
+            self.sync_after(false, Some(passes));
+        } else {
+            self.sync(true);
+        }
+    }
+
     /// One pass: snapshot the source, build the model, write what differs.
     fn sync(&mut self, full: bool) {
+        self.sync_after(full, None);
+    }
+
+    /// [`Self::sync`], completing `before` (passes of this sync already made).
+    fn sync_after(&mut self, full: bool, before: Option<Passes>) {
         let started = Instant::now();
         let Some(snap) = self.source.snapshot(full) else {
             return;
         };
-        if snap.unchanged && !full {
+        if snap.unchanged && !full && before.is_none() {
             return;
         }
-        let read = started.elapsed();
-        let changes = snap.touched.as_ref().into();
-        let built = self
-            .model
-            .build(&snap.index, changes, &self.node_name, full);
-        let modeled = started.elapsed();
-        let desired = built.desired;
+        let read_done = started.elapsed();
+        // The first read may have run before (alongside the datapath's load): its own time.
+        let read = snap.read_before.unwrap_or(read_done);
+        let (desired, changed, report, modeled, written) = program(
+            &mut self.model,
+            &mut self.syncer,
+            &self.node_name,
+            &snap.index,
+            snap.touched.as_ref().into(),
+            full,
+        );
         self.rejections.report(
             snap.file_problems.iter().chain(desired.problems.iter()),
             &self.metrics,
         );
-        let scope = built.changed.as_ref();
-        let report = self.syncer.sync_scoped(&desired, scope);
-        for (frontend, err) in &report.errors {
-            warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
-        }
+        let scope = changed.as_ref();
+        let progressive = before.is_some();
+        let before = before.unwrap_or_default();
+        let errors = before.errors + report.errors.len();
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
         // Only UDP has flows and connected sockets to clean (TCP connections to a removed pod
         // fail on their own, as with kube-proxy); skipping the walks keeps TCP changes fast.
-        let removed_udp: Vec<proxy_common::Backend> = report
+        let removed_udp: Vec<proxy_common::Backend> = before
             .removed_backends
             .iter()
+            .chain(&report.removed_backends)
             .filter(|b| b.proto == proxy_common::PROTO_UDP)
             .copied()
             .collect();
@@ -227,11 +352,20 @@ impl Agent {
             }
             self.destroy_stale_udp_sockets(&removed_udp);
         }
-        let kind = if scope.is_some() { "partial" } else { "full" };
+        // A progressive first sync (earlier passes) programs every Service: a full one.
+        let kind = if scope.is_some() && !progressive {
+            "partial"
+        } else {
+            "full"
+        };
+        let model_time = before.model + modeled;
+        let write_time = before.write + written;
+        // Earlier passes ran during the read: they are inside `read` already.
+        let elapsed = read + modeled + written;
         self.metrics
             .sync_duration
             .get_or_create(&SyncKind { kind })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         self.metrics
             .record_state(self.syncer.state(), self.syncer.frontend_count());
         if let Source::Kube(k) = &self.source
@@ -253,19 +387,34 @@ impl Agent {
                 }
             }
         }
-        if report.errors.is_empty() {
+        if errors == 0 {
             self.health.synced();
         }
-        if report.updates + report.deletes > 0 || !report.errors.is_empty() {
+        let (updates, deletes) = (
+            before.updates + report.updates,
+            before.deletes + report.deletes,
+        );
+        // As a full sync, a progressive one counts every frontend programmed.
+        let services = match scope {
+            Some(s) if !progressive => s.len(),
+            _ if progressive => self.syncer.frontend_count(),
+            _ => desired.frontends.len(),
+        };
+        if updates + deletes > 0 || errors > 0 {
             info!(
                 kind,
-                services = scope.map_or(desired.frontends.len(), BTreeSet::len),
-                updates = report.updates,
-                deletes = report.deletes,
-                errors = report.errors.len(),
+                services,
+                updates,
+                deletes,
+                errors,
+                // model and write passes (more than one: programmed while reading)
+                passes = before.count + 1,
                 read_us = read.as_micros() as u64,
-                model_us = (modeled - read).as_micros() as u64,
-                elapsed_us = started.elapsed().as_micros() as u64,
+                model_us = model_time.as_micros() as u64,
+                write_us = write_time.as_micros() as u64,
+                // the read, then what was modeled and written after it (a first sync from
+                // empty maps models and writes while it reads)
+                elapsed_us = elapsed.as_micros() as u64,
                 "synced"
             );
         }
@@ -323,11 +472,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let wake = Arc::new(Notify::new());
     let source = match (manifests, client) {
-        (Some(manifests), _) => {
+        (Some(dir), _) => {
+            // The first read begins now: the files are parsed on worker threads while the
+            // datapath loads, and the first sync indexes them (see Agent::first_sync).
+            let (reading, first_read) = match dir.start_rescan() {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some((Err(e), Duration::ZERO))),
+            };
             // File events name the files to read; periodic resyncs read the whole directory.
             Source::Manifests {
-                dir: manifests,
+                dir,
                 watch: None,
+                reading,
+                first_read,
             }
         }
         (None, Some(client)) => {
@@ -384,7 +541,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     resync.tick().await;
 
     // Level-triggered start: one full sync against what the pinned maps already hold, then ready.
-    agent.sync(true);
+    agent.first_sync();
     agent.source.watch(&wake)?;
     info!(node = %cfg.node_name, health = %cfg.health_addr, metrics = %cfg.metrics_addr, "ready");
     loop {
@@ -433,6 +590,8 @@ mod tests {
         let mut source = Source::Manifests {
             dir: ManifestDir::new(tmp.path()).unwrap(),
             watch: None,
+            reading: None,
+            first_read: None,
         };
         let services = |s: &Source| match s {
             Source::Manifests { dir, .. } => dir.objects().services.len(),

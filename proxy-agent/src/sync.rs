@@ -13,10 +13,11 @@
 //! sync (level-triggered), and nothing already programmed is lost.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
+use foldhash::HashMap;
 use proxy_common::{
     BACKEND_MAP, BACKEND_MAP_ENTRIES, Backend, REV_NAT_MAP, REV_NAT_MAP_ENTRIES, RevNat,
     SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP, SVC_MAP_ENTRIES, ServiceKey, ServiceValue,
@@ -94,6 +95,16 @@ pub struct MapState {
     pub vips: BTreeMap<u32, u32>,
 }
 
+impl MapState {
+    /// Nothing programmed (a fresh datapath).
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.backends.is_empty()
+            && self.rev_nat.is_empty()
+            && self.vips.is_empty()
+    }
+}
+
 /// What one sync did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
@@ -167,11 +178,11 @@ pub struct Syncer<D: Datapath> {
 impl<D: Datapath> Syncer<D> {
     /// Starts from what the maps hold now (empty maps for a fresh datapath).
     pub fn new(dp: D, state: MapState) -> Self {
-        let mut backend_ids = HashMap::new();
+        let mut backend_ids = HashMap::default();
         for (id, b) in &state.backends {
             backend_ids.insert(*b, *id);
         }
-        let mut backend_refs = HashMap::new();
+        let mut backend_refs = HashMap::default();
         for (k, v) in &state.services {
             if k.slot != 0 {
                 *backend_refs.entry(v.backend_id).or_insert(0) += 1;
@@ -190,8 +201,8 @@ impl<D: Datapath> Syncer<D> {
             unreferenced,
             next_backend_id: 1,
             next_rev_nat_id: 1,
-            owners: HashMap::new(),
-            by_owner: HashMap::new(),
+            owners: HashMap::default(),
+            by_owner: HashMap::default(),
             masters: state.services.keys().filter(|k| k.slot == 0).count(),
             state,
         }
@@ -379,11 +390,13 @@ impl<D: Datapath> Syncer<D> {
         let values: Vec<Backend> = backends.iter().map(|b| backend_value(b, f.proto)).collect();
 
         // Capacity first: refuse the whole frontend rather than half-write it.
-        let new_backends: BTreeSet<Backend> = values
+        let mut new_backends: Vec<Backend> = values
             .iter()
             .filter(|b| !self.backend_ids.contains_key(b))
             .copied()
             .collect();
+        new_backends.sort_unstable();
+        new_backends.dedup();
         if self.state.backends.len() + new_backends.len() > BACKEND_MAP_ENTRIES as usize {
             return Err(DatapathError::Full {
                 map: BACKEND_MAP,
@@ -432,14 +445,15 @@ impl<D: Datapath> Syncer<D> {
         }
         report.updates += new_ids.len();
         // 2. slots 1..n (those that differ, as one run)
-        let (mut keys, mut slots) = (Vec::new(), Vec::new());
+        let (mut keys, mut slots) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
         for (i, id) in ids.iter().enumerate() {
             let key = service_key(f, i as u16 + 1);
             let value = ServiceValue {
                 backend_id: *id,
                 ..Default::default()
             };
-            if self.state.services.get(&key) != Some(&value) {
+            // A frontend without slots (a new one) has none to compare with.
+            if old_slots == 0 || self.state.services.get(&key) != Some(&value) {
                 keys.push(key);
                 slots.push(value);
             }

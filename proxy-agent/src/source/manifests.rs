@@ -116,7 +116,14 @@ impl ManifestDir {
 
     /// Re-reads files whose size or mtime changed, drops removed ones.
     pub fn rescan(&mut self) -> Result<Rescan, SourceError> {
-        let mut out = Rescan::default();
+        let reading = self.start_rescan()?;
+        self.finish_rescan(reading, |_| {})
+    }
+
+    /// The first half of [`Self::rescan`]: lists the directory and starts parsing what
+    /// changed on worker threads, which go on while the caller does something else.
+    pub fn start_rescan(&self) -> Result<Reading, SourceError> {
+        let started = Instant::now();
         let entries = fs::read_dir(&self.dir).map_err(|source| SourceError::Dir {
             path: self.dir.clone(),
             source,
@@ -130,7 +137,24 @@ impl ManifestDir {
                 todo.push((name, fingerprint));
             }
         }
-        self.read_all(todo, &mut out);
+        Ok(Reading {
+            parsing: Parsing::start(&self.dir, todo),
+            seen,
+            started,
+        })
+    }
+
+    /// The second half of [`Self::rescan`]: indexes the files as they are parsed (in
+    /// directory order) and calls `progress` with the index each time some
+    /// [`PROGRESS_FILES`] more are in, so the caller can program them while the rest parse.
+    pub fn finish_rescan(
+        &mut self,
+        reading: Reading,
+        progress: impl FnMut(&mut Index),
+    ) -> Result<Rescan, SourceError> {
+        let Reading { parsing, seen, .. } = reading;
+        let mut out = Rescan::default();
+        self.apply_all(parsing, &mut out, progress);
         let gone: Vec<OsString> = self
             .files
             .keys()
@@ -184,7 +208,7 @@ impl ManifestDir {
                 None => {}
             }
         }
-        self.read_all(todo, &mut out);
+        self.apply_all(Parsing::start(&self.dir, todo), &mut out, |_| {});
         // A directory that is gone is not "every file removed": the full rescan reports it.
         self.forget_gone(gone, &mut out);
         out
@@ -212,51 +236,54 @@ impl ManifestDir {
         (!unchanged).then_some(fingerprint)
     }
 
-    /// Reads and parses these files (on every core when there are many: parsing YAML is
-    /// most of a cold start), then indexes them in order.
-    fn read_all(&mut self, todo: Vec<(OsString, Fingerprint)>, out: &mut Rescan) {
-        // Plain scoped threads rather than a pool crate: one loop, and no idle threads kept
-        // in the agent between cold starts.
-        const PER_THREAD_MIN: usize = 64;
-        let threads = if todo.len() < 2 * PER_THREAD_MIN {
-            1 // (asking for the parallelism reads cgroup files: not for every edit)
-        } else {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(todo.len() / PER_THREAD_MIN)
+    /// Indexes the files of `parsing` in order as they come, calling `progress` every
+    /// [`PROGRESS_FILES`] files (and after the last).
+    fn apply_all(
+        &mut self,
+        parsing: Parsing,
+        out: &mut Rescan,
+        mut progress: impl FnMut(&mut Index),
+    ) {
+        let Parsing { todo, parsed } = parsing;
+        let mut since_progress = 0;
+        let mut next = 0;
+        let mut apply = |dir: &mut Self, from: usize, files: Vec<Loaded>| {
+            for (i, (origin, result)) in (from..).zip(files) {
+                let (name, fingerprint) = &todo[i];
+                dir.apply(name.clone(), *fingerprint, origin, result, out);
+            }
         };
-        let dir = &self.dir;
-        let loaded: Vec<Loaded> = if threads == 1 {
-            todo.iter().map(|(name, _)| load(&dir.join(name))).collect()
-        } else {
-            // Threads take the next few files as they go (files differ in size, and a core
-            // may be busy with something else): none waits while another has a long queue.
-            const TAKE: usize = 16;
-            let next = std::sync::atomic::AtomicUsize::new(0);
-            let worker = || {
-                let mut done = Vec::new();
-                loop {
-                    let from = next.fetch_add(TAKE, std::sync::atomic::Ordering::Relaxed);
-                    if from >= todo.len() {
-                        return done;
+        match parsed {
+            Parsed::Here => {
+                let files = todo.iter().map(|(name, _)| load(&self.dir.join(name)));
+                apply(self, 0, files.collect());
+                next = todo.len();
+                since_progress = next;
+            }
+            Parsed::Workers { chunks, workers } => {
+                // Chunks arrive in any order; they are indexed in directory order.
+                let mut early: BTreeMap<usize, Vec<Loaded>> = BTreeMap::new();
+                for (from, files) in chunks {
+                    early.insert(from, files);
+                    while let Some(files) = early.remove(&next) {
+                        let n = files.len();
+                        apply(self, next, files);
+                        next += n;
+                        since_progress += n;
                     }
-                    for (i, (name, _)) in todo.iter().enumerate().skip(from).take(TAKE) {
-                        done.push((i, load(&dir.join(name))));
+                    if since_progress >= PROGRESS_FILES && next < todo.len() {
+                        progress(&mut self.index);
+                        since_progress = 0;
                     }
                 }
-            };
-            let mut parts: Vec<(usize, Loaded)> = std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..threads).map(|_| scope.spawn(worker)).collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("parsing does not panic"))
-                    .collect()
-            });
-            parts.sort_unstable_by_key(|(i, _)| *i);
-            parts.into_iter().map(|(_, l)| l).collect()
-        };
-        for ((name, fingerprint), (origin, parsed)) in todo.into_iter().zip(loaded) {
-            self.apply(name, fingerprint, origin, parsed, out);
+                for w in workers {
+                    w.join().expect("parsing does not panic");
+                }
+            }
+        }
+        debug_assert_eq!(next, todo.len(), "every file is indexed");
+        if since_progress > 0 {
+            progress(&mut self.index);
         }
     }
 
@@ -337,6 +364,109 @@ impl ManifestDir {
             out.extend_from(&f.origin, &f.objects);
         }
         out
+    }
+}
+
+/// A read in progress (see [`ManifestDir::start_rescan`]).
+#[derive(Debug)]
+pub struct Reading {
+    parsing: Parsing,
+    /// Manifest files present (those not listed were removed).
+    seen: HashSet<OsString>,
+    started: Instant,
+}
+
+impl Reading {
+    /// When the read began.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+}
+
+/// How often a read in progress hands the index over (see [`ManifestDir::finish_rescan`]):
+/// often enough that programming keeps pace with parsing, seldom enough that each pass's
+/// fixed cost stays small.
+pub const PROGRESS_FILES: usize = 512;
+
+/// Files being parsed: on worker threads when there are many (parsing YAML is most of a cold
+/// start), otherwise by the caller when it indexes them.
+#[derive(Debug)]
+struct Parsing {
+    todo: Arc<[(OsString, Fingerprint)]>,
+    parsed: Parsed,
+}
+
+#[derive(Debug)]
+enum Parsed {
+    Here,
+    /// Chunks of consecutive files as (index of the first in `todo`, their results).
+    Workers {
+        chunks: std::sync::mpsc::Receiver<(usize, Vec<Loaded>)>,
+        workers: Vec<std::thread::JoinHandle<()>>,
+    },
+}
+
+impl Parsing {
+    fn start(dir: &Path, todo: Vec<(OsString, Fingerprint)>) -> Parsing {
+        // Plain threads rather than a pool crate: one loop, and no idle threads kept in the
+        // agent between cold starts.
+        const PER_THREAD_MIN: usize = 64;
+        // Threads take the next few files as they go (files differ in size, and a core may be
+        // busy with something else): none waits while another has a long queue.
+        const TAKE: usize = 16;
+        let todo: Arc<[(OsString, Fingerprint)]> = todo.into();
+        let threads = if todo.len() < 2 * PER_THREAD_MIN {
+            1 // (asking for the parallelism reads cgroup files: not for every edit)
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(todo.len() / PER_THREAD_MIN)
+        };
+        if threads == 1 {
+            return Parsing {
+                todo,
+                parsed: Parsed::Here,
+            };
+        }
+        let (tx, chunks) = std::sync::mpsc::channel();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut workers = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (todo, next, tx, dir) = (todo.clone(), next.clone(), tx.clone(), dir.to_owned());
+            let worker = move || {
+                loop {
+                    let from = next.fetch_add(TAKE, std::sync::atomic::Ordering::Relaxed);
+                    if from >= todo.len() {
+                        return;
+                    }
+                    let files = todo[from..todo.len().min(from + TAKE)]
+                        .iter()
+                        .map(|(name, _)| load(&dir.join(name)))
+                        .collect();
+                    if tx.send((from, files)).is_err() {
+                        return; // the reader is gone
+                    }
+                }
+            };
+            match std::thread::Builder::new()
+                .name("manifests-parse".into())
+                .spawn(worker)
+            {
+                Ok(w) => workers.push(w),
+                // Fewer threads only make the read slower; with none, it is done here.
+                Err(e) => tracing::warn!(error = %e, "cannot start a parse thread"),
+            }
+        }
+        if workers.is_empty() {
+            return Parsing {
+                todo,
+                parsed: Parsed::Here,
+            };
+        }
+        Parsing {
+            todo,
+            parsed: Parsed::Workers { chunks, workers },
+        }
     }
 }
 

@@ -161,14 +161,17 @@ fn maps_memlock_mib(pins: &Path) -> anyhow::Result<f64> {
     Ok(total as f64 / (1024.0 * 1024.0))
 }
 
-/// Where the agent's first full sync spent its time (seconds), from its log line.
+/// Where an agent's sync spent its time (seconds), from its log line.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SyncPhases {
-    /// Reading and parsing the manifest files.
+    /// Reading and parsing the manifest files (or refreshing the API source's index).
     pub read: f64,
     pub model: f64,
     /// Diff and map writes.
     pub write: f64,
+    /// The read, then the model and writes after it. A first sync from empty maps models and
+    /// writes while it reads: then `model` and `write` overlap `read` and exceed
+    /// `total - read`.
     pub total: f64,
 }
 
@@ -202,12 +205,11 @@ fn sync_phases(line: &str) -> Option<SyncPhases> {
         let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
         digits.parse::<f64>().ok().map(|us| us / 1e6)
     };
-    let (read, model, total) = (field("read_us")?, field("model_us")?, field("elapsed_us")?);
     Some(SyncPhases {
-        read,
-        model,
-        write: total - read - model,
-        total,
+        read: field("read_us")?,
+        model: field("model_us")?,
+        write: field("write_us")?,
+        total: field("elapsed_us")?,
     })
 }
 
@@ -460,7 +462,7 @@ mod tests {
     fn the_agent_log_gives_its_syncs() {
         let line = |kind: &str, read: u32| {
             format!(
-                "x INFO proxy_agent::run: synced kind=\"{kind}\" services=3 updates=9 deletes=0 errors=0 read_us={read} model_us=250 elapsed_us=1500\n"
+                "x INFO proxy_agent::run: synced kind=\"{kind}\" services=3 updates=9 deletes=0 errors=0 read_us={read} model_us=250 write_us=750 elapsed_us=1500\n"
             )
         };
         let log = [

@@ -113,7 +113,7 @@ pub fn tables(r: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "| programmer | full program s (median, runs min-max) | agent sync: read + model + write s | change p50 ms | change p99 ms | change max ms | agent per change: read + model + write µs (median) | peak RSS MiB | kernel map MiB |"
+            "| programmer | full program s (median, runs min-max) | agent first sync s: total (read / model / write) | change p50 ms | change p99 ms | change max ms | agent per change µs (median): total (read / model / write) | peak RSS MiB | kernel map MiB |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
@@ -127,14 +127,14 @@ pub fn tables(r: &Results) -> String {
                     None => format!("{:.3}", p.full_seconds),
                 },
                 p.agent_sync.as_ref().map_or("-".into(), |a| format!(
-                    "{:.3} = {:.3} + {:.3} + {:.3}",
+                    "{:.3} ({:.3} / {:.3} / {:.3})",
                     a.total, a.read, a.model, a.write
                 )),
                 p.change.p50_ms,
                 p.change.p99_ms,
                 p.change.max_ms,
                 p.agent_change.as_ref().map_or("-".into(), |a| format!(
-                    "{:.0} = {:.0} + {:.0} + {:.0}",
+                    "{:.0} ({:.0} / {:.0} / {:.0})",
                     a.total * 1e6,
                     a.read * 1e6,
                     a.model * 1e6,

@@ -470,3 +470,67 @@ fn files_read_in_parallel_keep_their_own_objects() {
     want.remove("s7");
     assert_eq!(names(&m), want);
 }
+
+/// A read hands the index over as it goes: every [`PROGRESS_FILES`] files (the Services of
+/// those files, each once, in directory order), then once more after the last file; and it
+/// ends as a plain rescan does. A second read of unchanged files hands nothing over.
+#[test]
+fn a_read_hands_over_the_index_as_files_come_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = 2 * PROGRESS_FILES + 100;
+    for i in 0..n {
+        let name = format!("s{i:05}");
+        fs::write(
+            tmp.path().join(format!("{name}.yaml")),
+            SVC.replace("web", &name),
+        )
+        .unwrap();
+    }
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    let reading = m.start_rescan().unwrap();
+    let mut handed: Vec<Vec<String>> = Vec::new();
+    let r = m
+        .finish_rescan(reading, |index| {
+            let mut names: Vec<String> = match index.take_touched() {
+                // The first hand-over of a new index: everything it holds is new.
+                None => (0..n)
+                    .map(|i| format!("s{i:05}"))
+                    .filter(|s| index.contains(&crate::model::ServiceRef::new(None, s)))
+                    .collect(),
+                Some(t) => t.iter().map(|s| s.name.to_string()).collect(),
+            };
+            names.sort();
+            handed.push(names);
+        })
+        .unwrap();
+    assert!(r.changed);
+    assert!(
+        handed.len() >= 3,
+        "{} files come in at least 3 hand-overs, got {}",
+        n,
+        handed.len()
+    );
+    assert!(
+        handed[..handed.len() - 1]
+            .iter()
+            .all(|h| h.len() >= PROGRESS_FILES),
+        "each hand-over but the last has at least PROGRESS_FILES files: {:?}",
+        handed.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let all: Vec<String> = handed.concat();
+    let want: Vec<String> = (0..n).map(|i| format!("s{i:05}")).collect();
+    assert_eq!(all, want, "each Service once, in directory order");
+
+    let mut plain = ManifestDir::new(tmp.path()).unwrap();
+    plain.rescan().unwrap();
+    assert_eq!(
+        crate::model::build(&m.objects(), "node-a"),
+        crate::model::build(&plain.objects(), "node-a")
+    );
+
+    let reading = m.start_rescan().unwrap();
+    let mut calls = 0;
+    let r = m.finish_rescan(reading, |_| calls += 1).unwrap();
+    assert!(!r.changed);
+    assert_eq!(calls, 0, "nothing read, nothing handed over");
+}
