@@ -10,6 +10,21 @@ use proxy_agent::{inspect, loader, run};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc gives freed memory back to the system `purge_delay` ms after it is freed (1000 by
+/// default in mimalloc 3). A cold start frees about as fast as it allocates: with the default,
+/// its peak RSS varied from 84 to 98 MiB at 10k Services; with 10 ms it stays at 80 MiB, as
+/// fast (1 ms: 79 MiB, but slower).
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return; // the operator's choice
+    }
+    // `mi_option_purge_delay` in mimalloc's `mi_option_e` (v2 and v3); the Rust bindings name
+    // only some options.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets a plain option value; no allocation is affected retroactively.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
+}
+
 /// eBPF ClusterIP load balancing: keeps the datapath's maps equal to the cluster's Services.
 #[derive(Parser)]
 #[command(name = "proxy-agent", version)]
@@ -81,6 +96,7 @@ fn hostname() -> String {
 }
 
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

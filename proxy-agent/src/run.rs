@@ -17,7 +17,7 @@ use crate::{
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics, SyncKind},
-    model::{Changes, Desired, Index, Model, Problem, ProblemReason, ServiceRef},
+    model::{Built, Changes, Index, Model, Problem, ProblemReason, ServiceRef},
     source::{
         kube::KubeSource,
         manifests::{ManifestDir, ManifestWatch, Reading, Rescan, SourceError, Work},
@@ -218,9 +218,16 @@ struct Passes {
     removed_backends: Vec<proxy_common::Backend>,
 }
 
+/// What one model pass and its writes did.
+struct Programmed {
+    built: Built,
+    report: SyncReport,
+    model: Duration,
+    write: Duration,
+}
+
 /// One model pass over `index` and the writes it asks for (`full`: every frontend, and
-/// entries nobody owns; otherwise only the Services `changes` names). Returns the model's
-/// output, what the writes did, and the time each took.
+/// entries nobody owns; otherwise only the Services `changes` names).
 fn program(
     model: &mut Model,
     syncer: &mut Syncer<PinnedMaps>,
@@ -228,13 +235,7 @@ fn program(
     index: &Index,
     changes: Changes<'_>,
     full: bool,
-) -> (
-    Desired,
-    Option<BTreeSet<ServiceRef>>,
-    SyncReport,
-    Duration,
-    Duration,
-) {
+) -> Programmed {
     let started = Instant::now();
     let built = model.build(index, changes, node_name, full);
     let modeled = started.elapsed();
@@ -242,8 +243,12 @@ fn program(
     for (frontend, err) in &report.errors {
         warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
     }
-    let written = started.elapsed() - modeled;
-    (built.desired, built.changed, report, modeled, written)
+    Programmed {
+        built,
+        report,
+        model: modeled,
+        write: started.elapsed() - modeled,
+    }
 }
 
 impl Agent {
@@ -274,7 +279,7 @@ impl Agent {
                 return;
             }
             let touched = index.take_touched();
-            let (_, _, report, modeled, written) = program(
+            let p = program(
                 model,
                 syncer,
                 node_name,
@@ -283,12 +288,12 @@ impl Agent {
                 false,
             );
             passes.count += 1;
-            passes.model += modeled;
-            passes.write += written;
-            passes.updates += report.updates;
-            passes.deletes += report.deletes;
-            passes.errors += report.errors.len();
-            passes.removed_backends.extend(report.removed_backends);
+            passes.model += p.model;
+            passes.write += p.write;
+            passes.updates += p.report.updates;
+            passes.deletes += p.report.deletes;
+            passes.errors += p.report.errors.len();
+            passes.removed_backends.extend(p.report.removed_backends);
         });
         *first_read = Some((read, started.elapsed()));
         if progressive {
@@ -316,7 +321,12 @@ impl Agent {
         let read_done = started.elapsed();
         // The first read may have run before (alongside the datapath's load): its own time.
         let read = snap.read_before.unwrap_or(read_done);
-        let (desired, changed, report, modeled, written) = program(
+        let Programmed {
+            built,
+            report,
+            model: modeled,
+            write: written,
+        } = program(
             &mut self.model,
             &mut self.syncer,
             &self.node_name,
@@ -324,11 +334,12 @@ impl Agent {
             snap.touched.as_ref().into(),
             full,
         );
+        let desired = built.desired;
         self.rejections.report(
             snap.file_problems.iter().chain(desired.problems.iter()),
             &self.metrics,
         );
-        let scope = changed.as_ref();
+        let scope = built.changed.as_ref();
         let progressive = before.is_some();
         let before = before.unwrap_or_default();
         let errors = before.errors + report.errors.len();

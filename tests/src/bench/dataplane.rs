@@ -87,6 +87,33 @@ pub struct Measurement {
     pub setup_seconds: f64,
     /// TCP conn/s of every round (this measurement is the median one).
     pub rounds: Vec<f64>,
+    /// Of every round (sorted): the TCP rate over direct's in the same round. The rows of a
+    /// round run one after the other, so the machine's drift between rounds cancels out.
+    pub vs_direct: Vec<f64>,
+}
+
+/// Each row's median round, with its rounds' ratios to direct (see
+/// [`Measurement::vs_direct`]). `by_row` holds each row's measurements in round order.
+pub fn summarize(by_row: Vec<Vec<Measurement>>) -> Vec<Measurement> {
+    let direct: Vec<f64> = by_row
+        .iter()
+        .find(|rounds| rounds.first().is_some_and(|m| m.row == Row::Direct))
+        .map(|rounds| rounds.iter().map(|m| m.tcp.rate).collect())
+        .unwrap_or_default();
+    by_row
+        .into_iter()
+        .filter_map(|rounds| {
+            let mut ratios: Vec<f64> = rounds
+                .iter()
+                .zip(&direct)
+                .map(|(m, d)| m.tcp.rate / d)
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            let mut m = median(rounds)?;
+            m.vs_direct = ratios;
+            Some(m)
+        })
+        .collect()
 }
 
 /// The median round (by TCP rate), carrying every round's rate.
@@ -294,6 +321,7 @@ pub fn measure(row: Row, n: usize, s: &Settings) -> anyhow::Result<Measurement> 
         kernel,
         setup_seconds,
         rounds: vec![],
+        vs_direct: vec![],
     })
 }
 
@@ -333,6 +361,7 @@ mod tests {
             kernel: None,
             setup_seconds: 0.0,
             rounds: vec![],
+            vs_direct: vec![],
         }
     }
 
@@ -342,5 +371,24 @@ mod tests {
         assert_eq!((got.tcp.rate, got.rounds), (2.0, vec![1.0, 2.0, 3.0]));
         assert_eq!(median(vec![m(5.0)]).unwrap().tcp.rate, 5.0);
         assert!(median(vec![]).is_none());
+    }
+
+    /// Rounds pair up by their order: a round where the machine was slow for every row counts
+    /// as the same ratio as a fast one.
+    #[test]
+    fn ratios_to_direct_pair_rows_by_round() {
+        let row = |row, rates: &[f64]| -> Vec<Measurement> {
+            rates.iter().map(|r| Measurement { row, ..m(*r) }).collect()
+        };
+        let got = summarize(vec![
+            row(Row::Direct, &[100.0, 50.0, 80.0]),
+            row(Row::Socket, &[99.0, 49.0, 79.0]),
+        ]);
+        assert_eq!(got[0].vs_direct, vec![1.0, 1.0, 1.0]);
+        let ratios: Vec<String> = got[1].vs_direct.iter().map(|r| format!("{r:.4}")).collect();
+        assert_eq!(ratios, ["0.9800", "0.9875", "0.9900"]);
+        // The medians alone (79 over 80) would agree here, but not under drift within the
+        // run: the pairing is what the column reports.
+        assert_eq!(got[1].tcp.rate, 79.0);
     }
 }

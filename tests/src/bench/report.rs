@@ -48,13 +48,23 @@ pub fn tables(r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "| services | datapath | conn/s (median) | rounds min-max | vs direct | p50 µs | p99 µs | BPF ns/run | BPF runs/conn | BPF ns/conn |"
+        "| services | datapath | conn/s (median) | rounds min-max | vs direct (median of rounds, min-max) | p50 µs | p99 µs | BPF ns/run | BPF runs/conn | BPF ns/conn |"
     );
     let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for x in &r.dataplane {
-        let ratio = direct(&r.dataplane, x.services)
-            .map(|d| format!("{:.3}", x.tcp.rate / d.tcp.rate))
-            .unwrap_or_else(|| "-".into());
+        // Paired by round when there are rounds (see Measurement::vs_direct).
+        let ratio = match x.vs_direct.as_slice() {
+            [] => direct(&r.dataplane, x.services)
+                .map(|d| format!("{:.3}", x.tcp.rate / d.tcp.rate))
+                .unwrap_or_else(|| "-".into()),
+            [only] => format!("{only:.3}"),
+            all => format!(
+                "{:.3} ({:.2}-{:.2})",
+                all[all.len() / 2],
+                all[0],
+                all[all.len() - 1]
+            ),
+        };
         let (ns, runs, per_conn) = match &x.kernel {
             Some(k) => (
                 format!("{:.0}", k.ns_per_run),

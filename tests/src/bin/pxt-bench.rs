@@ -85,7 +85,8 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: set before any thread starts; the test harness's Agent reads it.
     unsafe { std::env::set_var("PROXY_AGENT_BIN", &args.agent) };
     // Rounds: each row is measured that many times, interleaved with the others (so slow
-    // drift of the machine hits every row alike), and the median round is reported.
+    // drift of the machine hits every row alike), and the median round is reported, with the
+    // median of the rounds' ratios to direct (each round's rows against its own direct).
     let (default_sizes, default_rounds, window, warmup, workers, cp_n, cp_m, cp_changes): (
         &[usize],
         usize,
@@ -138,9 +139,7 @@ fn main() -> anyhow::Result<()> {
                 by_row[i].push(m);
             }
         }
-        results
-            .dataplane
-            .extend(by_row.into_iter().filter_map(dataplane::median));
+        results.dataplane.extend(dataplane::summarize(by_row));
     }
 
     if !args.skip_controlplane {
