@@ -343,7 +343,7 @@ impl Agent {
         let progressive = before.is_some();
         let before = before.unwrap_or_default();
         let errors = before.errors + report.errors.len();
-        self.metrics.sync_errors.inc_by(report.errors.len() as u64);
+        self.metrics.sync_errors.inc_by(errors as u64);
         // Only UDP has flows and connected sockets to clean (TCP connections to a removed pod
         // fail on their own, as with kube-proxy); skipping the walks keeps TCP changes fast.
         let removed_udp: Vec<proxy_common::Backend> = before
