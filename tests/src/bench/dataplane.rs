@@ -234,6 +234,11 @@ fn load(
             Mode::Tcp => "tcp",
             Mode::Udp => "udp",
         })
+        // Direct spreads connections over the pods at random, as every other row's load
+        // balancing does: taken in turn, 4 closed-loop workers on 3 pods would be spread more
+        // evenly than any Service can be, and direct would also be measuring that.
+        .arg("--pick")
+        .arg("random")
         .arg("--workers")
         .arg(s.workers.to_string())
         .arg("--warmup-ms")

@@ -21,6 +21,16 @@ pub enum Mode {
     Udp,
 }
 
+/// How a TCP connection's target is chosen among several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pick {
+    /// Each worker takes them in turn.
+    Rotate,
+    /// At random, as a Service's load balancing does (kube-proxy's `statistic random` and
+    /// `numgen random`, this project's random slot).
+    Random,
+}
+
 /// One measurement.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LoadResult {
@@ -67,11 +77,12 @@ fn tcp_once(target: SocketAddr) -> bool {
     ok
 }
 
-/// Runs `workers` closed loops for `warmup` (not counted) then `duration`; operations go to
-/// `targets` in turn.
+/// Runs `workers` closed loops for `warmup` (not counted) then `duration`; TCP connections go
+/// to `targets` as `pick` says.
 pub fn run(
     mode: Mode,
     targets: &[SocketAddr],
+    pick: Pick,
     workers: usize,
     warmup: Duration,
     duration: Duration,
@@ -105,7 +116,10 @@ pub fn run(
                     }
                     turn += 1;
                     let ok = match (&udp, mode) {
-                        (_, Mode::Tcp) => tcp_once(targets[turn % targets.len()]),
+                        (_, Mode::Tcp) => tcp_once(match pick {
+                            Pick::Rotate => targets[turn % targets.len()],
+                            Pick::Random => targets[fastrand::usize(..targets.len())],
+                        }),
                         (Some(u), Mode::Udp) => {
                             let mut buf = [0u8; 64];
                             u.send(b"ping").is_ok() && matches!(u.recv(&mut buf), Ok(n) if n > 0)

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use proxy_tests::bench::load::{self, Mode};
+use proxy_tests::bench::load::{self, Mode, Pick};
 
 #[derive(Parser)]
 struct Args {
@@ -13,6 +13,9 @@ struct Args {
     /// Where to connect; repeat to spread operations over several.
     #[arg(long, required = true)]
     target: Vec<SocketAddr>,
+    /// How each TCP connection's target is chosen.
+    #[arg(long, value_enum, default_value = "rotate")]
+    pick: Pick,
     #[arg(long, default_value_t = 4)]
     workers: usize,
     #[arg(long, default_value_t = 500)]
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     let r = load::run(
         a.mode,
         &a.target,
+        a.pick,
         a.workers,
         Duration::from_millis(a.warmup_ms),
         Duration::from_millis(a.duration_ms),
