@@ -79,13 +79,18 @@ enum Source {
         /// Started after the first read (see [`Source::watch`]); until then every read is a
         /// full one.
         watch: Option<ManifestWatch>,
-        /// The first read, started before the datapath loaded (see [`Agent::first_sync`]).
-        reading: Option<Reading>,
-        /// The first read's outcome and how long it took, for the first snapshot (which takes
-        /// it instead of reading again).
-        first_read: Option<(Result<Rescan, SourceError>, Duration)>,
+        /// The first read, begun before the datapath loaded (see [`Agent::first_sync`]); the
+        /// first snapshot takes it instead of reading again.
+        first_read: Option<FirstRead>,
     },
     Kube(KubeSource),
+}
+
+enum FirstRead {
+    /// Files still being parsed.
+    Parsing(Reading),
+    /// The read's outcome and how long it took.
+    Done(Result<Rescan, SourceError>, Duration),
 }
 
 /// What a source has now.
@@ -107,14 +112,8 @@ impl Source {
             Source::Manifests {
                 dir,
                 watch,
-                reading,
                 first_read,
             } => {
-                if let Some(r) = reading.take() {
-                    let started = r.started();
-                    let read = dir.finish_rescan(r, |_| {});
-                    *first_read = Some((read, started.elapsed()));
-                }
                 let work = watch.as_ref().map_or(
                     Work {
                         all: true,
@@ -123,13 +122,14 @@ impl Source {
                     |w| w.take(Instant::now()),
                 );
                 tracing::debug!(all = work.all, paths = ?work.paths, full, "manifests work");
-                let read_before = first_read.as_ref().map(|(_, took)| *took);
-                let rescan = if let Some((read, _)) = first_read.take() {
-                    read
-                } else if full || work.all {
-                    dir.rescan()
-                } else {
-                    Ok(dir.rescan_paths(&work.paths))
+                let (rescan, read_before) = match first_read.take() {
+                    Some(FirstRead::Parsing(r)) => {
+                        let started = r.started();
+                        (dir.finish_rescan(r, |_| {}), Some(started.elapsed()))
+                    }
+                    Some(FirstRead::Done(read, took)) => (read, Some(took)),
+                    None if full || work.all => (dir.rescan(), None),
+                    None => (Ok(dir.rescan_paths(&work.paths)), None),
                 };
                 let rescan = match rescan {
                     Ok(r) => r,
@@ -259,16 +259,17 @@ impl Agent {
     /// is read, which also removes what the maps hold that nothing owns any more.
     fn first_sync(&mut self) {
         let Source::Manifests {
-            dir,
-            reading,
-            first_read,
-            ..
+            dir, first_read, ..
         } = &mut self.source
         else {
             return self.sync(true);
         };
-        let Some(reading) = reading.take() else {
-            return self.sync(true);
+        let reading = match first_read.take() {
+            Some(FirstRead::Parsing(r)) => r,
+            other => {
+                *first_read = other; // (a read that could not begin: the sync reports it)
+                return self.sync(true);
+            }
         };
         let progressive = self.syncer.state().is_empty();
         let started = reading.started();
@@ -295,7 +296,7 @@ impl Agent {
             passes.errors += p.report.errors.len();
             passes.removed_backends.extend(p.report.removed_backends);
         });
-        *first_read = Some((read, started.elapsed()));
+        *first_read = Some(FirstRead::Done(read, started.elapsed()));
         if progressive {
             // What the last batch touched, and the problems, metrics and health of the whole.
             self.sync_after(false, Some(passes));
@@ -486,16 +487,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         (Some(dir), _) => {
             // The first read begins now: the files are parsed on worker threads while the
             // datapath loads, and the first sync indexes them (see Agent::first_sync).
-            let (reading, first_read) = match dir.start_rescan() {
-                Ok(r) => (Some(r), None),
-                Err(e) => (None, Some((Err(e), Duration::ZERO))),
+            let first_read = match dir.start_rescan() {
+                Ok(r) => FirstRead::Parsing(r),
+                Err(e) => FirstRead::Done(Err(e), Duration::ZERO),
             };
             // File events name the files to read; periodic resyncs read the whole directory.
             Source::Manifests {
                 dir,
                 watch: None,
-                reading,
-                first_read,
+                first_read: Some(first_read),
             }
         }
         (None, Some(client)) => {
@@ -592,23 +592,27 @@ mod tests {
         )
     }
 
-    /// The first read runs unwatched; a file written after it, before the watch started (no
-    /// event names it), is read as soon as watching starts, and then only events cause reads.
+    /// The first read runs unwatched (begun as `run` begins it, taken by the first snapshot
+    /// with its own time); a file written after it, before the watch started (no event names
+    /// it), is read as soon as watching starts, and then only events cause reads.
     #[test]
     fn a_change_before_watching_starts_is_read_once_it_does() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("a.yaml"), service("a", "10.96.0.1")).unwrap();
+        let dir = ManifestDir::new(tmp.path()).unwrap();
+        let reading = dir.start_rescan().unwrap();
         let mut source = Source::Manifests {
-            dir: ManifestDir::new(tmp.path()).unwrap(),
+            dir,
             watch: None,
-            reading: None,
-            first_read: None,
+            first_read: Some(FirstRead::Parsing(reading)),
         };
         let services = |s: &Source| match s {
             Source::Manifests { dir, .. } => dir.objects().services.len(),
             Source::Kube(_) => unreachable!(),
         };
-        assert!(!source.snapshot(false).expect("readable").unchanged);
+        let first = source.snapshot(false).expect("readable");
+        assert!(first.read_before.is_some(), "the begun read is taken");
+        assert!(!first.unchanged);
         assert_eq!(services(&source), 1);
         std::fs::write(tmp.path().join("b.yaml"), service("b", "10.96.0.2")).unwrap();
 
