@@ -22,6 +22,10 @@ pub const BACKEND_MAP: &str = "PROXY_BE_V1";
 pub const REV_NAT_MAP: &str = "PROXY_RNAT_V1";
 /// Socket reverse NAT (LRU): {socket cookie, backend ip, backend port} -> {vip, port}.
 pub const SOCK_REV_NAT_MAP: &str = "PROXY_SKNAT_V1";
+/// TCP socket reverse NAT (array): slot `cookie % SOCK_SLOT_MAP_ENTRIES` -> [`SockSlot`]
+/// {cookie, backend ip, backend port, vip, port}. A TCP socket has one peer, so it needs no
+/// hash key; UDP sockets keep using [`SOCK_REV_NAT_MAP`].
+pub const SOCK_SLOT_MAP: &str = "PROXY_SKSLOT_V1";
 /// Per-CPU counters indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "PROXY_CNT_V1";
 
@@ -31,11 +35,12 @@ pub const VIP_MAP: &str = "PROXY_VIP_V1";
 pub const CT_MAP: &str = "PROXY_CT_V1";
 
 /// Every map the programs use, for pinning and ABI checks.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     SVC_MAP,
     BACKEND_MAP,
     REV_NAT_MAP,
     SOCK_REV_NAT_MAP,
+    SOCK_SLOT_MAP,
     COUNTERS_MAP,
     VIP_MAP,
     CT_MAP,
@@ -49,6 +54,9 @@ pub const BACKEND_MAP_ENTRIES: u32 = 131_072;
 pub const REV_NAT_MAP_ENTRIES: u32 = 65_535;
 /// Capacity of [`SOCK_REV_NAT_MAP`] (LRU: old sockets' entries are evicted).
 pub const SOCK_REV_NAT_MAP_ENTRIES: u32 = 262_144;
+/// Capacity of [`SOCK_SLOT_MAP`] (a power of two: the slot is a mask of the cookie).
+pub const SOCK_SLOT_MAP_ENTRIES: u32 = 262_144;
+const _: () = assert!(SOCK_SLOT_MAP_ENTRIES.is_power_of_two());
 /// Capacity of [`COUNTERS_MAP`]: room for future reasons without an ABI bump.
 pub const COUNTERS_MAP_ENTRIES: u32 = 32;
 /// Capacity of [`VIP_MAP`].
@@ -143,6 +151,20 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u16,
 }
 const _: () = assert!(size_of::<SockRevNatValue>() == 8);
+
+/// Value of [`SOCK_SLOT_MAP`]: a connected TCP socket (by cookie), the backend it was given,
+/// and the frontend it reports instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockSlot {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub rev: SockRevNatValue,
+}
+const _: () = assert!(size_of::<SockSlot>() == 24);
 
 /// Key of [`CT_MAP`]: the packet's own addresses as seen on the wire.
 #[repr(C)]
@@ -259,7 +281,7 @@ const _: () = assert!(Counter::ALL.len() <= COUNTERS_MAP_ENTRIES as usize);
 
 /// Key and value sizes of every map, as the agent expects them; compared with existing pins
 /// and with the built object.
-pub const MAP_LAYOUTS: [MapLayout; 7] = [
+pub const MAP_LAYOUTS: [MapLayout; 8] = [
     MapLayout {
         name: SVC_MAP,
         key_size: 12,
@@ -283,6 +305,12 @@ pub const MAP_LAYOUTS: [MapLayout; 7] = [
         key_size: 16,
         value_size: 8,
         max_entries: SOCK_REV_NAT_MAP_ENTRIES,
+    },
+    MapLayout {
+        name: SOCK_SLOT_MAP,
+        key_size: 4,
+        value_size: 24,
+        max_entries: SOCK_SLOT_MAP_ENTRIES,
     },
     MapLayout {
         name: COUNTERS_MAP,
@@ -311,8 +339,9 @@ const _: () = {
     assert!(MAP_LAYOUTS[2].value_size as usize == size_of::<RevNat>());
     assert!(MAP_LAYOUTS[3].key_size as usize == size_of::<SockRevNatKey>());
     assert!(MAP_LAYOUTS[3].value_size as usize == size_of::<SockRevNatValue>());
-    assert!(MAP_LAYOUTS[6].key_size as usize == size_of::<CtKey>());
-    assert!(MAP_LAYOUTS[6].value_size as usize == size_of::<CtValue>());
+    assert!(MAP_LAYOUTS[4].value_size as usize == size_of::<SockSlot>());
+    assert!(MAP_LAYOUTS[7].key_size as usize == size_of::<CtKey>());
+    assert!(MAP_LAYOUTS[7].value_size as usize == size_of::<CtValue>());
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,6 +363,7 @@ mod user {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
 }

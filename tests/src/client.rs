@@ -82,7 +82,7 @@ pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count
 }
 
 /// Starts a client without waiting (e.g. a long loop): as the cluster's client pod in the
-/// hooked cgroup, or `unhooked`, outside it.
+/// hooked cgroup, or `unhooked`, outside it. Its stdin is a pipe (`tcp-hold` waits on it).
 pub fn spawn(
     cluster: &Cluster,
     bin: &Path,
@@ -97,6 +97,7 @@ pub fn spawn(
         cluster.client_command(bin)
     };
     cmd.args(args(mode, addr, count))
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -74,6 +74,9 @@ pub struct Settings {
     pub warmup: Duration,
     pub duration: Duration,
     pub endpoints: usize,
+    /// Window groups of [`interleaved`] (0: not measured), and each window's length.
+    pub interleaved_windows: usize,
+    pub interleaved_window: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -262,8 +265,8 @@ fn load(
     Ok(r)
 }
 
-/// One row at one size, on a fresh cluster (so no row inherits another's conntrack or hooks).
-pub fn measure(row: Row, n: usize, s: &Settings) -> anyhow::Result<Measurement> {
+/// A routed cluster with three greeting pods, and `n` Services on them.
+fn cluster_with_pods(n: usize, s: &Settings) -> anyhow::Result<(Cluster, Vec<Greeters>, Vec<Svc>)> {
     let mut cluster = Cluster::routed(0)?;
     let mut greeters = Vec::new();
     for _ in 0..3 {
@@ -278,6 +281,13 @@ pub fn measure(row: Row, n: usize, s: &Settings) -> anyhow::Result<Measurement> 
     }
     let pods: Vec<Ipv4Addr> = cluster.pods.iter().map(|p| p.ip).collect();
     let svcs = workload::services(n, s.endpoints, Some(&pods));
+    Ok((cluster, greeters, svcs))
+}
+
+/// One row at one size, on a fresh cluster (so no row inherits another's conntrack or hooks).
+pub fn measure(row: Row, n: usize, s: &Settings) -> anyhow::Result<Measurement> {
+    let (cluster, greeters, svcs) = cluster_with_pods(n, s)?;
+    let pods: Vec<Ipv4Addr> = cluster.pods.iter().map(|p| p.ip).collect();
     let target = svcs.last().expect("n >= 1");
     let started = std::time::Instant::now();
     let dp = setup(row, &cluster, &svcs)?;
@@ -330,6 +340,116 @@ pub fn measure(row: Row, n: usize, s: &Settings) -> anyhow::Result<Measurement> 
     })
 }
 
+/// Who connects in a window of [`interleaved`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    /// Outside the hooked cgroup, to the pod IPs: no program runs.
+    Direct,
+    /// In the hooked cgroup, to the ClusterIP: the socket path.
+    Socket,
+    /// In the hooked cgroup, to the pod IPs: the hook runs and translates nothing.
+    HookedDirect,
+}
+
+/// The socket path against direct, measured so that a few percent can be seen: the rows of
+/// [`measure`] each run on their own cluster, whose rate differs by several percent from the
+/// next one's (as do rounds), which hides an effect of 2-3 %. Here one cluster with the agent
+/// loaded serves three clients in turn, in short windows and rotating order, and each group
+/// of three windows gives one ratio: drift of the machine over seconds cancels out.
+#[derive(Clone, Debug, Serialize)]
+pub struct Interleaved {
+    pub services: usize,
+    pub windows: usize,
+    pub window_ms: u64,
+    /// Mean conn/s of each client's windows.
+    pub direct: f64,
+    pub socket: f64,
+    pub hooked_direct: f64,
+    /// Socket path over direct, per window group.
+    pub socket_vs_direct: Spread,
+    /// Pod IPs from the hooked cgroup over direct: what the hook costs a connection it does
+    /// not translate.
+    pub hooked_vs_direct: Spread,
+}
+
+/// Median and quartiles.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub q1: f64,
+    pub q3: f64,
+}
+
+impl Spread {
+    /// None for no values. Quartiles by linear interpolation between the sorted values.
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| -> Option<f64> {
+            let pos = q * (v.len().checked_sub(1)? as f64);
+            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+            Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
+        };
+        Some(Spread {
+            median: at(0.5)?,
+            q1: at(0.25)?,
+            q3: at(0.75)?,
+        })
+    }
+}
+
+/// One group's rates, `[direct, socket, hooked direct]`, to the two ratios' spreads.
+fn interleaved_ratios(groups: &[[f64; 3]]) -> Option<(Spread, Spread)> {
+    let ratio = |i: usize| -> Vec<f64> { groups.iter().map(|g| g[i] / g[0]).collect() };
+    Some((Spread::of(&ratio(1))?, Spread::of(&ratio(2))?))
+}
+
+/// See [`Interleaved`].
+pub fn interleaved(n: usize, s: &Settings) -> anyhow::Result<Interleaved> {
+    let (cluster, greeters, svcs) = cluster_with_pods(n, s)?;
+    let target = svcs.last().expect("n >= 1");
+    let dp = setup(Row::Socket, &cluster, &svcs)?;
+    let pods: Vec<SocketAddr> = cluster
+        .pods
+        .iter()
+        .map(|p| SocketAddr::from((p.ip, workload::TCP_TARGET_PORT)))
+        .collect();
+    let vip = [SocketAddr::from((target.vip, workload::TCP_PORT))];
+    // Long enough for the workers to start; every window is a new process.
+    let window = (Duration::from_millis(50), s.interleaved_window);
+    let clients = [Client::Direct, Client::Socket, Client::HookedDirect];
+    let mut groups = Vec::with_capacity(s.interleaved_windows);
+    for g in 0..s.interleaved_windows {
+        let mut rates = [0.0; 3];
+        // Rotating order: no client is always the one after another.
+        for i in 0..clients.len() {
+            let c = (g + i) % clients.len();
+            let (hooked, targets): (bool, &[SocketAddr]) = match clients[c] {
+                Client::Direct => (false, &pods),
+                Client::Socket => (true, &vip),
+                Client::HookedDirect => (true, &pods),
+            };
+            rates[c] = load(&cluster, hooked, s, Mode::Tcp, targets, window)?.rate;
+        }
+        groups.push(rates);
+    }
+    drop(dp);
+    drop(greeters);
+    let (socket_vs_direct, hooked_vs_direct) =
+        interleaved_ratios(&groups).context("no window measured")?;
+    let mean = |i: usize| groups.iter().map(|g| g[i]).sum::<f64>() / groups.len() as f64;
+    Ok(Interleaved {
+        services: n,
+        windows: groups.len(),
+        window_ms: s.interleaved_window.as_millis() as u64,
+        direct: mean(0),
+        socket: mean(1),
+        hooked_direct: mean(2),
+        socket_vs_direct,
+        hooked_vs_direct,
+    })
+}
+
 /// The pinned links of the programs a row exercises.
 fn links_of(pins: &Path, row: Row) -> anyhow::Result<Vec<PathBuf>> {
     let dir = pins.join("links");
@@ -376,6 +496,36 @@ mod tests {
         assert_eq!((got.tcp.rate, got.rounds), (2.0, vec![1.0, 2.0, 3.0]));
         assert_eq!(median(vec![m(5.0)]).unwrap().tcp.rate, 5.0);
         assert!(median(vec![]).is_none());
+    }
+
+    #[test]
+    fn spreads_are_medians_and_interpolated_quartiles() {
+        let s = Spread::of(&[4.0, 1.0, 3.0, 2.0, 5.0]).unwrap();
+        assert_eq!(
+            s,
+            Spread {
+                median: 3.0,
+                q1: 2.0,
+                q3: 4.0
+            }
+        );
+        let s = Spread::of(&[1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.q1, s.q3), (1.5, 1.25, 1.75));
+        assert_eq!(Spread::of(&[7.0]).unwrap().q1, 7.0);
+        assert!(Spread::of(&[]).is_none());
+    }
+
+    /// Each window group is its own ratio: a slow group counts as much as a fast one, and the
+    /// means of the rates (which a slow group would pull) are not what is compared.
+    #[test]
+    fn interleaved_ratios_are_taken_within_each_group() {
+        let (socket, hooked) =
+            interleaved_ratios(&[[100.0, 98.0, 99.0], [50.0, 49.0, 50.0], [80.0, 76.0, 80.0]])
+                .unwrap();
+        let r = |s: Spread| format!("{:.4} {:.4} {:.4}", s.median, s.q1, s.q3);
+        assert_eq!(r(socket), "0.9800 0.9650 0.9800");
+        assert_eq!(r(hooked), "1.0000 0.9950 1.0000");
+        assert!(interleaved_ratios(&[]).is_none());
     }
 
     /// Rounds pair up by their order: a round where the machine was slow for every row counts

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{
     controlplane::ControlPlane,
-    dataplane::{Measurement, Row},
+    dataplane::{Interleaved, Measurement, Row, Spread},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -26,6 +26,8 @@ pub struct Results {
     pub machine: Machine,
     pub settings: serde_json::Value,
     pub dataplane: Vec<Measurement>,
+    /// The socket path against direct, interleaved in one cluster (per size).
+    pub interleaved: Vec<Interleaved>,
     pub controlplane: Option<ControlPlane>,
 }
 
@@ -91,6 +93,31 @@ pub fn tables(r: &Results) -> String {
             runs,
             per_conn
         );
+    }
+    if !r.interleaved.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nSocket path against direct, interleaved (one cluster with the agent loaded; three clients take turns in short windows; each group of three windows gives one ratio):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| services | window groups x ms | direct conn/s | socket path conn/s | socket path / direct (median, quartiles) | pod IPs from the hooked cgroup / direct |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+        let spread = |s: &Spread| format!("{:.3} ({:.3}-{:.3})", s.median, s.q1, s.q3);
+        for i in &r.interleaved {
+            let _ = writeln!(
+                out,
+                "| {} | {} x {} | {:.0} | {:.0} | {} | {} |",
+                i.services,
+                i.windows,
+                i.window_ms,
+                i.direct,
+                i.socket,
+                spread(&i.socket_vs_direct),
+                spread(&i.hooked_vs_direct)
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -37,6 +37,10 @@ struct Args {
     /// Data plane sizes (numbers of Services) instead of the defaults, e.g. `--sizes 1,1000`.
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<usize>>,
+    /// Window groups of the interleaved socket-path-vs-direct measurement, per size, instead
+    /// of the default (0 skips it).
+    #[arg(long)]
+    interleaved_windows: Option<usize>,
     /// Data plane rounds instead of the default (more rounds: a steadier median).
     #[arg(long)]
     rounds: Option<usize>,
@@ -101,6 +105,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         (&[1, 1000, 10000], 3, 3000, 500, 4, 10000, 10, 200)
     };
+    // Interleaved: 60 groups of three 300 ms windows give the ratio's median within about
+    // 1 % on the 2-CPU VM this was made on (its windows spread +-5 %).
+    let (default_interleaved, interleaved_ms) = if args.quick { (4, 300) } else { (60, 300) };
     let sizes: &[usize] = args.sizes.as_deref().unwrap_or(default_sizes);
     let rounds = args.rounds.unwrap_or(default_rounds).max(1);
     let settings = Settings {
@@ -109,6 +116,8 @@ fn main() -> anyhow::Result<()> {
         warmup: Duration::from_millis(warmup),
         duration: Duration::from_millis(window),
         endpoints: 3,
+        interleaved_windows: args.interleaved_windows.unwrap_or(default_interleaved),
+        interleaved_window: Duration::from_millis(interleaved_ms),
     };
     let mut results = Results {
         date: sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])?
@@ -119,9 +128,11 @@ fn main() -> anyhow::Result<()> {
         settings: serde_json::json!({
             "quick": args.quick, "sizes": sizes, "rounds": rounds, "endpoints_per_service": 3,
             "window_ms": window, "warmup_ms": warmup, "workers": workers,
+            "interleaved": {"windows": settings.interleaved_windows, "window_ms": interleaved_ms},
             "controlplane": {"services": cp_n, "endpoints": cp_m, "changes": cp_changes},
         }),
         dataplane: vec![],
+        interleaved: vec![],
         controlplane: None,
     };
 
@@ -140,6 +151,19 @@ fn main() -> anyhow::Result<()> {
             }
         }
         results.dataplane.extend(dataplane::summarize(by_row));
+        if settings.interleaved_windows > 0 {
+            eprintln!(
+                "bench: data plane, {n} Services, socket path and direct interleaved ({} x 3 windows) ...",
+                settings.interleaved_windows
+            );
+            let i = dataplane::interleaved(n, &settings)
+                .with_context(|| format!("data plane: interleaved, {n} Services"))?;
+            eprintln!(
+                "bench:   socket path / direct {:.3} ({:.3}-{:.3})",
+                i.socket_vs_direct.median, i.socket_vs_direct.q1, i.socket_vs_direct.q3
+            );
+            results.interleaved.push(i);
+        }
     }
 
     if !args.skip_controlplane {

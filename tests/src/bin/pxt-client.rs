@@ -2,8 +2,9 @@
 //! object with what it saw, so tests assert on data, not on log text.
 
 use std::{
-    io::Read as _,
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -35,6 +36,9 @@ enum Mode {
     /// one connected UDP socket, one datagram every 50 ms; on a socket error (not a timeout)
     /// it reconnects, as an application would.
     UdpConnectedLoop,
+    /// connect and read the greeting, print the socket's cookie on a line, wait for a line on
+    /// stdin (or its end), then report the peer as getpeername() gives it then.
+    TcpHold,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -64,7 +68,9 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
             *r.replies.entry(text.trim().to_string()).or_default() += 1;
             *r.peers.entry(peer.to_string()).or_default() += 1;
         }
-        Mode::UdpLoop | Mode::UdpConnectedLoop => unreachable!("handled in main"),
+        Mode::UdpLoop | Mode::UdpConnectedLoop | Mode::TcpHold => {
+            unreachable!("handled in main")
+        }
         Mode::Udp | Mode::UdpConnected => {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             s.set_read_timeout(Some(timeout))?;
@@ -146,6 +152,37 @@ fn udp_connected_loop(addr: SocketAddr, count: u32, r: &mut Report) -> std::io::
     Ok(())
 }
 
+/// One TCP socket held open while the test changes the maps under it.
+fn tcp_hold(addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf)?;
+    *r.replies
+        .entry(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        .or_default() += 1;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an option value of the size the kernel writes (u64).
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    println!("{cookie}");
+    std::io::stdout().flush()?;
+    std::io::stdin().read_line(&mut String::new())?;
+    *r.peers.entry(s.peer_addr()?.to_string()).or_default() += 1;
+    Ok(())
+}
+
 /// The loop modes report once, at the end.
 fn run_loop(f: impl FnOnce(&mut Report) -> std::io::Result<()>) {
     let mut r = Report::default();
@@ -163,6 +200,7 @@ fn main() {
         Mode::UdpConnectedLoop => {
             return run_loop(|r| udp_connected_loop(args.addr, args.count, r));
         }
+        Mode::TcpHold => return run_loop(|r| tcp_hold(args.addr, timeout, r)),
         _ => {}
     }
     let mut r = Report::default();
