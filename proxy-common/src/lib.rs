@@ -166,6 +166,14 @@ pub struct SockSlot {
 }
 const _: () = assert!(size_of::<SockSlot>() == 24);
 
+impl SockSlot {
+    /// The slot of the socket with this cookie (the programs write it there, readers look).
+    #[inline(always)]
+    pub const fn index(cookie: u64) -> u32 {
+        (cookie % SOCK_SLOT_MAP_ENTRIES as u64) as u32
+    }
+}
+
 /// Key of [`CT_MAP`]: the packet's own addresses as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

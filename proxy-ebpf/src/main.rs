@@ -152,12 +152,6 @@ fn forward(ctx: &SockAddrContext, hook: Forward) -> i32 {
     ALLOW
 }
 
-/// The slot of a socket in [`PROXY_SKSLOT_V1`].
-#[inline(always)]
-fn sock_slot(cookie: u64) -> u32 {
-    (cookie % u64::from(SOCK_SLOT_MAP_ENTRIES)) as u32
-}
-
 /// A TCP socket has one peer, so its reverse mapping is one plain store into the array slot
 /// its cookie selects: no hashing, no lock, no eviction work. An LRU insert here cost about 2 %
 /// of the connection rate (the bench's interleaved socket-vs-direct windows), mostly in cache
@@ -166,7 +160,7 @@ fn sock_slot(cookie: u64) -> u32 {
 /// as in an LRU of the same size. The reader checks the cookie, so a reused slot is a miss.
 #[inline(always)]
 fn record_tcp(cookie: u64, backend: &Backend, rev: SockRevNatValue) {
-    if let Some(slot) = PROXY_SKSLOT_V1.get_ptr_mut(sock_slot(cookie)) {
+    if let Some(slot) = PROXY_SKSLOT_V1.get_ptr_mut(SockSlot::index(cookie)) {
         // SAFETY: an array value pointer from the kernel, valid for this program run.
         unsafe {
             *slot = SockSlot {
@@ -190,7 +184,7 @@ fn reverse(ctx: &SockAddrContext, counter: Counter) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let slot = if sa.protocol as u8 == PROTO_TCP {
         PROXY_SKSLOT_V1
-            .get(sock_slot(cookie))
+            .get(SockSlot::index(cookie))
             .filter(|s| s.cookie == cookie && s.addr_be == addr_be && s.port_be == port_be)
             .map(|s| s.rev)
     } else {

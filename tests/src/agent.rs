@@ -9,12 +9,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, Map, MapData};
-use proxy_agent::inspect::{self, FrontendView};
-use proxy_common::{
-    SOCK_REV_NAT_MAP, SOCK_SLOT_MAP, SOCK_SLOT_MAP_ENTRIES, SockRevNatKey, SockRevNatValue,
-    SockSlot,
+use aya::maps::{Array, Map, MapData};
+use proxy_agent::{
+    inspect::{self, FrontendView},
+    maps,
 };
+use proxy_common::{SOCK_SLOT_MAP, SockRevNatKey, SockSlot};
 
 use crate::{host::BpffsDir, unique};
 
@@ -213,13 +213,17 @@ pub fn frontends(pins: &BpffsDir) -> Vec<FrontendView> {
         .unwrap_or_default()
 }
 
-/// The TCP sockets the socket path recorded: the used slots of `PROXY_SKSLOT_V1`.
-pub fn tcp_sock_slots(pins: &BpffsDir) -> anyhow::Result<Vec<SockSlot>> {
+/// `PROXY_SKSLOT_V1`, the TCP sockets' reverse NAT.
+fn open_sock_slots(pins: &BpffsDir) -> anyhow::Result<Array<MapData, SockSlot>> {
     let path = pins.path.join(SOCK_SLOT_MAP);
     let map = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
-    let slots: Array<MapData, SockSlot> = Array::try_from(Map::Array(map))?;
+    Ok(Array::try_from(Map::Array(map))?)
+}
+
+/// The TCP sockets the socket path recorded: the used slots of `PROXY_SKSLOT_V1`.
+pub fn tcp_sock_slots(pins: &BpffsDir) -> anyhow::Result<Vec<SockSlot>> {
     let mut used = Vec::new();
-    for s in slots.iter() {
+    for s in open_sock_slots(pins)?.iter() {
         let s = s?;
         if s.cookie != 0 {
             used.push(s);
@@ -232,26 +236,20 @@ pub fn tcp_sock_slots(pins: &BpffsDir) -> anyhow::Result<Vec<SockSlot>> {
 /// programs before the slots recorded it (`to_lru` false: only clears the slot). Returns the
 /// record.
 pub fn move_tcp_record(pins: &BpffsDir, cookie: u64, to_lru: bool) -> anyhow::Result<SockSlot> {
-    let path = pins.path.join(SOCK_SLOT_MAP);
-    let map = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
-    let mut slots: Array<MapData, SockSlot> = Array::try_from(Map::Array(map))?;
-    let index = (cookie % u64::from(SOCK_SLOT_MAP_ENTRIES)) as u32;
+    let mut slots = open_sock_slots(pins)?;
+    let index = SockSlot::index(cookie);
     let record = slots.get(&index, 0)?;
     if record.cookie != cookie {
         bail!("slot {index} holds cookie {}, not {cookie}", record.cookie);
     }
     if to_lru {
-        let path = pins.path.join(SOCK_REV_NAT_MAP);
-        let map = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
-        let mut lru: HashMap<MapData, SockRevNatKey, SockRevNatValue> =
-            HashMap::try_from(Map::LruHashMap(map))?;
         let key = SockRevNatKey {
             cookie,
             addr_be: record.addr_be,
             port_be: record.port_be,
             _pad: 0,
         };
-        lru.insert(key, record.rev, 0)?;
+        maps::open_sock_rev_nat(&pins.path)?.insert(key, record.rev, 0)?;
     }
     slots.set(index, SockSlot::default(), 0)?;
     Ok(record)
@@ -259,9 +257,5 @@ pub fn move_tcp_record(pins: &BpffsDir, cookie: u64, to_lru: bool) -> anyhow::Re
 
 /// How many entries `PROXY_SKNAT_V1` (the UDP sockets' reverse NAT) holds.
 pub fn sock_rev_nat_entries(pins: &BpffsDir) -> anyhow::Result<usize> {
-    let path = pins.path.join(SOCK_REV_NAT_MAP);
-    let map = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
-    let lru: HashMap<MapData, SockRevNatKey, SockRevNatValue> =
-        HashMap::try_from(Map::LruHashMap(map))?;
-    Ok(lru.keys().count())
+    Ok(maps::open_sock_rev_nat(&pins.path)?.keys().count())
 }
