@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
-use proxy_common::MAP_NAMES;
+use proxy_common::MAPS;
 
 use crate::maps::{self, MapsError};
 
@@ -169,7 +169,7 @@ pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
     ensure_bpffs_dir(dir)?;
     maps::check_pinned_layouts(dir)?;
     let mut loader = EbpfLoader::new();
-    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect();
+    let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (m.name, dir.join(m.name))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -247,7 +247,7 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup, LoaderError> {
         }
         fs::remove_dir(&links).map_err(io_err(&links))?;
     }
-    for name in MAP_NAMES {
+    for name in MAPS.iter().map(|m| m.name) {
         let path = dir.join(name);
         if path.exists() {
             fs::remove_file(&path).map_err(io_err(&path))?;
@@ -260,7 +260,7 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup, LoaderError> {
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::MAP_LAYOUTS;
+    use proxy_common::MAPS;
 
     use super::*;
 
@@ -268,19 +268,35 @@ mod tests {
     #[test]
     fn built_object_matches_the_map_abi() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
-        for layout in MAP_LAYOUTS {
+        for layout in MAPS {
             let map = obj
                 .maps
                 .get(layout.name)
                 .unwrap_or_else(|| panic!("map {} missing from object", layout.name));
             assert_eq!(
-                (map.key_size(), map.value_size(), map.max_entries()),
-                (layout.key_size, layout.value_size, layout.max_entries),
+                (
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries()
+                ),
+                (
+                    layout.kind.bpf_map_type(),
+                    layout.key_size,
+                    layout.value_size,
+                    layout.max_entries
+                ),
                 "map {}",
                 layout.name
             );
         }
-        assert_eq!(obj.maps.len(), MAP_LAYOUTS.len(), "no map outside the ABI");
+        // Besides the ABI's maps, only the programs' load-time constants (`.rodata`).
+        let others: Vec<&String> = obj
+            .maps
+            .keys()
+            .filter(|n| !MAPS.iter().any(|m| m.name == *n))
+            .collect();
+        assert_eq!(others, [".rodata"], "no map outside the ABI");
         for p in PROGRAMS.iter().chain([&TC_PROGRAM]) {
             assert!(obj.programs.contains_key(*p), "program {p} missing");
         }

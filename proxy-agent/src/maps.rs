@@ -13,9 +13,9 @@ use aya::{
     maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    BACKEND_MAP, Backend, COUNTERS_MAP, CT_DIR_FORWARD, CT_MAP, Counter, CtKey, CtValue,
-    MAP_LAYOUTS, PROTO_UDP, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP, SVC_MAP, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, VIP_MAP,
+    BACKEND_MAP, Backend, COUNTERS_MAP, CT_DIR_FORWARD, CT_MAP, Counter, CtKey, CtValue, MAPS,
+    PROTO_UDP, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP, SVC_MAP, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
 use crate::sync::{Datapath, DatapathError, MapState, Partial};
@@ -51,7 +51,7 @@ pub enum MapsError {
 /// Checks every map already pinned in `dir` against the ABI (aya reuses a pin without
 /// checking its sizes). Maps that are not pinned yet are fine: they will be created.
 pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
-    for layout in MAP_LAYOUTS {
+    for layout in MAPS {
         let path = dir.join(layout.name);
         if !path.exists() {
             continue;

@@ -25,7 +25,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use proxy_common::{BACKEND_MAP, MAP_LAYOUTS, REV_NAT_MAP, SVC_MAP};
+use proxy_common::{BACKEND_MAP, MAPS, REV_NAT_MAP, SVC_MAP};
 use tracing::warn;
 
 use crate::{maps::PinnedMaps, model::ProblemReason, sync::MapState};
@@ -157,7 +157,7 @@ impl Metrics {
     pub fn record_state(&self, state: &MapState, frontends: usize) {
         self.frontends.set(frontends as i64);
         self.backends.set(state.backends.len() as i64);
-        for l in MAP_LAYOUTS {
+        for l in MAPS {
             let n = match l.name {
                 n if n == SVC_MAP => state.services.len(),
                 n if n == BACKEND_MAP => state.backends.len(),

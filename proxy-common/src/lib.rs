@@ -7,44 +7,118 @@
 //! - a layout change bumps the `_V<n>` suffix of the map names, so an agent never reuses a
 //!   pinned map of another layout (the agent also checks key/value sizes of existing pins).
 //!
+//! What is here: the maps, one line each ([`map_table!`]); the counters, one line each
+//! ([`Counter`]); the key and value types with their constructors. Nothing else.
+//!
 //! With the `user` feature the types implement `aya::Pod`, and derive `bytemuck::Pod`, which
 //! refuses to compile if a type has implicit padding: a second guard on the layout.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::mem::size_of;
 
-/// Frontends: key {vip, port, proto, slot}; slot 0 is the master entry, slots 1..=count hold
-/// backend ids (Cilium's `lb4_services_v2` layout).
-pub const SVC_MAP: &str = "PROXY_SVC_V1";
-/// Backends: backend id -> {ip, port, proto}.
-pub const BACKEND_MAP: &str = "PROXY_BE_V1";
-/// Reverse NAT: rev-NAT id -> {vip, port}.
-pub const REV_NAT_MAP: &str = "PROXY_RNAT_V1";
-/// Socket reverse NAT (LRU): {socket cookie, backend ip, backend port} -> {vip, port}.
-pub const SOCK_REV_NAT_MAP: &str = "PROXY_SKNAT_V1";
-/// TCP socket reverse NAT (array): slot `cookie % SOCK_SLOT_MAP_ENTRIES` -> [`SockSlot`]
-/// {cookie, backend ip, backend port, vip, port}. A TCP socket has one peer, so it needs no
-/// hash key; UDP sockets keep using [`SOCK_REV_NAT_MAP`].
-pub const SOCK_SLOT_MAP: &str = "PROXY_SKSLOT_V1";
-/// Per-CPU counters indexed by [`Counter`].
-pub const COUNTERS_MAP: &str = "PROXY_CNT_V1";
+mod conntrack;
+mod counters;
+mod service;
+mod sock;
 
-/// ClusterIPs: vip -> number of frontends on it (the packet path drops ICMP to these).
-pub const VIP_MAP: &str = "PROXY_VIP_V1";
-/// Packet-path connection tracking (LRU): a forward and a reply entry per flow.
-pub const CT_MAP: &str = "PROXY_CT_V1";
+pub use conntrack::*;
+pub use counters::*;
+pub use service::*;
+pub use sock::*;
 
-/// Every map the programs use, for pinning and ABI checks.
-pub const MAP_NAMES: [&str; 8] = [
-    SVC_MAP,
-    BACKEND_MAP,
-    REV_NAT_MAP,
-    SOCK_REV_NAT_MAP,
-    SOCK_SLOT_MAP,
-    COUNTERS_MAP,
-    VIP_MAP,
-    CT_MAP,
-];
+/// Every pinned map, one line each: `NAME_CONST = MAP_NAME: Kind<Key, Value>[capacity];`.
+///
+/// `MAP_NAME` is the ABI name (the symbol in the object, the pin's file name): at most 15
+/// bytes, versioned. `Kind` is the `aya_ebpf::btf_maps` type (arrays are indexed by `u32`).
+/// The programs declare their maps from this table (`proxy-ebpf/src/maps.rs`) and this crate
+/// derives [`MAPS`] from it, so a new map is one line here.
+///
+/// Call it with the name of a macro that takes the lines; see `define_maps` below.
+#[macro_export]
+macro_rules! map_table {
+    ($then:ident) => {
+        $then! {
+            /// Frontends: key {vip, port, proto, slot}; slot 0 is the master entry, slots
+            /// 1..=count hold backend ids (Cilium's `lb4_services_v2` layout).
+            SVC_MAP = PROXY_SVC_V1:
+                HashMap<$crate::ServiceKey, $crate::ServiceValue>[$crate::SVC_MAP_ENTRIES];
+            /// Backends: backend id (never 0) -> {ip, port, proto}.
+            BACKEND_MAP = PROXY_BE_V1: HashMap<u32, $crate::Backend>[$crate::BACKEND_MAP_ENTRIES];
+            /// Reverse NAT: rev-NAT id (never 0) -> {vip, port}.
+            REV_NAT_MAP = PROXY_RNAT_V1: HashMap<u16, $crate::RevNat>[$crate::REV_NAT_MAP_ENTRIES];
+            /// Socket reverse NAT (LRU): {socket cookie, backend ip, backend port} -> {vip, port}.
+            SOCK_REV_NAT_MAP = PROXY_SKNAT_V1:
+                LruHashMap<$crate::SockRevNatKey, $crate::SockRevNatValue>[$crate::SOCK_REV_NAT_MAP_ENTRIES];
+            /// TCP socket reverse NAT (array): slot [`SockSlot::index`] of the cookie ->
+            /// [`SockSlot`]. A TCP socket has one peer, so it needs no hash key; UDP sockets
+            /// keep using `PROXY_SKNAT_V1`.
+            SOCK_SLOT_MAP = PROXY_SKSLOT_V1: Array<u32, $crate::SockSlot>[$crate::SOCK_SLOT_MAP_ENTRIES];
+            /// Per-CPU counters indexed by [`Counter`].
+            COUNTERS_MAP = PROXY_CNT_V1: PerCpuArray<u32, u64>[$crate::COUNTERS_MAP_ENTRIES];
+            /// ClusterIPs: vip -> number of frontends on it (the packet path drops ICMP to these).
+            VIP_MAP = PROXY_VIP_V1: HashMap<u32, u32>[$crate::VIP_MAP_ENTRIES];
+            /// Packet-path connection tracking (LRU): a forward and a reply entry per flow.
+            CT_MAP = PROXY_CT_V1: LruHashMap<$crate::CtKey, $crate::CtValue>[$crate::CT_MAP_ENTRIES];
+        }
+    };
+}
+
+/// The kinds of map in [`map_table!`] (named as `aya_ebpf::btf_maps` names them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    HashMap,
+    LruHashMap,
+    Array,
+    PerCpuArray,
+}
+
+impl MapKind {
+    /// The kernel's `enum bpf_map_type` value.
+    pub const fn bpf_map_type(self) -> u32 {
+        match self {
+            MapKind::HashMap => 1,
+            MapKind::Array => 2,
+            MapKind::PerCpuArray => 6,
+            MapKind::LruHashMap => 9,
+        }
+    }
+}
+
+/// A map's name, kind, key and value sizes and capacity, as the agent expects them; compared
+/// with existing pins and with the built object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl MapLayout {
+    /// The layout of a map with these key and value types.
+    pub const fn of<K, V>(name: &'static str, kind: MapKind, max_entries: u32) -> Self {
+        assert!(name.len() <= 15, "the kernel keeps 15 bytes of a map name");
+        MapLayout {
+            name,
+            kind,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+}
+
+macro_rules! define_maps {
+    ($( $(#[$doc:meta])* $def:ident = $name:ident: $kind:ident<$k:ty, $v:ty>[$n:expr]; )*) => {
+        $( $(#[$doc])* pub const $def: &str = stringify!($name); )*
+        /// Every map the programs use, for pinning, cleanup and ABI checks.
+        pub const MAPS: &[MapLayout] = &[
+            $( MapLayout::of::<$k, $v>(stringify!($name), MapKind::$kind, $n) ),*
+        ];
+    };
+}
+map_table!(define_maps);
 
 /// Capacity of [`SVC_MAP`]: masters plus backend slots of all frontends.
 pub const SVC_MAP_ENTRIES: u32 = 262_144;
@@ -70,301 +144,11 @@ pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Master entry flag: the Service has endpoints, but none this node may use
-/// (internalTrafficPolicy: Local with only remote endpoints). Connects fail with EHOSTUNREACH,
-/// never ECONNREFUSED, which would claim the Service has no endpoints at all.
-pub const SVC_FLAG_NO_LOCAL_ENDPOINTS: u16 = 1 << 0;
-
-/// Key of [`SVC_MAP`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct ServiceKey {
-    pub vip_be: u32,
-    pub port_be: u16,
-    /// 0: master entry; 1..=count: backend slots.
-    pub slot: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-const _: () = assert!(size_of::<ServiceKey>() == 12);
-
-/// Value of [`SVC_MAP`]. In the master (slot 0): `count`, `rev_nat_id`, `flags`,
-/// `affinity_timeout_s`; in a backend slot: `backend_id` only.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct ServiceValue {
-    pub backend_id: u32,
-    pub count: u16,
-    pub rev_nat_id: u16,
-    pub flags: u16,
-    pub _pad: u16,
-    /// ClientIP session affinity timeout; 0 = no affinity.
-    pub affinity_timeout_s: u32,
-}
-const _: () = assert!(size_of::<ServiceValue>() == 16);
-
-/// Value of [`BACKEND_MAP`] (key: backend id, u32, never 0).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct Backend {
-    pub addr_be: u32,
-    pub port_be: u16,
-    pub proto: u8,
-    pub _pad: u8,
-}
-const _: () = assert!(size_of::<Backend>() == 8);
-
-/// Value of [`REV_NAT_MAP`] (key: rev-NAT id, u16, never 0).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct RevNat {
-    pub vip_be: u32,
-    pub port_be: u16,
-    pub _pad: u16,
-}
-const _: () = assert!(size_of::<RevNat>() == 8);
-
-/// Key of [`SOCK_REV_NAT_MAP`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct SockRevNatKey {
-    pub cookie: u64,
-    pub addr_be: u32,
-    pub port_be: u16,
-    pub _pad: u16,
-}
-const _: () = assert!(size_of::<SockRevNatKey>() == 16);
-
-/// Value of [`SOCK_REV_NAT_MAP`]. `rev_nat_id` lets the reverse path check that the frontend
-/// still exists before it rewrites an address.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct SockRevNatValue {
-    pub vip_be: u32,
-    pub port_be: u16,
-    pub rev_nat_id: u16,
-}
-const _: () = assert!(size_of::<SockRevNatValue>() == 8);
-
-/// Value of [`SOCK_SLOT_MAP`]: a connected TCP socket (by cookie), the backend it was given,
-/// and the frontend it reports instead.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct SockSlot {
-    pub cookie: u64,
-    pub addr_be: u32,
-    pub port_be: u16,
-    pub _pad: u16,
-    pub rev: SockRevNatValue,
-}
-const _: () = assert!(size_of::<SockSlot>() == 24);
-
-impl SockSlot {
-    /// The slot of the socket with this cookie (the programs write it there, readers look).
-    #[inline(always)]
-    pub const fn index(cookie: u64) -> u32 {
-        (cookie % SOCK_SLOT_MAP_ENTRIES as u64) as u32
-    }
-}
-
-/// Key of [`CT_MAP`]: the packet's own addresses as seen on the wire.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct CtKey {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub proto: u8,
-    /// [`CT_DIR_FORWARD`] (client -> VIP) or [`CT_DIR_REPLY`] (backend -> client).
-    pub dir: u8,
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(size_of::<CtKey>() == 16);
-
-pub const CT_DIR_FORWARD: u8 = 0;
-pub const CT_DIR_REPLY: u8 = 1;
-
-/// Value of [`CT_MAP`]: the address to write. Forward entries hold the backend (and its id,
-/// so a flow whose backend is gone is re-balanced); reply entries hold the VIP.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct CtValue {
-    pub addr_be: u32,
-    pub port_be: u16,
-    pub rev_nat_id: u16,
-    pub backend_id: u32,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<CtValue>() == 16);
-
-/// Index into [`COUNTERS_MAP`]: why a program did what it did.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// connect4 rewrote a ClusterIP:port to a backend.
-    ConnectTranslated = 0,
-    /// sendmsg4 rewrote a ClusterIP:port to a backend.
-    SendmsgTranslated = 1,
-    /// recvmsg4 rewrote a backend source back to the ClusterIP:port.
-    RecvmsgReversed = 2,
-    /// getpeername4 reported the ClusterIP:port instead of the backend.
-    GetpeernameReversed = 3,
-    /// The Service has no usable endpoint: rejected with ECONNREFUSED.
-    NoEndpointsRejected = 4,
-    /// iTP=Local and no local endpoint: rejected with EHOSTUNREACH.
-    NoLocalEndpointsRejected = 5,
-    /// A slot or backend the master promised was missing (a writer bug or a racing
-    /// update): the connect proceeded untranslated.
-    BackendMissing = 6,
-    /// The socket reverse-NAT entry could not be written.
-    SockRevNatUpdateFailed = 7,
-    /// The packet path rewrote a packet to a VIP to its backend.
-    TcTranslated = 8,
-    /// The packet path rewrote a backend's reply back to the VIP.
-    TcReversed = 9,
-    /// The packet path answered a packet to a Service with no usable endpoint with ICMP port
-    /// unreachable (kube-proxy's REJECT).
-    TcNoEndpointsRejected = 10,
-    /// ICMP to a ClusterIP, dropped (a ClusterIP is not a host).
-    IcmpToVipDropped = 11,
-    /// An IP fragment passed on untranslated (only whole packets are translated).
-    FragmentPassed = 12,
-    /// A conntrack entry could not be written (the flow was still translated).
-    CtUpdateFailed = 13,
-    /// iTP=Local with no local endpoint: dropped on the packet path (as kube-proxy does).
-    TcNoLocalEndpointsDropped = 14,
-}
-
-impl Counter {
-    pub const ALL: [Counter; 15] = [
-        Counter::ConnectTranslated,
-        Counter::SendmsgTranslated,
-        Counter::RecvmsgReversed,
-        Counter::GetpeernameReversed,
-        Counter::NoEndpointsRejected,
-        Counter::NoLocalEndpointsRejected,
-        Counter::BackendMissing,
-        Counter::SockRevNatUpdateFailed,
-        Counter::TcTranslated,
-        Counter::TcReversed,
-        Counter::TcNoEndpointsRejected,
-        Counter::IcmpToVipDropped,
-        Counter::FragmentPassed,
-        Counter::CtUpdateFailed,
-        Counter::TcNoLocalEndpointsDropped,
-    ];
-
-    /// Stable snake_case name, for tables, JSON and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::ConnectTranslated => "connect_translated",
-            Counter::SendmsgTranslated => "sendmsg_translated",
-            Counter::RecvmsgReversed => "recvmsg_reversed",
-            Counter::GetpeernameReversed => "getpeername_reversed",
-            Counter::NoEndpointsRejected => "no_endpoints_rejected",
-            Counter::NoLocalEndpointsRejected => "no_local_endpoints_rejected",
-            Counter::BackendMissing => "backend_missing",
-            Counter::SockRevNatUpdateFailed => "sock_rev_nat_update_failed",
-            Counter::TcTranslated => "tc_translated",
-            Counter::TcReversed => "tc_reversed",
-            Counter::TcNoEndpointsRejected => "tc_no_endpoints_rejected",
-            Counter::IcmpToVipDropped => "icmp_to_vip_dropped",
-            Counter::FragmentPassed => "fragment_passed",
-            Counter::CtUpdateFailed => "ct_update_failed",
-            Counter::TcNoLocalEndpointsDropped => "tc_no_local_endpoints_dropped",
-        }
-    }
-}
-const _: () = assert!(Counter::ALL.len() <= COUNTERS_MAP_ENTRIES as usize);
-
-/// Key and value sizes of every map, as the agent expects them; compared with existing pins
-/// and with the built object.
-pub const MAP_LAYOUTS: [MapLayout; 8] = [
-    MapLayout {
-        name: SVC_MAP,
-        key_size: 12,
-        value_size: 16,
-        max_entries: SVC_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: BACKEND_MAP,
-        key_size: 4,
-        value_size: 8,
-        max_entries: BACKEND_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: REV_NAT_MAP,
-        key_size: 2,
-        value_size: 8,
-        max_entries: REV_NAT_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: SOCK_REV_NAT_MAP,
-        key_size: 16,
-        value_size: 8,
-        max_entries: SOCK_REV_NAT_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: SOCK_SLOT_MAP,
-        key_size: 4,
-        value_size: 24,
-        max_entries: SOCK_SLOT_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: COUNTERS_MAP,
-        key_size: 4,
-        value_size: 8,
-        max_entries: COUNTERS_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: VIP_MAP,
-        key_size: 4,
-        value_size: 4,
-        max_entries: VIP_MAP_ENTRIES,
-    },
-    MapLayout {
-        name: CT_MAP,
-        key_size: 16,
-        value_size: 16,
-        max_entries: CT_MAP_ENTRIES,
-    },
-];
-const _: () = {
-    assert!(MAP_LAYOUTS[0].key_size as usize == size_of::<ServiceKey>());
-    assert!(MAP_LAYOUTS[0].value_size as usize == size_of::<ServiceValue>());
-    assert!(MAP_LAYOUTS[1].value_size as usize == size_of::<Backend>());
-    assert!(MAP_LAYOUTS[2].key_size as usize == size_of::<u16>());
-    assert!(MAP_LAYOUTS[2].value_size as usize == size_of::<RevNat>());
-    assert!(MAP_LAYOUTS[3].key_size as usize == size_of::<SockRevNatKey>());
-    assert!(MAP_LAYOUTS[3].value_size as usize == size_of::<SockRevNatValue>());
-    assert!(MAP_LAYOUTS[4].value_size as usize == size_of::<SockSlot>());
-    assert!(MAP_LAYOUTS[7].key_size as usize == size_of::<CtKey>());
-    assert!(MAP_LAYOUTS[7].value_size as usize == size_of::<CtValue>());
-};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapLayout {
-    pub name: &'static str,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-}
-
 #[cfg(feature = "user")]
 mod user {
     use super::*;
     // SAFETY: all of these are #[repr(C)] plain integers with explicit padding (bytemuck::Pod
-    // derives above check that at compile time).
+    // derives check that at compile time).
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
@@ -374,4 +158,23 @@ mod user {
     unsafe impl aya::Pod for SockSlot {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table's layouts are the types' sizes (the agent compares pins and the built object
+    /// with these).
+    #[test]
+    fn layouts_come_from_the_types() {
+        let by_name = |n: &str| MAPS.iter().find(|l| l.name == n).copied().unwrap();
+        let svc = by_name(SVC_MAP);
+        assert_eq!((svc.key_size, svc.value_size), (12, 16));
+        assert_eq!(by_name(CT_MAP).kind, MapKind::LruHashMap);
+        assert_eq!(by_name(SOCK_SLOT_MAP).value_size, 24);
+        for (i, a) in MAPS.iter().enumerate() {
+            assert!(MAPS[i + 1..].iter().all(|b| b.name != a.name), "{}", a.name);
+        }
+    }
 }

@@ -226,19 +226,27 @@ impl Harness {
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 64];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(loader::TC_PROGRAM)
+        run_on(&self.ebpf, input)
+    }
+
+    /// The TC program again, on the same pinned maps, with its n-th packet write failing as
+    /// a helper would (the object's test hook `PROXY_FAULT_AT_WRITE`).
+    fn with_failing_write(&self, n: u32) -> aya::Ebpf {
+        let mut l = aya::EbpfLoader::new();
+        for m in proxy_common::MAPS {
+            l.map_pin_path(m.name, self.pins.path.join(m.name));
+        }
+        let mut ebpf = l
+            .override_global("PROXY_FAULT_AT_WRITE", &n, true)
+            .load(loader::EBPF_OBJECT)
+            .expect("object loads");
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(loader::TC_PROGRAM)
             .unwrap()
             .try_into()
             .unwrap();
-        let r = prog.test_run(opts).expect("test run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        prog.load().expect("the verifier accepts the TC program");
+        ebpf
     }
 
     fn counter(&self, c: Counter) -> u64 {
@@ -250,6 +258,21 @@ impl Harness {
             .unwrap()
             .1
     }
+}
+
+fn run_on(ebpf: &aya::Ebpf, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(input);
+    opts.data_out = Some(&mut out);
+    let prog: &SchedClassifier = ebpf
+        .program(loader::TC_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let r = prog.test_run(opts).expect("test run");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }
 
 #[test]
@@ -462,4 +485,81 @@ fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
     // And its reply is reversed.
     let (_, out) = h.run(&packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true));
     assert_eq!(parse_checked(&out).src, VIP);
+}
+
+/// Every rewrite the packet path makes, failing at each of its writes in turn: a failure at
+/// the first write leaves the packet as it came and passes it; a failure at any later one
+/// drops it and counts it (never forwarded half-rewritten); with no failure the packet is
+/// rewritten as usual.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_packet_is_never_forwarded_half_rewritten() {
+    use proxy_common::{CT_DIR_REPLY, CT_MAP, CtKey, CtValue};
+    let h = Harness::new();
+    // A translated UDP flow's reply state, as the program records it (its own run below would
+    // fail too): backend:5353 -> client:33333 answers for VIP:53.
+    let md = aya::maps::MapData::from_pin(h.pins.path.join(CT_MAP)).unwrap();
+    let mut ct: aya::maps::HashMap<_, CtKey, CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let reply = CtKey::new(
+        u32::from_ne_bytes(BACKEND),
+        5353u16.to_be(),
+        u32::from_ne_bytes(CLIENT),
+        33333u16.to_be(),
+        17,
+        CT_DIR_REPLY,
+    );
+    ct.insert(
+        reply,
+        CtValue::new(u32::from_ne_bytes(VIP), 53u16.to_be(), 1, 1),
+        0,
+    )
+    .unwrap();
+    let (_, sent) = h.run(&packet(17, CLIENT, 33333, VIP, 53, 0, 0, true));
+    let cases = [
+        ("DNAT", packet(6, CLIENT, 40000, VIP, 80, 0, 0, true), PASS),
+        (
+            "reverse NAT",
+            packet(17, BACKEND, 5353, CLIENT, 33333, 0, 0, true),
+            PASS,
+        ),
+        (
+            "REJECT",
+            packet(6, CLIENT, 40000, EMPTY_VIP, 80, 0, 0, true),
+            REDIRECT,
+        ),
+        ("ICMP error", icmp_error(BACKEND, CLIENT, &sent[14..]), PASS),
+    ];
+    for (what, input, ok) in cases {
+        let (_, rewritten) = h.run(&input);
+        assert_ne!(rewritten, input, "{what}: rewritten when nothing fails");
+        let mut writes = None;
+        for n in 1..=16 {
+            let dropped = h.counter(Counter::TcRewriteFailedDropped);
+            let (rc, out) = run_on(&h.with_failing_write(n), &input);
+            let counted = h.counter(Counter::TcRewriteFailedDropped) - dropped;
+            if n == 1 {
+                assert_eq!(
+                    (rc, &out, counted),
+                    (PASS, &input, 0),
+                    "{what}: first write fails"
+                );
+            } else if rc == SHOT {
+                assert_eq!(counted, 1, "{what}: write {n} fails: dropped and counted");
+            } else {
+                assert_eq!((rc, counted), (ok, 0), "{what}: write {n} is past the last");
+                assert!(
+                    out == rewritten,
+                    "{what}: write {n} failed and the packet went on half-rewritten"
+                );
+                writes = Some(n - 1);
+                break;
+            }
+        }
+        let writes = writes.unwrap_or_else(|| panic!("{what}: more than 15 writes"));
+        assert!(
+            writes >= 3,
+            "{what}: {writes} writes, so failures part way were tried"
+        );
+    }
 }

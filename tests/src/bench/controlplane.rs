@@ -149,7 +149,7 @@ fn vm_hwm_mib(pid: u32) -> Option<f64> {
 /// Kernel memory of the pinned maps, as `bpftool map show` reports it (memlock).
 fn maps_memlock_mib(pins: &Path) -> anyhow::Result<f64> {
     let mut total = 0u64;
-    for name in proxy_common::MAP_NAMES {
+    for name in proxy_common::MAPS.iter().map(|m| m.name) {
         let path = pins.join(name);
         let out = sh(
             "bpftool",

@@ -1,0 +1,101 @@
+//! The packet path: TC ingress on the node's pod-facing interfaces.
+//!
+//! Client -> VIP:port packets arriving from a pod are rewritten to a backend before routing
+//! (DNAT) and tracked ([`conntrack`]); the backend's replies, seen on the backend's interface,
+//! are rewritten back to VIP:port. The routing decision then follows the new addresses.
+//! A packet we cannot parse passes as it came; one we began to rewrite and could not finish is
+//! dropped and counted ([`packet`]).
+
+mod conntrack;
+mod icmp;
+mod nat;
+mod packet;
+mod parse;
+mod reject;
+
+use aya_ebpf::programs::TcContext;
+use proxy_common::{Counter, ServiceKey};
+
+use self::{
+    conntrack::Tuple,
+    nat::End,
+    packet::{DROP, Failed, PASS, Packet},
+    parse::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+};
+use crate::{
+    lb::{self, NoBackend, Selection},
+    maps::count,
+};
+
+/// One packet's verdict.
+#[inline(always)]
+pub fn packet(ctx: &TcContext) -> Result<i32, i32> {
+    let mut pkt = Packet::new(ctx);
+    handle(&mut pkt).map_err(|failed| pkt.verdict(failed))
+}
+
+#[inline(always)]
+fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
+    let Some(ip) = parse::ipv4(pkt)? else {
+        return Ok(PASS);
+    };
+    if ip.proto == PROTO_ICMP {
+        return icmp::handle(pkt, &ip);
+    }
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        return Ok(PASS);
+    }
+    // Fragments (first or not): only the first carries ports; pass them all unharmed.
+    if ip.fragment {
+        if lb::is_vip(ip.daddr) {
+            count(Counter::FragmentPassed);
+        }
+        return Ok(PASS);
+    }
+    let l4 = parse::l4(pkt, ip.proto, ip.l4)?;
+    let tuple = Tuple {
+        saddr: ip.saddr,
+        sport: l4.sport,
+        daddr: ip.daddr,
+        dport: l4.dport,
+        proto: ip.proto,
+    };
+
+    // A backend's reply to a translated flow: back to VIP:port.
+    if let Some(v) = conntrack::reply(&tuple) {
+        nat::rewrite(pkt, &ip, &l4, End::Source, v.addr_be, v.port_be)?;
+        count(Counter::TcReversed);
+        return Ok(PASS);
+    }
+
+    let svc = ServiceKey::master(ip.daddr, l4.dport, ip.proto);
+    let Some(master) = lb::lookup_service(svc) else {
+        return Ok(PASS);
+    };
+    // An established flow keeps its backend while that backend exists.
+    let target = match conntrack::established(&tuple) {
+        Some(v) => v,
+        None => match lb::select_backend(svc, &master) {
+            Selection::Backend(chosen) => conntrack::create(&tuple, &chosen, master.rev_nat_id),
+            Selection::Reject(NoBackend::NoLocal) => {
+                count(Counter::TcNoLocalEndpointsDropped);
+                return Ok(DROP);
+            }
+            Selection::Reject(NoBackend::Refused) => {
+                count(Counter::TcNoEndpointsRejected);
+                return reject::port_unreachable(pkt, &ip);
+            }
+            Selection::Missing => return Ok(PASS),
+        },
+    };
+    nat::rewrite(
+        pkt,
+        &ip,
+        &l4,
+        End::Destination,
+        target.addr_be,
+        target.port_be,
+    )?;
+    count(Counter::TcTranslated);
+    Ok(PASS)
+}
