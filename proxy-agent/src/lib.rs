@@ -1,6 +1,5 @@
 //! proxy-agent: keeps the eBPF ClusterIP datapath's maps equal to the cluster's Services and
 //! EndpointSlices. Data flows one way: source -> model -> sync -> maps -> programs.
-pub mod endpoints;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

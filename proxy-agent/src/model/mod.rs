@@ -1,0 +1,160 @@
+//! The heart of the agent: a pure function from Kubernetes objects (Services, EndpointSlices,
+//! this node) to the frontends this node must program. Follows kube-proxy: its skip rules
+//! (`ShouldSkipService` and the informers' label selectors), its EndpointSlice cache (ports
+//! joined by name and protocol per slice, endpoints deduplicated by ip:port), and its endpoint
+//! selection ([`topology::categorize`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service};
+
+mod endpointslice_cache;
+mod index;
+mod ownership;
+mod pass;
+mod problem;
+mod service;
+mod slice;
+pub mod topology;
+
+pub use index::{Index, ObjectRef, ObjectSet, Pos};
+pub use pass::{Built, Changes, Model};
+pub use problem::{Problem, ProblemReason};
+pub use slice::{Slice, SliceEndpoint, SlicePort};
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Proto {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proxy_common::PROTO_TCP,
+            Proto::Udp => proxy_common::PROTO_UDP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::PROTO_TCP => Some(Proto::Tcp),
+            proxy_common::PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        })
+    }
+}
+
+/// A ClusterIP:port/protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.vip, self.port, self.proto)
+    }
+}
+
+/// A backend pod IP:targetPort (its protocol is its frontend's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+/// What one frontend must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServiceRef,
+    /// Backends in a stable order (sorted), so unchanged sets are not rewritten.
+    pub backends: Vec<BackendAddr>,
+    /// Endpoints exist but none this node may use (iTP=Local): fail with EHOSTUNREACH.
+    pub no_local_endpoints: bool,
+}
+
+/// A Service's namespace and name. Shared strings: every frontend, claim and map owner
+/// names its Service, and a clone should not cost two allocations.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceRef {
+    /// `namespace` None is "default", as in the API.
+    pub fn new(namespace: Option<&str>, name: &str) -> Self {
+        ServiceRef {
+            namespace: namespace.unwrap_or("default").into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An object with where it came from (a manifest file, or the API server). Shared, not
+/// copied: the sources hand the model the objects they hold.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub origin: Arc<str>,
+    pub object: Arc<T>,
+}
+
+/// The model's input: every object the source currently holds.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Sourced<Service>>,
+    pub slices: Vec<Sourced<Slice>>,
+    pub nodes: Vec<Sourced<Node>>,
+}
+
+/// The model's output.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<Frontend, FrontendSpec>,
+    pub problems: Vec<Problem>,
+    /// VIPs of Services that are invalid right now: the sync leaves what is programmed for
+    /// them as it is (the last good state keeps serving) instead of deleting it.
+    pub held_vips: BTreeSet<Ipv4Addr>,
+    /// Services that are invalid right now (their ClusterIP may not even parse): the sync
+    /// keeps the frontends it last wrote for them.
+    pub held_services: BTreeSet<ServiceRef>,
+}
+
+/// Computes the frontends this node must program. Pure and deterministic: the reference
+/// for [`Model`], which gives the same answer incrementally.
+pub fn build(objects: &Objects, node_name: &str) -> Desired {
+    Model::default()
+        .build(&Index::from_objects(objects), Changes::All, node_name, true)
+        .desired
+}
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,272 @@
+//! The model, computed incrementally (kube-proxy's change trackers, whose pending changes a
+//! sync applies): a Service's frontends are recomputed only when its objects, or this node's
+//! zone, changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use foldhash::HashMap;
+use k8s_openapi::api::core::v1::Service;
+
+use super::{
+    Desired, Frontend, LABEL_SERVICE_NAME, LABEL_ZONE, Problem, ProblemReason, ServiceRef, Slice,
+    endpointslice_cache::merge_slices,
+    index::{Group, Index},
+    ownership::Ownership,
+    problem::problem,
+    service::{ServiceOutcome, service_frontends},
+};
+
+/// What the model computed for one Service from its objects alone (before frontends are
+/// checked against other Services'), kept while its objects stay the same.
+#[derive(Debug)]
+pub(super) struct Cached {
+    /// The inputs, kept alive so pointer equality means "the same object".
+    pub(super) services: Vec<Arc<Service>>,
+    /// Where each Service object came from (its clash problems name it).
+    pub(super) origins: Vec<Arc<str>>,
+    pub(super) slices: Vec<Arc<Slice>>,
+    pub(super) outcomes: Vec<(ServiceOutcome, Vec<Problem>)>,
+    pub(super) slice_problems: Vec<Problem>,
+    /// Per Service object: the frontends it lost to another Service, as problems (empty: it
+    /// owns all of its frontends).
+    pub(super) clashes: Vec<Vec<Problem>>,
+}
+
+impl Cached {
+    fn same_inputs(&self, g: &Group) -> bool {
+        self.services.len() == g.services.len()
+            && self.slices.len() == g.slices.len()
+            && self
+                .services
+                .iter()
+                .zip(g.services.values())
+                .all(|(a, b)| Arc::ptr_eq(a, &b.object))
+            && self
+                .slices
+                .iter()
+                .zip(g.slices.values())
+                .all(|(a, b)| Arc::ptr_eq(a, &b.object))
+    }
+
+    /// The frontends each valid Service object claims: (object, frontend).
+    pub(super) fn claims(&self) -> impl Iterator<Item = (usize, Frontend)> + '_ {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (o, problems))| match o {
+                ServiceOutcome::Frontends { frontends, .. } if valid(problems) => {
+                    Some(frontends.iter().map(move |(f, _)| (i, *f)))
+                }
+                _ => None,
+            })
+            .flatten()
+    }
+
+    /// Per Service object: its frontends are not programmed, and what is programmed for
+    /// it stays as it is.
+    fn held(&self, i: usize) -> bool {
+        match &self.outcomes[i] {
+            (ServiceOutcome::Skipped, _) => false,
+            (ServiceOutcome::Invalid { .. }, _) => true,
+            (ServiceOutcome::Frontends { .. }, problems) => {
+                !valid(problems) || !self.clashes[i].is_empty()
+            }
+        }
+    }
+
+    /// Whether this Service has anything to report or hold: the complete lists of problems
+    /// and held VIPs are rebuilt from such Services only.
+    fn noted(&self) -> bool {
+        !self.slice_problems.is_empty()
+            || self.outcomes.iter().any(|(_, p)| !p.is_empty())
+            || (0..self.outcomes.len()).any(|i| self.held(i))
+    }
+}
+
+/// A Service object's problems that still let it program its frontends.
+pub(super) fn valid(problems: &[Problem]) -> bool {
+    problems
+        .iter()
+        .all(|p| p.reason == ProblemReason::UnsupportedProtocol)
+}
+
+/// Which Services changed since the model's previous pass, as the source knows it.
+#[derive(Clone, Copy, Debug)]
+pub enum Changes<'a> {
+    /// Unknown: every Service is compared with what the model has.
+    All,
+    /// Only these Services' objects changed (see [`Index::take_touched`]).
+    Only(&'a BTreeSet<ServiceRef>),
+}
+
+impl<'a> From<Option<&'a BTreeSet<ServiceRef>>> for Changes<'a> {
+    /// What a source's `take_touched` says: None is unknown.
+    fn from(touched: Option<&'a BTreeSet<ServiceRef>>) -> Self {
+        touched.map_or(Changes::All, Changes::Only)
+    }
+}
+
+/// The model, computed incrementally: a Service's frontends are recomputed only when its
+/// objects (or this node's zone) changed, and who owns a contended frontend is decided
+/// among its claimants only, so a pass costs what changed, not the cluster. [`build`] is
+/// the same computation from scratch.
+#[derive(Debug, Default)]
+pub struct Model {
+    node_name: String,
+    zone: Option<String>,
+    cache: HashMap<ServiceRef, Cached>,
+    ownership: Ownership,
+    /// Services with problems or held objects (see [`Cached::noted`]).
+    noted: BTreeSet<ServiceRef>,
+}
+
+/// A model pass.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// With `full`: every frontend. Otherwise the frontends of the `changed` Services only;
+    /// `problems`, `held_vips` and `held_services` are always complete.
+    pub desired: Desired,
+    /// Services whose frontends may differ from the previous pass (None with `full`).
+    pub changed: Option<BTreeSet<ServiceRef>>,
+}
+
+impl Model {
+    /// One pass over `index`. `changes` must name every Service whose objects changed since
+    /// this model's previous pass (or be [`Changes::All`]).
+    pub fn build(
+        &mut self,
+        index: &Index,
+        changes: Changes<'_>,
+        node_name: &str,
+        full: bool,
+    ) -> Built {
+        let zone = index
+            .nodes
+            .values()
+            .find(|n| n.object.metadata.name.as_deref() == Some(node_name))
+            .and_then(|n| n.object.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        let mut changes = changes;
+        if zone != self.zone || node_name != self.node_name {
+            // Endpoint selection depends on both: everything is recomputed.
+            *self = Model {
+                zone,
+                node_name: node_name.to_string(),
+                ..Model::default()
+            };
+            changes = Changes::All;
+        }
+        let candidates: BTreeSet<ServiceRef> = match changes {
+            Changes::All => self
+                .cache
+                .keys()
+                .chain(index.groups.keys())
+                .cloned()
+                .collect(),
+            Changes::Only(set) => set.clone(),
+        };
+
+        // Services whose objects changed: recomputed, their claims replaced.
+        let mut changed = BTreeSet::new();
+        for r in candidates {
+            let group = index.groups.get(&r);
+            if let (Some(c), Some(g)) = (self.cache.get(&r), group)
+                && c.same_inputs(g)
+            {
+                continue;
+            }
+            if let Some(old) = self.cache.remove(&r) {
+                self.ownership.unclaim(&r, &old);
+            }
+            if let Some(g) = group {
+                let c = self.compute(g, node_name);
+                self.ownership.claim(&r, &c);
+                self.cache.insert(r.clone(), c);
+            }
+            changed.insert(r);
+        }
+        changed.extend(self.ownership.resolve(&mut self.cache));
+        for r in &changed {
+            if self.cache.get(r).is_some_and(Cached::noted) {
+                self.noted.insert(r.clone());
+            } else {
+                self.noted.remove(r);
+            }
+        }
+
+        let mut out = Desired::default();
+        for s in index.unnamed.values() {
+            let mut problems = Vec::new();
+            service_frontends(s, &BTreeMap::new(), node_name, None, &mut problems);
+            out.problems.extend(problems);
+        }
+        for s in index.unowned.values() {
+            out.problems.push(problem(
+                s,
+                "EndpointSlice",
+                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+                ProblemReason::MissingField,
+                "the slice names no Service; ignored",
+            ));
+        }
+        for r in &self.noted {
+            let c = &self.cache[r];
+            out.problems.extend(c.slice_problems.iter().cloned());
+            for (i, ((outcome, problems), clashes)) in c.outcomes.iter().zip(&c.clashes).enumerate()
+            {
+                out.problems.extend(problems.iter().cloned());
+                out.problems.extend(clashes.iter().cloned());
+                if c.held(i) {
+                    out.held_services.insert(r.clone());
+                    if let ServiceOutcome::Invalid { vips }
+                    | ServiceOutcome::Frontends { vips, .. } = outcome
+                    {
+                        out.held_vips.extend(vips.iter().copied());
+                    }
+                }
+            }
+        }
+        let emit: Box<dyn Iterator<Item = &ServiceRef>> = if full {
+            Box::new(self.cache.keys())
+        } else {
+            Box::new(changed.iter())
+        };
+        for r in emit {
+            let Some(c) = self.cache.get(r) else { continue };
+            for (i, (outcome, _)) in c.outcomes.iter().enumerate() {
+                if let (ServiceOutcome::Frontends { frontends, .. }, false) = (outcome, c.held(i)) {
+                    out.frontends.extend(frontends.iter().cloned());
+                }
+            }
+        }
+        Built {
+            desired: out,
+            changed: (!full).then_some(changed),
+        }
+    }
+
+    fn compute(&self, g: &Group, node_name: &str) -> Cached {
+        let mut slice_problems = Vec::new();
+        let slices = merge_slices(g.slices.values(), node_name, &mut slice_problems);
+        let outcomes: Vec<_> = g
+            .services
+            .values()
+            .map(|s| {
+                let mut problems = Vec::new();
+                let o =
+                    service_frontends(s, &slices, node_name, self.zone.as_deref(), &mut problems);
+                (o, problems)
+            })
+            .collect();
+        Cached {
+            services: g.services.values().map(|s| s.object.clone()).collect(),
+            origins: g.services.values().map(|s| s.origin.clone()).collect(),
+            slices: g.slices.values().map(|s| s.object.clone()).collect(),
+            clashes: vec![Vec::new(); outcomes.len()],
+            outcomes,
+            slice_problems,
+        }
+    }
+}
