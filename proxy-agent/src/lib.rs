@@ -1,5 +1,7 @@
 //! proxy-agent: keeps the eBPF ClusterIP datapath's maps equal to the cluster's Services and
 //! EndpointSlices. Data flows one way: source -> model -> sync -> maps -> programs.
+pub mod agent;
+pub mod cleanup;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

@@ -118,9 +118,9 @@ fn main() -> anyhow::Result<()> {
             tc_interfaces,
         } => {
             let source = match (manifests, kubeconfig) {
-                (Some(dir), _) => run::SourceConfig::Manifests(dir),
-                (None, Some(path)) => run::SourceConfig::Kubeconfig(path),
-                (None, None) => run::SourceConfig::InCluster,
+                (Some(dir), _) => proxy_agent::source::SourceConfig::Manifests(dir),
+                (None, Some(path)) => proxy_agent::source::SourceConfig::Kubeconfig(path),
+                (None, None) => proxy_agent::source::SourceConfig::InCluster,
             };
             let cgroup = match cgroup {
                 Some(c) => c,

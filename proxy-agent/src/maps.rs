@@ -13,9 +13,8 @@ use aya::{
     maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    BACKEND_MAP, Backend, COUNTERS_MAP, CT_DIR_FORWARD, CT_MAP, Counter, CtKey, CtValue, MAPS,
-    PROTO_UDP, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP, SVC_MAP, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, VIP_MAP,
+    BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAPS, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP,
+    SVC_MAP, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
 use crate::sync::{Datapath, DatapathError, MapState, Partial};
@@ -83,31 +82,31 @@ pub struct PinnedMaps {
     rev_nat: HashMap<MapData, u16, RevNat>,
     vips: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
 }
 
-fn open(dir: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<Map, MapsError> {
+/// Opens the map pinned as `dir/name`, as aya's `wrap` kind, typed as `T`.
+pub fn open_pinned<T>(
+    dir: &Path,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
     let path = dir.join(name);
     let md = MapData::from_pin(&path).map_err(|source| MapsError::Open { path, source })?;
-    Ok(wrap(md))
+    T::try_from(wrap(md)).map_err(|source| MapsError::Read { map: name, source })
 }
 
 impl PinnedMaps {
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
         check_pinned_layouts(dir)?;
-        let read = |map: &'static str| move |source| MapsError::Read { map, source };
         Ok(PinnedMaps {
-            services: HashMap::try_from(open(dir, SVC_MAP, Map::HashMap)?)
-                .map_err(read(SVC_MAP))?,
-            backends: HashMap::try_from(open(dir, BACKEND_MAP, Map::HashMap)?)
-                .map_err(read(BACKEND_MAP))?,
-            rev_nat: HashMap::try_from(open(dir, REV_NAT_MAP, Map::HashMap)?)
-                .map_err(read(REV_NAT_MAP))?,
-            vips: HashMap::try_from(open(dir, VIP_MAP, Map::HashMap)?).map_err(read(VIP_MAP))?,
-            conntrack: HashMap::try_from(open(dir, CT_MAP, Map::LruHashMap)?)
-                .map_err(read(CT_MAP))?,
-            counters: PerCpuArray::try_from(open(dir, COUNTERS_MAP, Map::PerCpuArray)?)
-                .map_err(read(COUNTERS_MAP))?,
+            services: open_pinned(dir, SVC_MAP, Map::HashMap)?,
+            backends: open_pinned(dir, BACKEND_MAP, Map::HashMap)?,
+            rev_nat: open_pinned(dir, REV_NAT_MAP, Map::HashMap)?,
+            vips: open_pinned(dir, VIP_MAP, Map::HashMap)?,
+            counters: open_pinned(dir, COUNTERS_MAP, Map::PerCpuArray)?,
         })
     }
 
@@ -119,37 +118,6 @@ impl PinnedMaps {
             rev_nat: read_all(&self.rev_nat, REV_NAT_MAP)?,
             vips: read_all(&self.vips, VIP_MAP)?,
         })
-    }
-
-    /// kube-proxy's conntrack cleanup: forgets the packet path's UDP flows to (and replies
-    /// from) removed backends, so a client's next datagram picks a live one. (The datapath
-    /// also re-balances a flow whose backend is gone; this removes the stale entries.)
-    /// Returns how many entries were deleted.
-    pub fn forget_udp_flows(&mut self, removed: &[Backend]) -> Result<usize, MapsError> {
-        let gone = |addr: u32, port: u16| {
-            removed
-                .iter()
-                .any(|b| b.addr_be == addr && b.port_be == port)
-        };
-        let mut stale = Vec::new();
-        for kv in self.conntrack.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read {
-                map: CT_MAP,
-                source,
-            })?;
-            let backend_side = match k.dir {
-                CT_DIR_FORWARD => gone(v.addr_be, v.port_be),
-                _ => gone(k.saddr_be, k.sport_be),
-            };
-            if k.proto == PROTO_UDP && backend_side {
-                stale.push(k);
-            }
-        }
-        for k in &stale {
-            // Gone already (LRU eviction, or the other direction's delete) is fine.
-            let _ = self.conntrack.remove(k);
-        }
-        Ok(stale.len())
     }
 
     /// Datapath counters, summed over CPUs.
@@ -183,12 +151,7 @@ fn read_all<K: Pod + Ord, V: Pod>(
 pub fn open_sock_rev_nat(
     dir: &Path,
 ) -> Result<HashMap<MapData, SockRevNatKey, SockRevNatValue>, MapsError> {
-    HashMap::try_from(open(dir, SOCK_REV_NAT_MAP, Map::LruHashMap)?).map_err(|source| {
-        MapsError::Read {
-            map: SOCK_REV_NAT_MAP,
-            source,
-        }
-    })
+    open_pinned(dir, SOCK_REV_NAT_MAP, Map::LruHashMap)
 }
 
 fn map_err(map: &'static str, op: &'static str, e: MapError) -> DatapathError {

@@ -16,7 +16,9 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+    },
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -30,10 +32,33 @@ use tracing::warn;
 
 use crate::{maps::PinnedMaps, model::ProblemReason, sync::MapState};
 
+/// Which kind of sync (the `kind` label).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SyncKind {
+    /// Everything compared.
+    Full,
+    /// Only the Services a change touched.
+    Partial,
+}
+
+impl SyncKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncKind::Full => "full",
+            SyncKind::Partial => "partial",
+        }
+    }
+}
+
+impl EncodeLabelValue for SyncKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SyncKind {
-    /// "full" or "partial".
-    pub kind: &'static str,
+pub struct SyncLabels {
+    pub kind: SyncKind,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,7 +73,7 @@ pub struct MapName {
 
 pub struct Metrics {
     pub registry: Registry,
-    pub sync_duration: Family<SyncKind, Histogram>,
+    pub sync_duration: Family<SyncLabels, Histogram>,
     pub programming_latency: Histogram,
     pub frontends: Gauge,
     pub backends: Gauge,
@@ -89,7 +114,7 @@ impl Collector for DatapathCounters {
 impl Metrics {
     pub fn new(bpffs_dir: PathBuf) -> Self {
         let mut registry = Registry::with_prefix("proxy");
-        let sync_duration = Family::<SyncKind, Histogram>::new_with_constructor(|| {
+        let sync_duration = Family::<SyncLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 18))
         });
         registry.register(

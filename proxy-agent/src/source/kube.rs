@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
+use super::{Progress, Snapshot, Source};
 use crate::model::{Index, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectRef, ServiceRef, Slice};
 
 /// kube-proxy's informer selector: objects of other proxies and headless ones are not ours.
@@ -216,10 +217,29 @@ impl KubeSource {
         }
         &mut self.index
     }
+}
 
-    /// For network programming latency: the newest `last-change-trigger-time` of the
-    /// Service's slices.
-    pub fn trigger_time(&self, service: &ServiceRef) -> Option<SystemTime> {
+impl Source for KubeSource {
+    /// The index follows the stores object by object: a read costs a walk of the stores
+    /// (pointer comparisons) and what it touched, and names the Services touched.
+    fn read(&mut self, _full: bool, _progress: Option<Progress<'_>>) -> Option<Snapshot<'_>> {
+        let index = self.refresh();
+        let touched = index.take_touched();
+        Some(Snapshot {
+            index,
+            touched,
+            problems: vec![],
+            unchanged: false,
+            read_before: None,
+        })
+    }
+
+    /// The reflectors follow from the start (they notify the agent's wake-up).
+    fn follow(&mut self, _wake: &Arc<Notify>) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn trigger_time(&self, service: &ServiceRef) -> Option<SystemTime> {
         self.triggers.get(service).copied()
     }
 }

@@ -1,6 +1,7 @@
 use std::{thread::sleep, time::Duration};
 
-use super::*;
+use super::{watch::*, *};
+use crate::model::ProblemReason;
 
 const SVC: &str = "apiVersion: v1
 kind: Service

@@ -1,0 +1,114 @@
+//! Slow cleanup after a sync removed backends, on a thread of its own so the async runtime's
+//! workers never wait for it (it walks the whole conntrack map, and visits every network
+//! namespace of the host):
+//! - kube-proxy's conntrack cleanup: the packet path's UDP flows to (and replies from) removed
+//!   backends are forgotten, so a client's next datagram picks a live one (the datapath also
+//!   re-balances a flow whose backend is gone; this removes the stale entries);
+//! - connected UDP sockets the socket path pinned to a removed backend are destroyed, so their
+//!   applications reconnect to a live one ([`crate::sockets`]).
+//!
+//! Only UDP has flows and connected sockets to clean: TCP connections to a removed pod fail on
+//! their own, as with kube-proxy.
+
+use std::{path::PathBuf, sync::mpsc};
+
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{Backend, CT_DIR_FORWARD, CT_MAP, CtKey, CtValue, PROTO_UDP, SockRevNatKey};
+use tracing::{info, warn};
+
+use crate::maps::{MapsError, open_pinned, open_sock_rev_nat};
+
+/// The cleanup thread's mailbox.
+pub struct Cleaner {
+    removed: mpsc::Sender<Vec<Backend>>,
+}
+
+impl Cleaner {
+    /// Starts the cleanup thread for the datapath pinned in `bpffs_dir`.
+    pub fn start(bpffs_dir: PathBuf) -> std::io::Result<Self> {
+        let (removed, jobs) = mpsc::channel::<Vec<Backend>>();
+        std::thread::Builder::new()
+            .name("cleanup".into())
+            .spawn(move || {
+                while let Ok(mut backends) = jobs.recv() {
+                    // Whatever queued up meanwhile is one walk.
+                    while let Ok(more) = jobs.try_recv() {
+                        backends.extend(more);
+                    }
+                    clean(&bpffs_dir, &backends);
+                }
+            })?;
+        Ok(Cleaner { removed })
+    }
+
+    /// Backends a sync deleted; returns at once.
+    pub fn removed(&self, backends: &[Backend]) {
+        let udp: Vec<Backend> = (backends.iter())
+            .filter(|b| b.proto == PROTO_UDP)
+            .copied()
+            .collect();
+        if !udp.is_empty() {
+            // The thread only ends with the process.
+            let _ = self.removed.send(udp);
+        }
+    }
+}
+
+fn clean(bpffs_dir: &std::path::Path, removed: &[Backend]) {
+    match forget_udp_flows(bpffs_dir, removed) {
+        Ok(n) if n > 0 => info!(entries = n, "forgot UDP flows to removed backends"),
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath")
+        }
+    }
+    let translated = match open_sock_rev_nat(bpffs_dir) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, "cannot read the socket reverse-NAT map; stale UDP sockets are kept");
+            return;
+        }
+    };
+    let lookup = move |k: &SockRevNatKey| translated.get(k, 0).is_ok();
+    match crate::sockets::destroy_udp_sockets_to(removed, lookup) {
+        Ok(n) if n > 0 => info!(
+            sockets = n,
+            "terminated connected UDP sockets to removed backends"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not terminate stale connected UDP sockets"),
+    }
+}
+
+/// Deletes the UDP flows whose backend side is one of `removed`; returns how many entries.
+pub fn forget_udp_flows(
+    bpffs_dir: &std::path::Path,
+    removed: &[Backend],
+) -> Result<usize, MapsError> {
+    let mut conntrack: HashMap<MapData, CtKey, CtValue> =
+        open_pinned(bpffs_dir, CT_MAP, Map::LruHashMap)?;
+    let gone = |addr: u32, port: u16| {
+        removed
+            .iter()
+            .any(|b| b.addr_be == addr && b.port_be == port)
+    };
+    let mut stale = Vec::new();
+    for kv in conntrack.iter() {
+        let (k, v) = kv.map_err(|source| MapsError::Read {
+            map: CT_MAP,
+            source,
+        })?;
+        let backend_side = match k.dir {
+            CT_DIR_FORWARD => gone(v.addr_be, v.port_be),
+            _ => gone(k.saddr_be, k.sport_be),
+        };
+        if k.proto == PROTO_UDP && backend_side {
+            stale.push(k);
+        }
+    }
+    for k in &stale {
+        // Gone already (LRU eviction, or the other direction's delete) is fine.
+        let _ = conntrack.remove(k);
+    }
+    Ok(stale.len())
+}

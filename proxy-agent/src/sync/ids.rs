@@ -1,0 +1,142 @@
+//! Id allocation: backend ids (shared by every frontend that has the same backend, counted by
+//! the slots that reference them) and rev-NAT ids (one per frontend). Ids are handed to the
+//! writer before it writes anything (Cilium's `upsertServiceProto` is handed its ids too).
+
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashSet};
+use proxy_common::{BACKEND_MAP_ENTRIES, Backend, REV_NAT_MAP_ENTRIES};
+
+use super::mirror::MapState;
+
+#[derive(Debug, Default)]
+pub struct BackendIds {
+    /// Every backend in the maps or about to be written, and its id.
+    ids: HashMap<Backend, u32>,
+    /// The ids of `ids` (an id is taken until its backend is deleted or never written).
+    taken: HashSet<u32>,
+    /// Number of slots (over all frontends) that reference each id.
+    refs: HashMap<u32, u32>,
+    /// Ids nothing may reference any more: deleted at the end of the current update unless
+    /// referenced again by then.
+    unreferenced: BTreeSet<u32>,
+    next: u32,
+}
+
+impl BackendIds {
+    /// The ids of what the maps hold now.
+    pub fn new(state: &MapState) -> Self {
+        let mut refs: HashMap<u32, u32> = HashMap::default();
+        for (k, v) in &state.services {
+            if k.slot != 0 {
+                *refs.entry(v.backend_id).or_insert(0) += 1;
+            }
+        }
+        BackendIds {
+            ids: state.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+            taken: state.backends.keys().copied().collect(),
+            unreferenced: state
+                .backends
+                .keys()
+                .filter(|id| !refs.contains_key(*id))
+                .copied()
+                .collect(),
+            refs,
+            next: 1,
+        }
+    }
+
+    pub fn get(&self, b: &Backend) -> Option<u32> {
+        self.ids.get(b).copied()
+    }
+
+    /// A new id for `b`, which has none (the capacity check before guarantees a free one;
+    /// ids are never 0).
+    pub fn allocate(&mut self, b: Backend) -> u32 {
+        loop {
+            let id = self.next;
+            self.next = if id >= BACKEND_MAP_ENTRIES * 2 {
+                1
+            } else {
+                id + 1
+            };
+            if self.taken.insert(id) {
+                self.ids.insert(b, id);
+                return id;
+            }
+        }
+    }
+
+    /// Frees the id of `b`: deleted from the maps, or never written.
+    pub fn release(&mut self, id: u32, b: &Backend) {
+        self.taken.remove(&id);
+        if self.ids.get(b) == Some(&id) {
+            self.ids.remove(b);
+        }
+    }
+
+    /// A slot now references `id`.
+    pub fn reference(&mut self, id: u32) {
+        *self.refs.entry(id).or_insert(0) += 1;
+        self.unreferenced.remove(&id);
+    }
+
+    /// A slot that referenced `id` is gone (or changed).
+    pub fn unreference(&mut self, id: u32) {
+        if let Some(n) = self.refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(&id);
+                self.unreferenced.insert(id);
+            }
+        }
+    }
+
+    /// Written, not referenced yet: collected unless a slot references it before then.
+    pub fn written_unreferenced(&mut self, id: u32) {
+        if !self.refs.contains_key(&id) {
+            self.unreferenced.insert(id);
+        }
+    }
+
+    /// The first id on the list to collect.
+    pub fn next_unreferenced(&self) -> Option<u32> {
+        self.unreferenced.first().copied()
+    }
+
+    pub fn is_referenced(&self, id: u32) -> bool {
+        self.refs.contains_key(&id)
+    }
+
+    /// Takes `id` off the list to collect (it was collected, or is referenced again).
+    pub fn collected(&mut self, id: u32) {
+        self.unreferenced.remove(&id);
+    }
+}
+
+/// Rev-NAT ids: one per frontend, so an entry still holding a frontend's address is no one
+/// else's. 0 is never used.
+#[derive(Debug)]
+pub struct RevNatIds {
+    next: u16,
+}
+
+impl Default for RevNatIds {
+    fn default() -> Self {
+        RevNatIds { next: 1 }
+    }
+}
+
+impl RevNatIds {
+    /// A free id (`taken` says which are in use), or None when all are.
+    pub fn allocate(&mut self, taken: impl Fn(u16) -> bool) -> Option<u16> {
+        for _ in 0..REV_NAT_MAP_ENTRIES {
+            let id = self.next;
+            self.next = if id == u16::MAX { 1 } else { id + 1 };
+            if !taken(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,194 @@
+//! What the writer-owned maps hold, as far as the writer knows: loaded from the maps at
+//! start, and changed only by writes that succeeded, so a failed write is retried by the next
+//! sync (level-triggered) and nothing already programmed is forgotten. Also who each frontend
+//! was written for.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use foldhash::HashMap;
+use proxy_common::{Backend, RevNat, ServiceKey, ServiceValue};
+
+use crate::model::{BackendAddr, Frontend, Proto, ServiceRef};
+
+/// The content of the writer-owned maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u16, RevNat>,
+    /// ClusterIP (network order) -> number of frontends (masters) on it.
+    pub vips: BTreeMap<u32, u32>,
+}
+
+impl MapState {
+    /// Nothing programmed (a fresh datapath).
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.backends.is_empty()
+            && self.rev_nat.is_empty()
+            && self.vips.is_empty()
+    }
+}
+
+/// Frontend `f`'s entry in `slot` (0: its master).
+pub fn service_key(f: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::master(u32::from(f.vip).to_be(), f.port.to_be(), f.proto.number()).with_slot(slot)
+}
+
+/// The frontend a map key belongs to (None for a protocol this agent never writes).
+pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        vip: Ipv4Addr::from(u32::from_be(key.vip_be)),
+        port: u16::from_be(key.port_be),
+        proto: Proto::from_number(key.proto)?,
+    })
+}
+
+pub fn backend_value(b: &BackendAddr, proto: Proto) -> Backend {
+    Backend::new(u32::from(b.ip).to_be(), b.port.to_be(), proto.number())
+}
+
+pub fn rev_nat_value(f: &Frontend) -> RevNat {
+    RevNat::new(u32::from(f.vip).to_be(), f.port.to_be())
+}
+
+#[derive(Debug, Default)]
+pub struct Mirror {
+    state: MapState,
+    /// Masters in `state.services`, counted as they are written rather than walked.
+    masters: usize,
+    /// The Service each frontend was last written for (unknown for entries found in the maps
+    /// at start), so an invalid Service keeps its frontends even when its VIP is unreadable.
+    owners: HashMap<Frontend, ServiceRef>,
+    /// The inverse of `owners`: a scoped sync visits only its Services' frontends.
+    by_owner: HashMap<ServiceRef, BTreeSet<Frontend>>,
+}
+
+impl Mirror {
+    pub fn new(state: MapState) -> Self {
+        Mirror {
+            masters: state.services.keys().filter(|k| k.slot == 0).count(),
+            state,
+            ..Mirror::default()
+        }
+    }
+
+    pub fn state(&self) -> &MapState {
+        &self.state
+    }
+
+    pub fn masters(&self) -> usize {
+        self.masters
+    }
+
+    pub fn master(&self, f: &Frontend) -> Option<ServiceValue> {
+        self.state.services.get(&service_key(f, 0)).copied()
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.state.services.get(key).copied()
+    }
+
+    /// Highest slot index present for `f` (slots may outlive their master after a crash).
+    pub fn slot_count(&self, f: &Frontend) -> usize {
+        let lo = service_key(f, 1);
+        let hi = service_key(f, u16::MAX);
+        self.state
+            .services
+            .range(lo..=hi)
+            .filter(|(k, _)| frontend_of(k) == Some(*f))
+            .map(|(k, _)| k.slot as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Frontends present in the maps (masters, and slots left without a master by a crash).
+    pub fn frontends(&self) -> BTreeSet<Frontend> {
+        self.state.services.keys().filter_map(frontend_of).collect()
+    }
+
+    pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Option<ServiceValue> {
+        let old = self.state.services.insert(key, value);
+        if key.slot == 0 && old.is_none() {
+            self.masters += 1;
+        }
+        old
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Option<ServiceValue> {
+        let old = self.state.services.remove(key);
+        if key.slot == 0 && old.is_some() {
+            self.masters -= 1;
+        }
+        old
+    }
+
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        self.state.backends.get(&id).copied()
+    }
+
+    pub fn set_backend(&mut self, id: u32, b: Backend) {
+        self.state.backends.insert(id, b);
+    }
+
+    pub fn remove_backend(&mut self, id: u32) -> Option<Backend> {
+        self.state.backends.remove(&id)
+    }
+
+    pub fn rev_nat(&self, id: u16) -> Option<RevNat> {
+        self.state.rev_nat.get(&id).copied()
+    }
+
+    pub fn set_rev_nat(&mut self, id: u16, rn: RevNat) {
+        self.state.rev_nat.insert(id, rn);
+    }
+
+    pub fn remove_rev_nat(&mut self, id: u16) {
+        self.state.rev_nat.remove(&id);
+    }
+
+    pub fn vip_frontends(&self, vip_be: u32) -> Option<u32> {
+        self.state.vips.get(&vip_be).copied()
+    }
+
+    pub fn set_vip(&mut self, vip_be: u32, frontends: u32) {
+        self.state.vips.insert(vip_be, frontends);
+    }
+
+    pub fn remove_vip(&mut self, vip_be: u32) {
+        self.state.vips.remove(&vip_be);
+    }
+
+    pub fn owner(&self, f: &Frontend) -> Option<&ServiceRef> {
+        self.owners.get(f)
+    }
+
+    /// The frontends last written for `service`.
+    pub fn owned_by(&self, service: &ServiceRef) -> impl Iterator<Item = &Frontend> {
+        self.by_owner.get(service).into_iter().flatten()
+    }
+
+    /// Records who wrote `f` (None: nobody, it was deleted); returns the previous owner.
+    pub fn set_owner(&mut self, f: Frontend, owner: Option<&ServiceRef>) -> Option<ServiceRef> {
+        let previous = match owner {
+            Some(o) if self.owners.get(&f) == Some(o) => return Some(o.clone()),
+            Some(o) => self.owners.insert(f, o.clone()),
+            None => self.owners.remove(&f),
+        };
+        if let Some(p) = &previous
+            && let Some(set) = self.by_owner.get_mut(p)
+        {
+            set.remove(&f);
+            if set.is_empty() {
+                self.by_owner.remove(p);
+            }
+        }
+        if let Some(o) = owner {
+            self.by_owner.entry(o.clone()).or_default().insert(f);
+        }
+        previous
+    }
+}

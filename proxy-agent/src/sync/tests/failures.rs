@@ -1,0 +1,166 @@
+//! Failed writes, restarts from the maps, crash leftovers and full maps.
+use super::*;
+
+#[test]
+fn backends_written_by_a_failed_update_are_removed_once_unused() {
+    let f = fe("10.96.0.10", 80);
+    let d = desired(&[(f, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]);
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    s.dp.fail_at = Some(1); // the second backend of the run
+    assert_eq!(s.sync(&d).errors.len(), 1);
+    assert!(
+        s.dp.ops.contains(&Op::Backend(1)),
+        "the first backend was written"
+    );
+    assert_eq!(s.state(), &s.dp.maps);
+    s.dp.fail_at = None;
+    s.sync(&Desired::default());
+    assert_eq!(s.dp.maps, MapState::default(), "nothing is left behind");
+}
+
+/// Backends written whole, with the slot that was to reference them failing: they are not
+/// left in the maps once their frontend is gone.
+#[test]
+fn backends_whose_slots_failed_are_removed_once_unused() {
+    let f = fe("10.96.0.10", 80);
+    let d = desired(&[(f, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]);
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    s.dp.fail_at = Some(2); // the first slot, after both backends
+    assert_eq!(s.sync(&d).errors.len(), 1);
+    assert!(
+        s.dp.ops.starts_with(&[Op::Backend(1), Op::Backend(2)]),
+        "both backends were written"
+    );
+    assert_eq!(s.state(), &s.dp.maps);
+    s.dp.fail_at = None;
+    s.sync(&Desired::default());
+    assert_eq!(s.dp.maps, MapState::default(), "nothing is left behind");
+}
+
+#[test]
+fn a_failed_write_keeps_the_old_state_and_the_next_sync_converges() {
+    let f = fe("10.96.0.10", 80);
+    let before = desired(&[(f, &[("10.1.0.1", 8080)])]);
+    let after = desired(&[(f, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]);
+    // Fail each operation of the update in turn: the reader view stays valid (checked by the
+    // fake on every op), the mirror matches the maps, and a retry converges.
+    for fail in 0..8 {
+        let mut s = Syncer::new(Fake::default(), MapState::default());
+        s.sync(&before);
+        let base = s.dp.calls;
+        s.dp.fail_at = Some(base + fail);
+        let r = s.sync(&after);
+        assert_eq!(s.state(), &s.dp.maps, "fail at {fail}: mirror equals maps");
+        if !r.errors.is_empty() {
+            let m = s.dp.maps.services[&service_key(&f, 0)];
+            assert!(m.count >= 1, "fail at {fail}: the old master keeps serving");
+        }
+        s.dp.fail_at = None;
+        let r = s.sync(&after);
+        assert!(r.errors.is_empty());
+        let mut fresh = Syncer::new(Fake::default(), MapState::default());
+        fresh.sync(&after);
+        assert_eq!(
+            view(&s.dp.maps),
+            view(&fresh.dp.maps),
+            "fail at {fail}: converged"
+        );
+    }
+}
+
+#[test]
+fn restart_from_the_maps_rewrites_nothing_and_removes_stale_entries() {
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 53));
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    s.sync(&desired(&[
+        (a, &[("10.1.0.1", 8080)]),
+        (b, &[("10.1.0.2", 53)]),
+    ]));
+    let maps = s.dp.maps.clone();
+
+    let mut restarted = Syncer::new(
+        Fake {
+            maps: maps.clone(),
+            ..Default::default()
+        },
+        maps,
+    );
+    restarted.sync(&desired(&[(a, &[("10.1.0.1", 8080)])]));
+    assert_eq!(
+        ops(&mut restarted),
+        vec![
+            Op::DelMaster,
+            Op::DelVip,
+            Op::DelSlot(1),
+            Op::DelRevNat(2),
+            Op::DelBackend(2)
+        ]
+    );
+}
+
+#[test]
+fn restart_after_a_crash_mid_update_cleans_orphans() {
+    let f = fe("10.96.0.10", 80);
+    let mut maps = MapState::default();
+    // A writer died after writing a backend, a slot and a rev-NAT, before the master.
+    maps.backends.insert(
+        7,
+        Backend {
+            addr_be: 1,
+            port_be: 1,
+            proto: 6,
+            _pad: 0,
+        },
+    );
+    maps.services.insert(
+        service_key(&f, 1),
+        ServiceValue {
+            backend_id: 7,
+            ..Default::default()
+        },
+    );
+    maps.rev_nat.insert(3, rev_nat_value(&f));
+    maps.vips.insert(u32::from(f.vip).to_be(), 1);
+    let mut s = Syncer::new(
+        Fake {
+            maps: maps.clone(),
+            ..Default::default()
+        },
+        maps,
+    );
+    s.sync(&Desired::default());
+    assert_eq!(s.dp.maps, MapState::default());
+}
+
+#[test]
+fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    // Pretend the backend map is nearly full.
+    for id in 1..=BACKEND_MAP_ENTRIES - 1 {
+        s.mirror.set_backend(
+            id + 1_000_000,
+            Backend {
+                addr_be: id,
+                port_be: 0,
+                proto: 6,
+                _pad: 0,
+            },
+        );
+    }
+    let (ok, big) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    let r = s.sync(&desired(&[
+        (ok, &[("10.1.0.1", 8080)]),
+        (big, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)]),
+    ]));
+    assert_eq!(r.errors.len(), 1);
+    assert_eq!(r.errors[0].0, big);
+    assert!(matches!(
+        r.errors[0].1,
+        DatapathError::Full {
+            map: BACKEND_MAP,
+            ..
+        }
+    ));
+    assert!(s.dp.maps.services.contains_key(&service_key(&ok, 0)));
+    assert!(!s.dp.maps.services.contains_key(&service_key(&big, 0)));
+}

@@ -1,0 +1,189 @@
+//! Sync against a fake datapath that applies each operation to an in-memory copy of the maps
+//! and, after every single operation, checks what a reader (the eBPF programs) could see.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use proxy_common::{Backend, RevNat, ServiceKey, ServiceValue};
+
+use super::*;
+use crate::model::{BackendAddr, FrontendSpec, Proto, ServiceRef};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    Backend(u32),
+    DelBackend(u32),
+    Slot(u16),
+    DelSlot(u16),
+    Master(u16),
+    DelMaster,
+    RevNat(u16),
+    DelRevNat(u16),
+    Vip(u32),
+    DelVip,
+}
+
+#[derive(Default)]
+struct Fake {
+    maps: MapState,
+    ops: Vec<Op>,
+    /// Fail the operation with this index (0-based, counted over the fake's lifetime).
+    fail_at: Option<usize>,
+    calls: usize,
+}
+
+impl Fake {
+    fn step(&mut self, op: Op) -> Result<(), DatapathError> {
+        let n = self.calls;
+        self.calls += 1;
+        if self.fail_at == Some(n) {
+            return Err(DatapathError::Map {
+                map: "fake",
+                op: "update",
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// The reader invariant: every master's slots 1..=count exist and name existing backends,
+    /// and its rev-NAT entry exists and holds its address.
+    fn check_reader_view(&self) {
+        for (k, v) in &self.maps.services {
+            if k.slot != 0 {
+                continue;
+            }
+            for slot in 1..=v.count {
+                let sk = ServiceKey { slot, ..*k };
+                let s = self
+                    .maps
+                    .services
+                    .get(&sk)
+                    .unwrap_or_else(|| panic!("torn: {k:?} slot {slot} missing"));
+                assert!(
+                    self.maps.backends.contains_key(&s.backend_id),
+                    "torn: backend {} missing",
+                    s.backend_id
+                );
+            }
+            let rn = self
+                .maps
+                .rev_nat
+                .get(&v.rev_nat_id)
+                .expect("torn: rev-NAT missing");
+            assert_eq!((rn.vip_be, rn.port_be), (k.vip_be, k.port_be));
+        }
+    }
+}
+
+impl Datapath for Fake {
+    fn update_backend(&mut self, id: u32, b: Backend) -> Result<(), DatapathError> {
+        self.step(Op::Backend(id))?;
+        self.maps.backends.insert(id, b);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.step(Op::DelBackend(id))?;
+        self.maps.backends.remove(&id);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn update_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), DatapathError> {
+        self.step(if k.slot == 0 {
+            Op::Master(v.count)
+        } else {
+            Op::Slot(k.slot)
+        })?;
+        self.maps.services.insert(k, v);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn delete_service(&mut self, k: ServiceKey) -> Result<(), DatapathError> {
+        self.step(if k.slot == 0 {
+            Op::DelMaster
+        } else {
+            Op::DelSlot(k.slot)
+        })?;
+        self.maps.services.remove(&k);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn update_rev_nat(&mut self, id: u16, v: RevNat) -> Result<(), DatapathError> {
+        self.step(Op::RevNat(id))?;
+        self.maps.rev_nat.insert(id, v);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError> {
+        self.step(Op::DelRevNat(id))?;
+        self.maps.rev_nat.remove(&id);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn update_vip(&mut self, vip: u32, n: u32) -> Result<(), DatapathError> {
+        self.step(Op::Vip(n))?;
+        self.maps.vips.insert(vip, n);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn delete_vip(&mut self, vip: u32) -> Result<(), DatapathError> {
+        self.step(Op::DelVip)?;
+        self.maps.vips.remove(&vip);
+        self.check_reader_view();
+        Ok(())
+    }
+}
+
+fn fe(vip: &str, port: u16) -> Frontend {
+    Frontend {
+        vip: vip.parse().unwrap(),
+        port,
+        proto: Proto::Tcp,
+    }
+}
+
+fn desired(entries: &[(Frontend, &[(&str, u16)])]) -> Desired {
+    let mut d = Desired::default();
+    for (f, bs) in entries {
+        d.frontends.insert(
+            *f,
+            FrontendSpec {
+                service: ServiceRef {
+                    namespace: "default".into(),
+                    name: "svc".into(),
+                },
+                backends: bs
+                    .iter()
+                    .map(|(ip, port)| BackendAddr {
+                        ip: ip.parse().unwrap(),
+                        port: *port,
+                    })
+                    .collect(),
+                no_local_endpoints: false,
+            },
+        );
+    }
+    d
+}
+
+fn ops(s: &mut Syncer<Fake>) -> Vec<Op> {
+    std::mem::take(&mut s.dp.ops)
+}
+
+/// Maps reduced to what a reader resolves (ids are the writer's business).
+fn view(m: &MapState) -> BTreeMap<ServiceKey, (u16, Vec<Backend>)> {
+    m.services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(k, v)| {
+            let bs = (1..=v.count)
+                .map(|i| m.backends[&m.services[&ServiceKey { slot: i, ..*k }].backend_id])
+                .collect();
+            (*k, (v.flags, bs))
+        })
+        .collect()
+}
+
+mod commit_order;
+mod failures;
+mod scope_and_churn;

@@ -1,0 +1,261 @@
+//! The commit order: how one frontend's entries are written so that a reader (the eBPF
+//! programs) never sees a master whose slots or backends are missing.
+//!
+//! update: new backends -> slots 1..n -> rev-NAT (and the VIP of a new frontend) -> master
+//!         (the commit point, one atomic update) -> delete slots n+1..old_n -> release the
+//!         old rev-NAT entry -> delete unreferenced backends;
+//! delete: master first -> slots -> rev-NAT -> unreferenced backends.
+//!
+//! Every write that succeeds is recorded in the [`Mirror`] as it happens, so a failure part
+//! way leaves the mirror equal to the maps, and the next sync takes it from there.
+
+use std::collections::BTreeMap;
+
+use proxy_common::{Backend, ServiceKey, ServiceValue};
+
+use super::{
+    Datapath, DatapathError, SyncReport,
+    ids::BackendIds,
+    mirror::{Mirror, rev_nat_value, service_key},
+};
+use crate::model::Frontend;
+
+/// One frontend's update, with its ids already allocated.
+pub(super) struct Plan {
+    pub frontend: Frontend,
+    /// Backend ids for slots 1..=n, in order.
+    pub slots: Vec<u32>,
+    /// Backends to write first: new ids and their backends.
+    pub new_ids: Vec<u32>,
+    pub new_backends: Vec<Backend>,
+    pub rev_nat: RevNatPlan,
+    pub flags: u16,
+}
+
+/// The rev-NAT entry a frontend's master will name.
+pub(super) enum RevNatPlan {
+    /// Its master's entry still maps to it.
+    Keep(u16),
+    /// A new id, written before the master.
+    New(u16),
+}
+
+pub(super) struct Writer<'a, D: Datapath> {
+    pub dp: &'a mut D,
+    pub mirror: &'a mut Mirror,
+    pub ids: &'a mut BackendIds,
+    pub report: &'a mut SyncReport,
+}
+
+impl<D: Datapath> Writer<'_, D> {
+    pub fn upsert(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+        let f = &plan.frontend;
+        let old_master = self.mirror.master(f);
+        let old_slots = self.mirror.slot_count(f);
+        // 1. backends (new ones, as one run)
+        self.write_backends(&plan.new_ids, &plan.new_backends)?;
+        // 2. slots 1..n (those that differ, as one run)
+        self.write_slots(f, &plan.slots, old_slots)?;
+        // 3. rev-NAT
+        let rev_nat_id = match plan.rev_nat {
+            RevNatPlan::Keep(id) => id,
+            RevNatPlan::New(id) => {
+                let rn = rev_nat_value(f);
+                self.dp.update_rev_nat(id, rn)?;
+                self.mirror.set_rev_nat(id, rn);
+                self.report.updates += 1;
+                id
+            }
+        };
+        // A new frontend's VIP is known to the packet path before its master exists.
+        if old_master.is_none() {
+            self.add_vip(f)?;
+        }
+        // 4. master: the commit point.
+        let master = ServiceValue::master(plan.slots.len() as u16, rev_nat_id, plan.flags);
+        if old_master != Some(master) {
+            let key = service_key(f, 0);
+            self.dp.update_service(key, master)?;
+            self.mirror.set_service(key, master);
+            self.report.updates += 1;
+        }
+        // 5. slots past the new count, then what nothing references any more.
+        for slot in plan.slots.len() + 1..=old_slots {
+            self.remove_slot(service_key(f, slot as u16))?;
+        }
+        if let Some(m) = old_master
+            && m.rev_nat_id != rev_nat_id
+        {
+            self.release_rev_nat(m.rev_nat_id, f)?;
+        }
+        self.collect_backends()
+    }
+
+    pub fn delete(&mut self, f: &Frontend) -> Result<(), DatapathError> {
+        let master_key = service_key(f, 0);
+        let old_master = self.mirror.master(f);
+        if old_master.is_some() {
+            self.dp.delete_service(master_key)?;
+            self.mirror.remove_service(&master_key);
+            self.report.deletes += 1;
+            self.remove_vip(f)?;
+        }
+        for slot in 1..=self.mirror.slot_count(f) {
+            self.remove_slot(service_key(f, slot as u16))?;
+        }
+        if let Some(m) = old_master {
+            self.release_rev_nat(m.rev_nat_id, f)?;
+        }
+        self.collect_backends()
+    }
+
+    /// Leftovers of a writer that died mid-update (found in the maps at start): backends and
+    /// rev-NAT entries nothing references, VIP counts that drifted from the masters.
+    pub fn collect_orphans(&mut self) -> Result<(), DatapathError> {
+        self.collect_backends()?;
+        let state = self.mirror.state();
+        let masters = || state.services.iter().filter(|(k, _)| k.slot == 0);
+        let used: std::collections::BTreeSet<u16> = masters().map(|(_, v)| v.rev_nat_id).collect();
+        let orphans: Vec<u16> = (state.rev_nat.keys())
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
+        // VIP counts are derived from the masters.
+        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
+        for (k, _) in masters() {
+            *want.entry(k.vip_be).or_default() += 1;
+        }
+        let stale: Vec<u32> = (state.vips.keys())
+            .filter(|v| !want.contains_key(v))
+            .copied()
+            .collect();
+        for id in orphans {
+            self.dp.delete_rev_nat(id)?;
+            self.mirror.remove_rev_nat(id);
+            self.report.deletes += 1;
+        }
+        for vip in stale {
+            self.dp.delete_vip(vip)?;
+            self.mirror.remove_vip(vip);
+            self.report.deletes += 1;
+        }
+        for (vip, n) in want {
+            if self.mirror.vip_frontends(vip) != Some(n) {
+                self.dp.update_vip(vip, n)?;
+                self.mirror.set_vip(vip, n);
+                self.report.updates += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_backends(&mut self, ids: &[u32], backends: &[Backend]) -> Result<(), DatapathError> {
+        let result = self.dp.update_backends(ids, backends);
+        let written = result.as_ref().map_or_else(|p| p.written, |()| ids.len());
+        for (i, (id, b)) in ids.iter().zip(backends).enumerate() {
+            if i < written {
+                self.mirror.set_backend(*id, *b);
+                // Collected unless a slot (or a retry) references it.
+                self.ids.written_unreferenced(*id);
+            } else {
+                self.ids.release(*id, b);
+            }
+        }
+        self.report.updates += written;
+        result.map_err(|p| p.error)
+    }
+
+    fn write_slots(
+        &mut self,
+        f: &Frontend,
+        slots: &[u32],
+        old_slots: usize,
+    ) -> Result<(), DatapathError> {
+        let (mut keys, mut values) = (Vec::with_capacity(slots.len()), Vec::new());
+        for (i, id) in slots.iter().enumerate() {
+            let key = service_key(f, i as u16 + 1);
+            let value = ServiceValue::slot(*id);
+            // A frontend without slots (a new one) has none to compare with.
+            if old_slots == 0 || self.mirror.service(&key) != Some(value) {
+                keys.push(key);
+                values.push(value);
+            }
+        }
+        let result = self.dp.update_services(&keys, &values);
+        let written = result.as_ref().map_or_else(|p| p.written, |()| keys.len());
+        for (key, value) in keys.iter().zip(&values).take(written) {
+            let old = self.mirror.set_service(*key, *value);
+            self.ids.reference(value.backend_id);
+            if let Some(old) = old {
+                self.ids.unreference(old.backend_id);
+            }
+            self.report.updates += 1;
+        }
+        result.map_err(|p| p.error)
+    }
+
+    fn remove_slot(&mut self, key: ServiceKey) -> Result<(), DatapathError> {
+        let Some(old) = self.mirror.service(&key) else {
+            return Ok(());
+        };
+        self.dp.delete_service(key)?;
+        self.mirror.remove_service(&key);
+        self.ids.unreference(old.backend_id);
+        self.report.deletes += 1;
+        Ok(())
+    }
+
+    fn add_vip(&mut self, f: &Frontend) -> Result<(), DatapathError> {
+        let vip = u32::from(f.vip).to_be();
+        let n = self.mirror.vip_frontends(vip).unwrap_or(0) + 1;
+        self.dp.update_vip(vip, n)?;
+        self.mirror.set_vip(vip, n);
+        self.report.updates += 1;
+        Ok(())
+    }
+
+    fn remove_vip(&mut self, f: &Frontend) -> Result<(), DatapathError> {
+        let vip = u32::from(f.vip).to_be();
+        match self.mirror.vip_frontends(vip) {
+            Some(n) if n > 1 => {
+                self.dp.update_vip(vip, n - 1)?;
+                self.mirror.set_vip(vip, n - 1);
+            }
+            Some(_) => {
+                self.dp.delete_vip(vip)?;
+                self.mirror.remove_vip(vip);
+            }
+            None => return Ok(()),
+        }
+        self.report.deletes += 1;
+        Ok(())
+    }
+
+    /// Deletes the rev-NAT entry of a frontend that no longer uses it. Each frontend gets an
+    /// id of its own, so an entry still holding this frontend's address is no one else's.
+    fn release_rev_nat(&mut self, id: u16, f: &Frontend) -> Result<(), DatapathError> {
+        if self.mirror.rev_nat(id) == Some(rev_nat_value(f)) {
+            self.dp.delete_rev_nat(id)?;
+            self.mirror.remove_rev_nat(id);
+            self.report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes backends that no slot references any more.
+    fn collect_backends(&mut self) -> Result<(), DatapathError> {
+        while let Some(id) = self.ids.next_unreferenced() {
+            if !self.ids.is_referenced(id)
+                && let Some(b) = self.mirror.backend(id)
+            {
+                self.dp.delete_backend(id)?;
+                self.mirror.remove_backend(id);
+                self.ids.release(id, &b);
+                self.report.removed_backends.push(b);
+                self.report.deletes += 1;
+            }
+            self.ids.collected(id);
+        }
+        Ok(())
+    }
+}
