@@ -4,6 +4,10 @@
 //! Not aya-build: aya-build 0.2 always passes `-Z build-std=core` on nightly, which fails on
 //! machines whose toolchain has no rust-src but ships a prebuilt `core` for the BPF target.
 //! Here we detect which of the two the machine has.
+//!
+//! `AYA_BUILD_SKIP=1` (aya-build's switch) skips the eBPF build and embeds an empty object, so
+//! the userspace crates can be checked, linted and documented without the eBPF toolchain. Such
+//! an agent refuses to load a datapath (`loader::LoaderError::NoPrograms`).
 use std::{
     env,
     path::{Path, PathBuf},
@@ -20,7 +24,17 @@ fn main() {
     }
 }
 
+const SKIP: &str = "AYA_BUILD_SKIP";
+
 fn run() -> Result<(), String> {
+    println!("cargo:rerun-if-env-changed={SKIP}");
+    if env::var(SKIP).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("no OUT_DIR")?);
+        println!(
+            "cargo:warning={SKIP} is set: no eBPF programs are built; this agent cannot load a datapath"
+        );
+        return std::fs::write(out_dir.join("proxy.bpf.o"), b"").map_err(|e| e.to_string());
+    }
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").ok_or("no CARGO_MANIFEST_DIR")?);
     let root = manifest_dir.parent().ok_or("no workspace root")?;

@@ -131,7 +131,7 @@ impl Agent {
         }
     }
 
-    /// The first sync, level-triggered: from empty maps, progressive (see [`Pass`]);
+    /// The first sync, level-triggered: from empty maps, progressive (see `Pass`);
     /// otherwise (maps pinned by an earlier agent) one full sync once all is read, so what is
     /// serving changes only once the model is complete.
     pub fn first_sync(&mut self) {

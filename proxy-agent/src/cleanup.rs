@@ -59,7 +59,7 @@ fn clean(bpffs_dir: &std::path::Path, removed: &[Backend]) {
         Ok(n) if n > 0 => info!(entries = n, "forgot UDP flows to removed backends"),
         Ok(_) => {}
         Err(e) => {
-            warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath")
+            warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath");
         }
     }
     let translated = match open_sock_rev_nat(bpffs_dir) {

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use proxy_common::{SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey};
+use proxy_common::{Counter, SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey};
 use serde::Serialize;
 
 use crate::{
@@ -103,9 +103,11 @@ pub fn render_table(i: &Inspection) -> String {
             backends
         );
     }
-    let _ = writeln!(s, "\nCOUNTER                        VALUE");
-    for (name, v) in &i.counters {
-        let _ = writeln!(s, "{name:<30} {v}");
+    let _ = writeln!(s, "\n{:<30} {:>12}  MEANING", "COUNTER", "VALUE");
+    for c in Counter::ALL {
+        if let Some(v) = i.counters.get(c.name()) {
+            let _ = writeln!(s, "{:<30} {v:>12}  {}", c.name(), c.help());
+        }
     }
     s
 }

@@ -40,6 +40,11 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error(
+        "this proxy-agent was built with AYA_BUILD_SKIP=1 and holds no eBPF programs; \
+         rebuild it without AYA_BUILD_SKIP to load the datapath"
+    )]
+    NoPrograms,
+    #[error(
         "loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root"
     )]
     NotRoot,
@@ -88,8 +93,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
 
 fn statfs_type(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: statfs is plain data: all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we own; the path is NUL-terminated.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -107,8 +113,17 @@ pub fn cgroup2_mount() -> Result<PathBuf, LoaderError> {
         .ok_or(LoaderError::NoCgroup2)
 }
 
+/// Whether `object` holds programs (an agent built with `AYA_BUILD_SKIP=1` embeds none).
+pub fn check_object(object: &[u8]) -> Result<(), LoaderError> {
+    if object.is_empty() {
+        return Err(LoaderError::NoPrograms);
+    }
+    Ok(())
+}
+
 /// Everything `run` needs from the host, checked up front with a clear error each.
 pub fn preflight(cgroup: &Path) -> Result<(), LoaderError> {
+    check_object(EBPF_OBJECT)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(LoaderError::NotRoot);
@@ -166,6 +181,7 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
 /// Loads the object with its maps pinned in `dir` (reusing existing pins after checking their
 /// layout). Programs are loaded into the kernel when they are attached.
 pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
+    check_object(EBPF_OBJECT)?;
     ensure_bpffs_dir(dir)?;
     maps::check_pinned_layouts(dir)?;
     let mut loader = EbpfLoader::new();
@@ -267,6 +283,7 @@ mod tests {
     /// The built object's maps have exactly the layout proxy-common declares.
     #[test]
     fn built_object_matches_the_map_abi() {
+        check_object(EBPF_OBJECT).expect("an agent built with the eBPF programs");
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
         for layout in MAPS {
             let map = obj
@@ -300,5 +317,17 @@ mod tests {
         for p in PROGRAMS.iter().chain([&TC_PROGRAM]) {
             assert!(obj.programs.contains_key(*p), "program {p} missing");
         }
+    }
+
+    /// An agent built without its programs says so, rather than failing somewhere in aya.
+    #[test]
+    fn an_object_without_programs_is_refused() {
+        assert!(matches!(check_object(&[]), Err(LoaderError::NoPrograms)));
+        assert!(
+            LoaderError::NoPrograms
+                .to_string()
+                .contains("AYA_BUILD_SKIP"),
+            "the error names the switch"
+        );
     }
 }

@@ -216,9 +216,11 @@ pub fn watch_links(wake: Arc<Notify>) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: sockaddr_nl is plain data: all-zero is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
     addr.nl_groups = libc::RTMGRP_LINK as u32;
+    // SAFETY: binds our own descriptor to the address above, of the size given.
     let rc = unsafe {
         libc::bind(
             fd,
@@ -228,6 +230,7 @@ pub fn watch_links(wake: Arc<Notify>) -> io::Result<()> {
     };
     if rc != 0 {
         let e = io::Error::last_os_error();
+        // SAFETY: closing our own descriptor.
         unsafe { libc::close(fd) };
         return Err(e);
     }

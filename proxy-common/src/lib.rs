@@ -147,17 +147,27 @@ pub const PROTO_UDP: u8 = 17;
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all of these are #[repr(C)] plain integers with explicit padding (bytemuck::Pod
-    // derives check that at compile time).
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for RevNat {}
-    unsafe impl aya::Pod for SockRevNatKey {}
-    unsafe impl aya::Pod for SockRevNatValue {}
-    unsafe impl aya::Pod for SockSlot {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
+    /// `aya::Pod` for ABI types that are `bytemuck::Pod`, which checks at compile time that
+    /// they are `#[repr(C)]` plain integers without implicit padding.
+    const fn bytemuck_pod<T: bytemuck::Pod>() {}
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            const _: () = bytemuck_pod::<$t>();
+            // SAFETY: bytemuck::Pod (derived, checked above) is a superset of aya::Pod's needs.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        ServiceKey,
+        ServiceValue,
+        Backend,
+        RevNat,
+        SockRevNatKey,
+        SockRevNatValue,
+        SockSlot,
+        CtKey,
+        CtValue
+    );
 }
 
 #[cfg(test)]

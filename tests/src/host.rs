@@ -27,8 +27,8 @@ pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 pub fn require_root() {
-    // SAFETY: no preconditions.
     assert_eq!(
+        // SAFETY: no preconditions.
         unsafe { libc::geteuid() },
         0,
         "privileged test: run as root (`cargo xtask test` does)"

@@ -93,7 +93,7 @@ impl PodServers {
                                 let _ = c.write_all(reply.as_bytes());
                             }
                             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                                sleep(Duration::from_millis(1))
+                                sleep(Duration::from_millis(1));
                             }
                             Err(_) => sleep(Duration::from_millis(5)),
                         }

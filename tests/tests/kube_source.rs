@@ -269,7 +269,10 @@ fn start_converges_on_the_pinned_maps_without_rewriting_live_entries() {
     let cluster_for_ips = ["10.200.0.10", "10.200.0.11", "10.200.0.12"];
     let m = Manifests::new().unwrap();
     let to_yaml = |v: Value| serde_json::to_string(&v).unwrap();
-    let ips: Vec<String> = cluster_for_ips.iter().map(|s| s.to_string()).collect();
+    let ips: Vec<String> = cluster_for_ips
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     m.write("a.json", &to_yaml(service("web", VIP))).unwrap();
     m.write("b.json", &to_yaml(slice("web", &ips))).unwrap();
     m.write("c.json", &to_yaml(service("stale", "10.96.0.99")))

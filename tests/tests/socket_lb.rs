@@ -447,7 +447,10 @@ fn run_refuses_clearly_without_root_or_cgroup_v2() {
     let pins = BpffsDir::new(&unique("bpf"));
     let bin = proxy_tests::agent::agent_bin();
     let run = |prefix: &[&str], cgroup: &str| {
-        let mut args: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = prefix
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         args.push(bin.display().to_string());
         args.extend(["run", "--manifests"].map(String::from));
         args.push(m.dir.display().to_string());

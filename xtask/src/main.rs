@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's entry points. Deliberately depends on nothing of the project,
 //! so it can check (and install) the eBPF toolchain before anything needs it.
 
+mod lint;
 mod toolchain;
 
 use std::{
@@ -27,6 +28,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// rustfmt and clippy (warnings are errors) on the workspace and the eBPF crate, and the
+    /// userspace documentation built without the eBPF toolchain (`AYA_BUILD_SKIP=1`).
+    Lint,
     /// Run every test: unit tests, then the privileged end-to-end tests (as root).
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
@@ -142,6 +146,10 @@ fn build_release_bins() -> anyhow::Result<PathBuf> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Toolchain => toolchain::ensure(),
+        Cmd::Lint => {
+            toolchain::ensure()?;
+            lint::lint()
+        }
         Cmd::BuildAndLoad { args } => {
             toolchain::ensure()?;
             run(cargo().args(["build", "--release", "-p", "proxy-agent"]))?;

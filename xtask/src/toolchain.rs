@@ -41,7 +41,26 @@ pub fn which(bin: &str) -> Option<PathBuf> {
 #[derive(Debug)]
 struct Missing(Vec<(&'static str, &'static str)>);
 
-fn rustup_nightly(args: &[&str]) -> Command {
+/// Whether nightly has a prebuilt `core` for the BPF target (else it needs
+/// `-Z build-std=core` and rust-src).
+pub fn has_prebuilt_core() -> bool {
+    let libdir = output(&mut rustup_nightly(&[
+        "rustc",
+        "--print",
+        "target-libdir",
+        "--target",
+        TARGET,
+    ]));
+    libdir.is_some_and(|d| {
+        std::fs::read_dir(d).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("libcore"))
+        })
+    })
+}
+
+/// A command run with the nightly toolchain, none of the outer cargo's settings leaking in.
+pub fn rustup_nightly(args: &[&str]) -> Command {
     let mut c = Command::new("rustup");
     c.args(["run", "nightly"]).args(args);
     c.env_remove("RUSTUP_TOOLCHAIN")
@@ -62,19 +81,7 @@ fn check() -> Missing {
             "rustup toolchain install nightly --profile minimal",
         ));
     } else {
-        let libdir = output(&mut rustup_nightly(&[
-            "rustc",
-            "--print",
-            "target-libdir",
-            "--target",
-            TARGET,
-        ]));
-        let prebuilt = libdir.is_some_and(|d| {
-            std::fs::read_dir(d).is_ok_and(|rd| {
-                rd.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("libcore"))
-            })
-        });
+        let prebuilt = has_prebuilt_core();
         let sysroot =
             output(&mut rustup_nightly(&["rustc", "--print", "sysroot"])).unwrap_or_default();
         let src = Path::new(&sysroot)

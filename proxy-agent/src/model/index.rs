@@ -278,7 +278,7 @@ impl Index {
     }
 
     /// The Services whose objects changed since the last call (None: any may have), for
-    /// [`Model::build`].
+    /// [`super::Model::build`].
     pub fn take_touched(&mut self) -> Option<BTreeSet<ServiceRef>> {
         self.touched.replace(BTreeSet::new())
     }

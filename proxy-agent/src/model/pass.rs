@@ -111,7 +111,7 @@ impl<'a> From<Option<&'a BTreeSet<ServiceRef>>> for Changes<'a> {
 
 /// The model, computed incrementally: a Service's frontends are recomputed only when its
 /// objects (or this node's zone) changed, and who owns a contended frontend is decided
-/// among its claimants only, so a pass costs what changed, not the cluster. [`build`] is
+/// among its claimants only, so a pass costs what changed, not the cluster. [`super::build`] is
 /// the same computation from scratch.
 #[derive(Debug, Default)]
 pub struct Model {

@@ -161,11 +161,11 @@ mod tests {
             self
         }
         fn zones(mut self, z: &[&str]) -> Self {
-            self.0.zone_hints = z.iter().map(|s| s.to_string()).collect();
+            self.0.zone_hints = z.iter().map(std::string::ToString::to_string).collect();
             self
         }
         fn nodes(mut self, n: &[&str]) -> Self {
-            self.0.node_hints = n.iter().map(|s| s.to_string()).collect();
+            self.0.node_hints = n.iter().map(std::string::ToString::to_string).collect();
             self
         }
     }
@@ -188,7 +188,11 @@ mod tests {
                 .iter()
                 .map(|e| format!("{}:{}", e.ip, e.port))
                 .collect();
-            let want: BTreeSet<String> = c.reachable.iter().map(|s| s.to_string()).collect();
+            let want: BTreeSet<String> = c
+                .reachable
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect();
             assert_eq!(got, want, "case {:?}: reachable", c.name);
             assert_eq!(sel.has_any, c.has_any, "case {:?}: has_any", c.name);
         }

@@ -1,6 +1,6 @@
-//! The single writer of the datapath maps: diffs the model's [`Desired`] state against the
+//! The single writer of the datapath maps: diffs the model's [`crate::model::Desired`] state against the
 //! [`Mirror`] of what the maps hold and writes what differs, frontend by frontend, in commit
-//! order ([`writer`]), with ids allocated before anything is written ([`ids`]).
+//! order (`writer`), with ids allocated before anything is written (`ids`).
 //!
 //! A frontend's new backends and its changed slots each go to the kernel as one run (one
 //! batch syscall on the pinned maps). A frontend that cannot be written (map full, syscall

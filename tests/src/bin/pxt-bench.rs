@@ -76,7 +76,7 @@ fn machine() -> Machine {
     Machine {
         kernel: first_line("uname", &["-r"]),
         cpu,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         memory_gib: mem_kb / (1024.0 * 1024.0),
         iptables: first_line("iptables-restore", &["--version"]),
         nft: first_line("nft", &["--version"]),

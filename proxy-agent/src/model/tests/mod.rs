@@ -83,7 +83,12 @@ fn run(cases: Vec<Case>) {
         let want: Vec<(String, Vec<String>)> = c
             .want
             .iter()
-            .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.iter().map(std::string::ToString::to_string).collect(),
+                )
+            })
             .collect();
         assert_eq!(got, want, "case {:?}: frontends", c.name);
         let problems: Vec<(String, ProblemReason)> = d
@@ -101,9 +106,17 @@ fn run(cases: Vec<Case>) {
             "case {:?}: problems {:?}",
             c.name, d.problems
         );
-        let held: Vec<String> = d.held_vips.iter().map(|v| v.to_string()).collect();
+        let held: Vec<String> = d
+            .held_vips
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         assert_eq!(held, c.held, "case {:?}: held VIPs", c.name);
-        let held_svcs: Vec<String> = d.held_services.iter().map(|s| s.to_string()).collect();
+        let held_svcs: Vec<String> = d
+            .held_services
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         assert_eq!(
             held_svcs, c.held_services,
             "case {:?}: held Services",

@@ -213,7 +213,7 @@ impl ManifestDir {
             match self.needs_read(name, &mut seen) {
                 Some(fingerprint) => todo.push((name.to_os_string(), fingerprint)),
                 None if !seen.contains(name) && self.files.contains_key(name) => {
-                    gone.push(name.to_os_string())
+                    gone.push(name.to_os_string());
                 }
                 None => {}
             }

@@ -5,7 +5,7 @@ use std::{collections::HashSet, ffi::OsString, path::Path, sync::Arc, time::Inst
 
 use super::{Fingerprint, Loaded, load};
 
-/// A read in progress (see [`ManifestDir::start_rescan`]).
+/// A read in progress (see [`super::ManifestDir::start_rescan`]).
 #[derive(Debug)]
 pub struct Reading {
     pub(super) parsing: Parsing,
@@ -21,7 +21,7 @@ impl Reading {
     }
 }
 
-/// How often a read in progress hands the index over (see [`ManifestDir::finish_rescan`]):
+/// How often a read in progress hands the index over (see [`super::ManifestDir::finish_rescan`]):
 /// often enough that programming keeps pace with parsing, seldom enough that each pass's
 /// fixed cost stays small.
 pub const PROGRESS_FILES: usize = 512;
@@ -57,7 +57,7 @@ impl Parsing {
             1 // (asking for the parallelism reads cgroup files: not for every edit)
         } else {
             std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
+                .map_or(1, std::num::NonZero::get)
                 .min(todo.len() / PER_THREAD_MIN)
         };
         if threads == 1 {
