@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use proxy_common::{Counter, SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey};
+use proxy_common::{Counter, SVC_FLAG_NO_LOCAL_ENDPOINTS};
 use serde::Serialize;
 
 use crate::{
@@ -53,7 +53,7 @@ pub fn frontends(state: &MapState) -> Vec<FrontendView> {
     for (k, m) in state.services.iter().filter(|(k, _)| k.slot == 0) {
         let Some(f) = frontend_of(k) else { continue };
         let backends = (1..=m.count)
-            .filter_map(|slot| state.services.get(&ServiceKey { slot, ..*k }))
+            .filter_map(|slot| state.services.get(&k.with_slot(slot)))
             .filter_map(|s| state.backends.get(&s.backend_id))
             .map(|b| BackendView {
                 ip: Ipv4Addr::from(u32::from_be(b.addr_be)),

@@ -251,12 +251,7 @@ pub fn destroy_udp_sockets_to(
             };
             for id in ids {
                 let cookie = u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32);
-                let key = SockRevNatKey {
-                    cookie,
-                    addr_be: id.dst[0],
-                    port_be: id.dport,
-                    _pad: 0,
-                };
+                let key = SockRevNatKey::new(cookie, id.dst[0], id.dport);
                 if translated(&key) && destroy(&id).is_ok() {
                     destroyed += 1;
                 }

@@ -243,12 +243,7 @@ pub fn move_tcp_record(pins: &BpffsDir, cookie: u64, to_lru: bool) -> anyhow::Re
         bail!("slot {index} holds cookie {}, not {cookie}", record.cookie);
     }
     if to_lru {
-        let key = SockRevNatKey {
-            cookie,
-            addr_be: record.addr_be,
-            port_be: record.port_be,
-            _pad: 0,
-        };
+        let key = SockRevNatKey::new(cookie, record.addr_be, record.port_be);
         maps::open_sock_rev_nat(&pins.path)?.insert(key, record.rev, 0)?;
     }
     slots.set(index, SockSlot::default(), 0)?;

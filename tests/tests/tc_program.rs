@@ -249,6 +249,14 @@ impl Harness {
         ebpf
     }
 
+    /// The conntrack map, as the program sees it.
+    fn conntrack(
+        &self,
+    ) -> aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue> {
+        let md = aya::maps::MapData::from_pin(self.pins.path.join(proxy_common::CT_MAP)).unwrap();
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap()
+    }
+
     fn counter(&self, c: Counter) -> u64 {
         self.maps
             .counters()
@@ -443,11 +451,9 @@ fn icmp_errors_about_a_translated_flow_come_back_from_the_vip() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
-    use proxy_common::{CT_DIR_FORWARD, CT_MAP, CT_MAP_ENTRIES, CtKey, CtValue};
+    use proxy_common::{CT_DIR_FORWARD, CT_MAP_ENTRIES, CtKey, CtValue};
     let h = Harness::new();
-    let md = aya::maps::MapData::from_pin(h.pins.path.join(CT_MAP)).unwrap();
-    let mut ct: aya::maps::HashMap<_, CtKey, CtValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let mut ct = h.conntrack();
     // Fill it with unrelated flows.
     for i in 0..CT_MAP_ENTRIES {
         let k = CtKey {
@@ -494,13 +500,11 @@ fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_packet_is_never_forwarded_half_rewritten() {
-    use proxy_common::{CT_DIR_REPLY, CT_MAP, CtKey, CtValue};
+    use proxy_common::{CT_DIR_REPLY, CtKey, CtValue};
     let h = Harness::new();
     // A translated UDP flow's reply state, as the program records it (its own run below would
     // fail too): backend:5353 -> client:33333 answers for VIP:53.
-    let md = aya::maps::MapData::from_pin(h.pins.path.join(CT_MAP)).unwrap();
-    let mut ct: aya::maps::HashMap<_, CtKey, CtValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let mut ct = h.conntrack();
     let reply = CtKey::new(
         u32::from_ne_bytes(BACKEND),
         5353u16.to_be(),

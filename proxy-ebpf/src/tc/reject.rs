@@ -21,6 +21,8 @@ const MAC_LEN: usize = 6;
 const ICMP_DEST_UNREACH: u8 = Icmpv4Type::DestinationUnreachable as u8;
 const ICMP_PORT_UNREACH: u8 = 3;
 const TTL: u8 = 64;
+/// Version 4, a header of 5 words (no options).
+const VERSION_IHL: u8 = 0x45;
 
 /// Answers the packet with an ICMP port unreachable from its destination. The whole original
 /// packet is quoted (RFC 1812 allows more than the minimum 8 bytes): trimming is not possible
@@ -46,7 +48,7 @@ pub fn port_unreachable(pkt: &mut Packet, ip: &Ipv4) -> Result<i32, Failed> {
     // the VIP answers the client.
     let tot_len = ((ADDED + quoted) as u16).to_be_bytes();
     let mut iph: [u32; 5] = [
-        u32::from_ne_bytes([0x45, 0, tot_len[0], tot_len[1]]),
+        u32::from_ne_bytes([VERSION_IHL, 0, tot_len[0], tot_len[1]]),
         0, // id, flags, fragment offset
         u32::from_ne_bytes([TTL, PROTO_ICMP, 0, 0]),
         ip.daddr,
@@ -67,8 +69,7 @@ pub fn port_unreachable(pkt: &mut Packet, ip: &Ipv4) -> Result<i32, Failed> {
         if i >= words {
             break;
         }
-        let w: u32 = pkt.load(base + i * 4)?;
-        sum += (w & 0xffff) + (w >> 16);
+        sum += halves(pkt.load(base + i * 4)?);
         i += 1;
     }
     let tail = base + words * 4;
@@ -95,11 +96,13 @@ fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// The two 16-bit words of a 32-bit one, summed.
+#[inline(always)]
+fn halves(w: u32) -> u32 {
+    (w & 0xffff) + (w >> 16)
+}
+
 #[inline(always)]
 fn sum_words(words: &[u32]) -> u32 {
-    let mut sum = 0u32;
-    for w in words {
-        sum += (w & 0xffff) + (w >> 16);
-    }
-    sum
+    words.iter().map(|w| halves(*w)).sum()
 }

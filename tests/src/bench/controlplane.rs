@@ -114,13 +114,12 @@ impl MapReader {
     }
 
     fn has_backend(&self, svc: &Svc, ip: Ipv4Addr) -> bool {
-        let key = |slot: u16| ServiceKey {
-            vip_be: u32::from(svc.vip).to_be(),
-            port_be: workload::TCP_PORT.to_be(),
-            slot,
-            proto: PROTO_TCP,
-            _pad: [0; 3],
-        };
+        let master = ServiceKey::master(
+            u32::from(svc.vip).to_be(),
+            workload::TCP_PORT.to_be(),
+            PROTO_TCP,
+        );
+        let key = |slot: u16| master.with_slot(slot);
         let Ok(master) = self.services.get(&key(0), 0) else {
             return false;
         };

@@ -1,40 +1,32 @@
 //! Failed writes, restarts from the maps, crash leftovers and full maps.
 use super::*;
 
+/// Backends written by an update that failed (at the second backend of the run, or at the
+/// first slot, after both backends) are not left in the maps once their frontend is gone.
 #[test]
 fn backends_written_by_a_failed_update_are_removed_once_unused() {
     let f = fe("10.96.0.10", 80);
     let d = desired(&[(f, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]);
-    let mut s = Syncer::new(Fake::default(), MapState::default());
-    s.dp.fail_at = Some(1); // the second backend of the run
-    assert_eq!(s.sync(&d).errors.len(), 1);
-    assert!(
-        s.dp.ops.contains(&Op::Backend(1)),
-        "the first backend was written"
-    );
-    assert_eq!(s.state(), &s.dp.maps);
-    s.dp.fail_at = None;
-    s.sync(&Desired::default());
-    assert_eq!(s.dp.maps, MapState::default(), "nothing is left behind");
-}
-
-/// Backends written whole, with the slot that was to reference them failing: they are not
-/// left in the maps once their frontend is gone.
-#[test]
-fn backends_whose_slots_failed_are_removed_once_unused() {
-    let f = fe("10.96.0.10", 80);
-    let d = desired(&[(f, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)])]);
-    let mut s = Syncer::new(Fake::default(), MapState::default());
-    s.dp.fail_at = Some(2); // the first slot, after both backends
-    assert_eq!(s.sync(&d).errors.len(), 1);
-    assert!(
-        s.dp.ops.starts_with(&[Op::Backend(1), Op::Backend(2)]),
-        "both backends were written"
-    );
-    assert_eq!(s.state(), &s.dp.maps);
-    s.dp.fail_at = None;
-    s.sync(&Desired::default());
-    assert_eq!(s.dp.maps, MapState::default(), "nothing is left behind");
+    for (fail_at, written) in [
+        (1, &[Op::Backend(1)][..]),
+        (2, &[Op::Backend(1), Op::Backend(2)]),
+    ] {
+        let mut s = Syncer::new(Fake::default(), MapState::default());
+        s.dp.fail_at = Some(fail_at);
+        assert_eq!(s.sync(&d).errors.len(), 1);
+        assert!(
+            s.dp.ops.starts_with(written),
+            "fail at {fail_at}: {written:?} were written"
+        );
+        assert_eq!(s.state(), &s.dp.maps);
+        s.dp.fail_at = None;
+        s.sync(&Desired::default());
+        assert_eq!(
+            s.dp.maps,
+            MapState::default(),
+            "fail at {fail_at}: nothing is left behind"
+        );
+    }
 }
 
 #[test]
