@@ -131,11 +131,11 @@ impl Agent {
         }
     }
 
-    /// The first sync, level-triggered: from empty maps, progressive (see `Pass`);
-    /// otherwise (maps pinned by an earlier agent) one full sync once all is read, so what is
-    /// serving changes only once the model is complete.
+    /// The first sync, level-triggered: from empty maps, progressive where the source reads
+    /// progressively (see `Pass`); otherwise (maps pinned by an earlier agent) one full sync
+    /// once all is read, so what is serving changes only once the model is complete.
     pub fn first_sync(&mut self) {
-        let pass = if self.syncer.state().is_empty() {
+        let pass = if self.syncer.state().is_empty() && self.source.reads_progressively() {
             Pass::Progressive
         } else {
             Pass::Full
@@ -158,7 +158,11 @@ impl Agent {
             let changes = touched.as_ref().into();
             before.add(&program(model, syncer, node_name, index, changes, false));
         };
-        let progress = (pass == Pass::Progressive).then_some(&mut program_part as _);
+        let progress: Option<&mut dyn FnMut(&mut Index)> = if pass == Pass::Progressive {
+            Some(&mut program_part)
+        } else {
+            None
+        };
         let Some(snap) = self.source.read(pass == Pass::Full, progress) else {
             return;
         };

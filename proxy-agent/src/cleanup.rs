@@ -10,10 +10,12 @@
 //! Only UDP has flows and connected sockets to clean: TCP connections to a removed pod fail on
 //! their own, as with kube-proxy.
 
-use std::{path::PathBuf, sync::mpsc};
+use std::{collections::HashSet, path::Path, path::PathBuf, sync::mpsc};
 
 use aya::maps::{HashMap, Map, MapData};
-use proxy_common::{Backend, CT_DIR_FORWARD, CT_MAP, CtKey, CtValue, PROTO_UDP, SockRevNatKey};
+use proxy_common::{
+    BACKEND_MAP, Backend, CT_DIR_FORWARD, CT_MAP, CtKey, CtValue, PROTO_UDP, SockRevNatKey,
+};
 use tracing::{info, warn};
 
 use crate::maps::{MapsError, open_pinned, open_sock_rev_nat};
@@ -54,10 +56,42 @@ impl Cleaner {
     }
 }
 
-fn clean(bpffs_dir: &std::path::Path, removed: &[Backend]) {
-    match forget_udp_flows(bpffs_dir, removed) {
-        Ok(n) if n > 0 => info!(entries = n, "forgot UDP flows to removed backends"),
-        Ok(_) => {}
+/// What one cleanup did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Conntrack entries deleted.
+    pub flows: usize,
+    /// Connected UDP sockets destroyed.
+    pub sockets: usize,
+}
+
+/// Cleans what `removed` backends left. A backend a later sync has added again (a pod ready
+/// again, an address reused) before this ran is live: its flows and sockets are left alone.
+pub fn clean(bpffs_dir: &Path, removed: &[Backend]) -> Cleaned {
+    let mut done = Cleaned::default();
+    let backends: HashMap<MapData, u32, Backend> =
+        match open_pinned(bpffs_dir, BACKEND_MAP, Map::HashMap) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot read the backends; nothing is cleaned");
+                return done;
+            }
+        };
+    let live: HashSet<Backend> = backends.iter().flatten().map(|(_, b)| b).collect();
+    let removed: Vec<Backend> = (removed.iter())
+        .filter(|b| !live.contains(b))
+        .copied()
+        .collect();
+    if removed.is_empty() {
+        return done;
+    }
+    match forget_udp_flows(bpffs_dir, &removed, &backends) {
+        Ok(n) => {
+            done.flows = n;
+            if n > 0 {
+                info!(entries = n, "forgot UDP flows to removed backends");
+            }
+        }
         Err(e) => {
             warn!(error = %e, "could not clean conntrack; stale flows are re-balanced by the datapath");
         }
@@ -66,24 +100,31 @@ fn clean(bpffs_dir: &std::path::Path, removed: &[Backend]) {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "cannot read the socket reverse-NAT map; stale UDP sockets are kept");
-            return;
+            return done;
         }
     };
     let lookup = move |k: &SockRevNatKey| translated.get(k, 0).is_ok();
-    match crate::sockets::destroy_udp_sockets_to(removed, lookup) {
-        Ok(n) if n > 0 => info!(
-            sockets = n,
-            "terminated connected UDP sockets to removed backends"
-        ),
-        Ok(_) => {}
+    match crate::sockets::destroy_udp_sockets_to(&removed, lookup) {
+        Ok(n) => {
+            done.sockets = n;
+            if n > 0 {
+                info!(
+                    sockets = n,
+                    "terminated connected UDP sockets to removed backends"
+                );
+            }
+        }
         Err(e) => warn!(error = %e, "could not terminate stale connected UDP sockets"),
     }
+    done
 }
 
-/// Deletes the UDP flows whose backend side is one of `removed`; returns how many entries.
-pub fn forget_udp_flows(
-    bpffs_dir: &std::path::Path,
+/// Deletes the UDP flows whose backend side is one of `removed`, unless the entry's backend
+/// id names that backend in `backends` again; returns how many entries.
+fn forget_udp_flows(
+    bpffs_dir: &Path,
     removed: &[Backend],
+    backends: &HashMap<MapData, u32, Backend>,
 ) -> Result<usize, MapsError> {
     let mut conntrack: HashMap<MapData, CtKey, CtValue> =
         open_pinned(bpffs_dir, CT_MAP, Map::LruHashMap)?;
@@ -98,11 +139,18 @@ pub fn forget_udp_flows(
             map: CT_MAP,
             source,
         })?;
-        let backend_side = match k.dir {
-            CT_DIR_FORWARD => gone(v.addr_be, v.port_be),
-            _ => gone(k.saddr_be, k.sport_be),
+        let (addr, port) = match k.dir {
+            CT_DIR_FORWARD => (v.addr_be, v.port_be),
+            _ => (k.saddr_be, k.sport_be),
         };
-        if k.proto == PROTO_UDP && backend_side {
+        if k.proto != PROTO_UDP || !gone(addr, port) {
+            continue;
+        }
+        // A flow made since, to the same address added again, names its live backend.
+        let live = backends
+            .get(&v.backend_id, 0)
+            .is_ok_and(|b| b.addr_be == addr && b.port_be == port);
+        if !live {
             stale.push(k);
         }
     }

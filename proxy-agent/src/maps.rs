@@ -30,14 +30,15 @@ pub enum MapsError {
         source: MapError,
     },
     #[error(
-        "pinned map {path} has key/value/max_entries {found:?}, this agent expects {expected:?}; \
+        "pinned map {path} has (map type, key size, value size, max_entries) {found:?}, this agent \
+         expects {expected:?}; \
          it was made by an incompatible version: run `proxy-agent cleanup` (connections through \
          the old datapath will stop being translated) and start again"
     )]
     Layout {
         path: PathBuf,
-        expected: (u32, u32, u32),
-        found: (u32, u32, u32),
+        expected: (u32, u32, u32, u32),
+        found: (u32, u32, u32, u32),
     },
     #[error("reading map {map}: {source}")]
     Read {
@@ -63,8 +64,15 @@ pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
             path: path.clone(),
             source,
         })?;
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        let expected = (layout.key_size, layout.value_size, layout.max_entries);
+        // (An unknown map type never matches.)
+        let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
+        let found = (kind, info.key_size(), info.value_size(), info.max_entries());
+        let expected = (
+            layout.kind.bpf_map_type(),
+            layout.key_size,
+            layout.value_size,
+            layout.max_entries,
+        );
         if found != expected {
             return Err(MapsError::Layout {
                 path,

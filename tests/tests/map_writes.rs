@@ -6,10 +6,10 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, MapData};
 use proxy_agent::{
-    loader,
+    cleanup, loader,
     maps::{PinnedMaps, update_batch},
     model::{BackendAddr, Desired, Frontend, FrontendSpec, Proto, ServiceRef},
-    sync::Syncer,
+    sync::{Syncer, backend_value},
 };
 use proxy_tests::{
     host::{BpffsDir, require_root},
@@ -83,4 +83,130 @@ fn a_full_sync_through_the_pinned_maps_reads_back_as_its_mirror() {
     let mut again = Syncer::new(PinnedMaps::open(&pins.path).unwrap(), kernel);
     let report = again.sync(&desired);
     assert_eq!((report.updates, report.deletes), (0, 0));
+}
+
+/// A pin an agent of another layout left (another value size, or another kind of map with the
+/// same sizes) is refused at load, naming the map, and never reused.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_pinned_map_of_another_layout_is_refused() {
+    use proxy_agent::{loader::LoaderError, maps::MapsError};
+    use proxy_common::{MAPS, MapKind, SVC_MAP};
+    require_root();
+    let svc = MAPS.iter().find(|m| m.name == SVC_MAP).unwrap();
+    for (kind, value_size) in [
+        (MapKind::HashMap, svc.value_size + 8),
+        (MapKind::LruHashMap, svc.value_size),
+    ] {
+        let pins = BpffsDir::new(&unique("layout"));
+        loader::ensure_bpffs_dir(&pins.path).unwrap();
+        let obj = aya_obj::Map::new_from_params(
+            kind.bpf_map_type(),
+            svc.key_size,
+            value_size,
+            svc.max_entries,
+            0,
+        );
+        let map = MapData::create(obj, SVC_MAP, None).unwrap();
+        map.pin(pins.path.join(SVC_MAP)).unwrap();
+        match loader::load(&pins.path) {
+            Err(LoaderError::Maps(e @ MapsError::Layout { .. })) => {
+                assert!(e.to_string().contains(SVC_MAP), "{e}");
+            }
+            Err(e) => panic!("{kind:?}/{value_size}: another error: {e}"),
+            Ok(_) => panic!("{kind:?}/{value_size}: the pin was reused"),
+        }
+    }
+}
+
+/// The cleanup thread's work runs after the sync that removed backends, perhaps after later
+/// ones too: a removed backend's UDP flows (both directions) are forgotten, but a backend a
+/// later sync added again keeps its flows.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn cleanup_forgets_the_flows_of_removed_backends_only() {
+    use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_MAP, CtKey, CtValue, PROTO_UDP};
+    require_root();
+    let pins = BpffsDir::new(&unique("clean"));
+    let _ebpf = loader::load(&pins.path).expect("object loads");
+    let vip = Ipv4Addr::new(10, 96, 0, 53);
+    let (again, gone) = (
+        BackendAddr {
+            ip: Ipv4Addr::new(10, 1, 0, 5),
+            port: 5353,
+        },
+        BackendAddr {
+            ip: Ipv4Addr::new(10, 1, 0, 6),
+            port: 5353,
+        },
+    );
+    let mut desired = Desired::default();
+    desired.frontends.insert(
+        Frontend {
+            vip,
+            port: 53,
+            proto: Proto::Udp,
+        },
+        FrontendSpec {
+            service: ServiceRef::new(Some("default"), "dns"),
+            backends: vec![again],
+            no_local_endpoints: false,
+        },
+    );
+    let maps = PinnedMaps::open(&pins.path).unwrap();
+    let state = maps.dump().unwrap();
+    let mut syncer = Syncer::new(maps, state);
+    assert!(syncer.sync(&desired).errors.is_empty());
+    let (again_be, gone_be) = (
+        backend_value(&again, Proto::Udp),
+        backend_value(&gone, Proto::Udp),
+    );
+    let again_id = *syncer
+        .state()
+        .backends
+        .iter()
+        .find(|(_, b)| **b == again_be)
+        .unwrap()
+        .0;
+    // One flow from a client to each, as the TC program records them.
+    let md = MapData::from_pin(pins.path.join(CT_MAP)).unwrap();
+    let mut ct: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let client = u32::from(Ipv4Addr::new(10, 1, 0, 2)).to_be();
+    let vip_be = u32::from(vip).to_be();
+    let flow = |b: proxy_common::Backend, id: u32, sport: u16| {
+        let fwd = CtKey::new(
+            client,
+            sport.to_be(),
+            vip_be,
+            53u16.to_be(),
+            PROTO_UDP,
+            CT_DIR_FORWARD,
+        );
+        let reply = CtKey::new(
+            b.addr_be,
+            b.port_be,
+            client,
+            sport.to_be(),
+            PROTO_UDP,
+            CT_DIR_REPLY,
+        );
+        [
+            (fwd, CtValue::new(b.addr_be, b.port_be, 1, id)),
+            (reply, CtValue::new(vip_be, 53u16.to_be(), 1, id)),
+        ]
+    };
+    let entries: Vec<_> = flow(again_be, again_id, 40000)
+        .into_iter()
+        .chain(flow(gone_be, 4242, 40001))
+        .collect();
+    for (k, v) in &entries {
+        ct.insert(k, v, 0).unwrap();
+    }
+    // Both were removed by earlier syncs; `again` has been added back since.
+    let done = cleanup::clean(&pins.path, &[again_be, gone_be]);
+    assert_eq!(done.flows, 2, "{done:?}");
+    for (i, (k, _)) in entries.iter().enumerate() {
+        assert_eq!(ct.get(k, 0).is_ok(), i < 2, "entry {i}: {k:?}");
+    }
 }

@@ -42,6 +42,12 @@ pub trait Source {
     /// now (what is programmed is kept). `full`: read everything, not only what changed.
     fn read(&mut self, full: bool, progress: Option<Progress<'_>>) -> Option<Snapshot<'_>>;
 
+    /// Whether a first read calls `progress` as it goes (so a first sync from empty maps can
+    /// program while it reads).
+    fn reads_progressively(&self) -> bool {
+        false
+    }
+
     /// Begins following changes, after the first sync; `wake` is notified of each.
     fn follow(&mut self, wake: &Arc<Notify>) -> anyhow::Result<()>;
 

@@ -20,6 +20,8 @@ pub struct BackendIds {
     /// Ids nothing may reference any more: deleted at the end of the current update unless
     /// referenced again by then.
     unreferenced: BTreeSet<u32>,
+    /// Written and never referenced yet: no connection can have used them.
+    fresh: HashSet<u32>,
     next: u32,
 }
 
@@ -34,7 +36,9 @@ impl BackendIds {
         }
         BackendIds {
             ids: state.backends.iter().map(|(id, b)| (*b, *id)).collect(),
-            taken: state.backends.keys().copied().collect(),
+            // Ids slots reference are taken even without a backend entry (a crash between
+            // writes): a new backend under such an id would be routed to by the stale slot.
+            taken: state.backends.keys().chain(refs.keys()).copied().collect(),
             unreferenced: state
                 .backends
                 .keys()
@@ -42,6 +46,7 @@ impl BackendIds {
                 .copied()
                 .collect(),
             refs,
+            fresh: HashSet::default(),
             next: 1,
         }
     }
@@ -70,6 +75,7 @@ impl BackendIds {
     /// Frees the id of `b`: deleted from the maps, or never written.
     pub fn release(&mut self, id: u32, b: &Backend) {
         self.taken.remove(&id);
+        self.fresh.remove(&id);
         if self.ids.get(b) == Some(&id) {
             self.ids.remove(b);
         }
@@ -79,6 +85,7 @@ impl BackendIds {
     pub fn reference(&mut self, id: u32) {
         *self.refs.entry(id).or_insert(0) += 1;
         self.unreferenced.remove(&id);
+        self.fresh.remove(&id);
     }
 
     /// A slot that referenced `id` is gone (or changed).
@@ -96,7 +103,13 @@ impl BackendIds {
     pub fn written_unreferenced(&mut self, id: u32) {
         if !self.refs.contains_key(&id) {
             self.unreferenced.insert(id);
+            self.fresh.insert(id);
         }
+    }
+
+    /// Written and never referenced since: nothing can have connected to it.
+    pub fn is_fresh(&self, id: u32) -> bool {
+        self.fresh.contains(&id)
     }
 
     /// The first id on the list to collect.

@@ -9,14 +9,12 @@
 mod datapath;
 mod ids;
 mod mirror;
+mod plan;
 mod writer;
 
 use std::collections::BTreeSet;
 
-use proxy_common::{
-    BACKEND_MAP, BACKEND_MAP_ENTRIES, Backend, REV_NAT_MAP, REV_NAT_MAP_ENTRIES,
-    SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP, SVC_MAP_ENTRIES,
-};
+use proxy_common::Backend;
 
 pub use self::{
     datapath::{Datapath, DatapathError, Partial},
@@ -24,9 +22,9 @@ pub use self::{
 };
 use self::{
     ids::{BackendIds, RevNatIds},
-    writer::{Plan, RevNatPlan, Writer},
+    writer::Writer,
 };
-use crate::model::{Desired, Frontend, FrontendSpec, ServiceRef};
+use crate::model::{Desired, Frontend, ServiceRef};
 
 /// What one sync did.
 #[derive(Debug, Default)]
@@ -132,7 +130,7 @@ impl<D: Datapath> Syncer<D> {
             let writes = report.updates + report.deletes;
             let written = self
                 .plan(f, spec)
-                .and_then(|plan| self.writer(&mut report).upsert(&plan));
+                .and_then(|plan| self.writer(&mut report).upsert(plan));
             match written {
                 Ok(()) => {
                     self.mirror.set_owner(*f, Some(&spec.service));
@@ -158,79 +156,6 @@ impl<D: Datapath> Syncer<D> {
             ids: &mut self.backend_ids,
             report,
         }
-    }
-
-    /// What writing `f` takes: refused as a whole (before anything is written) when a map
-    /// cannot hold it, rather than half-written; otherwise its ids.
-    fn plan(&mut self, f: &Frontend, spec: &FrontendSpec) -> Result<Plan, DatapathError> {
-        let state = self.mirror.state();
-        let values: Vec<Backend> = (spec.backends.iter())
-            .map(|b| backend_value(b, f.proto))
-            .collect();
-        let mut new_backends: Vec<Backend> = (values.iter())
-            .filter(|b| self.backend_ids.get(b).is_none())
-            .copied()
-            .collect();
-        new_backends.sort_unstable();
-        new_backends.dedup();
-        if state.backends.len() + new_backends.len() > BACKEND_MAP_ENTRIES as usize {
-            return Err(DatapathError::Full {
-                map: BACKEND_MAP,
-                capacity: BACKEND_MAP_ENTRIES,
-                what: format!("{f} needs {} new backends", new_backends.len()),
-            });
-        }
-        let old_master = self.mirror.master(f);
-        let present = self.mirror.slot_count(f) + usize::from(old_master.is_some());
-        let extra = (values.len() + 1).saturating_sub(present);
-        if state.services.len() + extra > SVC_MAP_ENTRIES as usize {
-            return Err(DatapathError::Full {
-                map: SVC_MAP,
-                capacity: SVC_MAP_ENTRIES,
-                what: format!("{f} needs {extra} more entries"),
-            });
-        }
-        // Keep the master's rev-NAT id while it still maps to this frontend.
-        let rev_nat = match old_master {
-            Some(m) if self.mirror.rev_nat(m.rev_nat_id) == Some(rev_nat_value(f)) => {
-                RevNatPlan::Keep(m.rev_nat_id)
-            }
-            _ => {
-                let mirror = &self.mirror;
-                let id = (self.rev_nat_ids)
-                    .allocate(|id| mirror.rev_nat(id).is_some())
-                    .ok_or_else(|| DatapathError::Full {
-                        map: REV_NAT_MAP,
-                        capacity: REV_NAT_MAP_ENTRIES,
-                        what: format!("no rev-NAT id left for {f}"),
-                    })?;
-                RevNatPlan::New(id)
-            }
-        };
-        let (mut new_ids, mut new_backends) = (Vec::new(), Vec::new());
-        let slots = (values.iter())
-            .map(|b| match self.backend_ids.get(b) {
-                Some(id) => id,
-                None => {
-                    let id = self.backend_ids.allocate(*b);
-                    new_ids.push(id);
-                    new_backends.push(*b);
-                    id
-                }
-            })
-            .collect();
-        Ok(Plan {
-            frontend: *f,
-            slots,
-            new_ids,
-            new_backends,
-            rev_nat,
-            flags: if spec.no_local_endpoints {
-                SVC_FLAG_NO_LOCAL_ENDPOINTS
-            } else {
-                0
-            },
-        })
     }
 }
 

@@ -17,28 +17,9 @@ use super::{
     Datapath, DatapathError, SyncReport,
     ids::BackendIds,
     mirror::{Mirror, rev_nat_value, service_key},
+    plan::{Plan, RevNatPlan},
 };
 use crate::model::Frontend;
-
-/// One frontend's update, with its ids already allocated.
-pub(super) struct Plan {
-    pub frontend: Frontend,
-    /// Backend ids for slots 1..=n, in order.
-    pub slots: Vec<u32>,
-    /// Backends to write first: new ids and their backends.
-    pub new_ids: Vec<u32>,
-    pub new_backends: Vec<Backend>,
-    pub rev_nat: RevNatPlan,
-    pub flags: u16,
-}
-
-/// The rev-NAT entry a frontend's master will name.
-pub(super) enum RevNatPlan {
-    /// Its master's entry still maps to it.
-    Keep(u16),
-    /// A new id, written before the master.
-    New(u16),
-}
 
 pub(super) struct Writer<'a, D: Datapath> {
     pub dp: &'a mut D,
@@ -48,7 +29,8 @@ pub(super) struct Writer<'a, D: Datapath> {
 }
 
 impl<D: Datapath> Writer<'_, D> {
-    pub fn upsert(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+    /// Writes `plan`; its new ids are written or released (see [`Plan`]).
+    pub fn upsert(&mut self, plan: Plan) -> Result<(), DatapathError> {
         let f = &plan.frontend;
         let old_master = self.mirror.master(f);
         let old_slots = self.mirror.slot_count(f);
@@ -250,8 +232,11 @@ impl<D: Datapath> Writer<'_, D> {
             {
                 self.dp.delete_backend(id)?;
                 self.mirror.remove_backend(id);
+                // One no connection ever used has no flows or sockets to clean.
+                if !self.ids.is_fresh(id) {
+                    self.report.removed_backends.push(b);
+                }
                 self.ids.release(id, &b);
-                self.report.removed_backends.push(b);
                 self.report.deletes += 1;
             }
             self.ids.collected(id);

@@ -27,6 +27,18 @@ impl Tuple {
             self.saddr, self.sport, self.daddr, self.dport, self.proto, dir,
         )
     }
+
+    /// The answer to this packet from `addr`:`port` (the backend it was sent to).
+    #[inline(always)]
+    pub fn reply_from(&self, addr: u32, port: u16) -> Tuple {
+        Tuple {
+            saddr: addr,
+            sport: port,
+            daddr: self.saddr,
+            dport: self.sport,
+            proto: self.proto,
+        }
+    }
 }
 
 /// The VIP:port a backend's packet `t` answers for, if it is the reply of a translated flow.
@@ -54,14 +66,7 @@ pub fn create(t: &Tuple, chosen: &Chosen, rev_nat_id: u16) -> CtValue {
     let b = chosen.backend;
     let forward = CtValue::new(b.addr_be, b.port_be, rev_nat_id, chosen.id);
     let reply = CtValue::new(t.daddr, t.dport, rev_nat_id, chosen.id);
-    let reply_key = CtKey::new(
-        b.addr_be,
-        b.port_be,
-        t.saddr,
-        t.sport,
-        t.proto,
-        CT_DIR_REPLY,
-    );
+    let reply_key = t.reply_from(b.addr_be, b.port_be).key(CT_DIR_REPLY);
     // The reply entry first: a reply can never arrive before it.
     if PROXY_CT_V1
         .insert(reply_key, reply, BPF_ANY.into())

@@ -59,13 +59,14 @@ fn error_to_vip(pkt: &mut Packet, icmp: usize, outer_saddr: u32) -> Result<i32, 
     let bport: u16 = pkt.load(l4 + L4_DPORT)?;
     let old_inner_csum: u16 = pkt.load(inner + IPH_CSUM)?;
     // The quoted packet went client -> backend: the flow's reply is backend -> client.
-    let reply = Tuple {
-        saddr: backend,
-        sport: bport,
-        daddr: client,
-        dport: cport,
+    let quoted = Tuple {
+        saddr: client,
+        sport: cport,
+        daddr: backend,
+        dport: bport,
         proto,
     };
+    let reply = quoted.reply_from(backend, bport);
     let Some(v) = conntrack::reply(&reply) else {
         return Ok(PASS);
     };

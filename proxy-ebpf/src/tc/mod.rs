@@ -81,10 +81,7 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
                 count(Counter::TcNoLocalEndpointsDropped);
                 return Ok(DROP);
             }
-            Selection::Reject(NoBackend::Refused) => {
-                count(Counter::TcNoEndpointsRejected);
-                return reject::port_unreachable(pkt, &ip);
-            }
+            Selection::Reject(NoBackend::Refused) => return reject::port_unreachable(pkt, &ip),
             Selection::Missing => return Ok(PASS),
         },
     };

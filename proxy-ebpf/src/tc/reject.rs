@@ -8,10 +8,13 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
+use proxy_common::Counter;
+
 use super::{
     packet::{DROP, Failed, Packet},
     parse::{ETH_HLEN, Ipv4, PROTO_ICMP},
 };
+use crate::maps::count;
 
 /// Largest packet answered (the whole packet is quoted; see [`port_unreachable`]).
 const MAX_QUOTE: usize = 512;
@@ -33,6 +36,7 @@ const VERSION_IHL: u8 = 0x45;
 pub fn port_unreachable(pkt: &mut Packet, ip: &Ipv4) -> Result<i32, Failed> {
     let quoted = pkt.len().saturating_sub(ETH_HLEN);
     if !(ADDED..=MAX_QUOTE).contains(&quoted) {
+        count(Counter::TcNoEndpointsRejected);
         return Ok(DROP);
     }
     // A fixed-size load: load_bytes clamps its length, which the verifier cannot bound.
@@ -82,6 +86,8 @@ pub fn port_unreachable(pkt: &mut Packet, ip: &Ipv4) -> Result<i32, Failed> {
     }
     let icmp: [u32; 2] = [type_code | (u32::from(fold(sum)) << 16), 0];
     pkt.store(icmp_off, &icmp)?;
+    // Counted once the answer is whole (a failure part way is counted as that).
+    count(Counter::TcNoEndpointsRejected);
     // SAFETY: plain helper call; back out of the interface the packet arrived on.
     Ok(unsafe { bpf_redirect(pkt.ifindex(), 0) } as i32)
 }

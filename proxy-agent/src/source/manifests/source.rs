@@ -83,6 +83,10 @@ impl Source for ManifestSource {
         })
     }
 
+    fn reads_progressively(&self) -> bool {
+        true
+    }
+
     /// Starts watching the directory. Called after the first read: while watched, the
     /// agent's own opens of thousands of files are as many inotify events, which cost a tenth
     /// of a cold start (and can overflow the event queue). What changed during that read is

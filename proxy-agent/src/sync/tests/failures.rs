@@ -13,18 +13,23 @@ fn backends_written_by_a_failed_update_are_removed_once_unused() {
     ] {
         let mut s = Syncer::new(Fake::default(), MapState::default());
         s.dp.fail_at = Some(fail_at);
-        assert_eq!(s.sync(&d).errors.len(), 1);
+        let failed = s.sync(&d);
+        assert_eq!(failed.errors.len(), 1);
         assert!(
             s.dp.ops.starts_with(written),
             "fail at {fail_at}: {written:?} were written"
         );
         assert_eq!(s.state(), &s.dp.maps);
         s.dp.fail_at = None;
-        s.sync(&Desired::default());
+        let after = s.sync(&Desired::default());
         assert_eq!(
             s.dp.maps,
             MapState::default(),
             "fail at {fail_at}: nothing is left behind"
+        );
+        assert!(
+            failed.removed_backends.is_empty() && after.removed_backends.is_empty(),
+            "fail at {fail_at}: never used, so no flows or sockets to clean"
         );
     }
 }

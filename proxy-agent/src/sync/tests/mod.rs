@@ -2,7 +2,10 @@
 //! and, after every single operation, checks what a reader (the eBPF programs) could see.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use proxy_common::{Backend, RevNat, ServiceKey, ServiceValue};
+use proxy_common::{
+    BACKEND_MAP, BACKEND_MAP_ENTRIES, Backend, RevNat, SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey,
+    ServiceValue,
+};
 
 use super::*;
 use crate::model::{BackendAddr, FrontendSpec, Proto, ServiceRef};
