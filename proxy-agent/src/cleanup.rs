@@ -1,6 +1,10 @@
-//! Slow cleanup after a sync removed backends, on a thread of its own so the async runtime's
-//! workers never wait for it (it walks the whole conntrack map, and visits every network
-//! namespace of the host):
+//! Slow work on a thread of its own, so the async runtime's workers never wait for it (each
+//! walks the whole conntrack map, or visits every network namespace of the host):
+//! - every `--conntrack-gc-interval`, a collection pass over the packet path's conntrack map:
+//!   expired entries are deleted, and the entries by state are counted for the metrics
+//!   ([`crate::conntrack::collect`]);
+//!
+//! and after a sync removed backends:
 //! - kube-proxy's conntrack cleanup: the packet path's UDP flows to (and replies from) removed
 //!   backends are forgotten, so a client's next datagram picks a live one (the datapath also
 //!   re-balances a flow whose backend is gone; this removes the stale entries);
@@ -10,15 +14,32 @@
 //! Only UDP has flows and connected sockets to clean: TCP connections to a removed pod fail on
 //! their own, as with kube-proxy.
 
-use std::{collections::HashSet, path::Path, path::PathBuf, sync::mpsc};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
+};
 
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
-    BACKEND_MAP, Backend, CT_DIR_FORWARD, CT_MAP, CtKey, CtValue, PROTO_UDP, SockRevNatKey,
+    BACKEND_MAP, Backend, CT_DIR_FORWARD, CT_MAP, CtKey, CtTimeouts, CtValue, PROTO_UDP,
+    SockRevNatKey,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::maps::{MapsError, open_pinned, open_sock_rev_nat};
+use crate::{
+    conntrack,
+    maps::{MapsError, open_pinned, open_sock_rev_nat},
+    metrics::Metrics,
+};
+
+/// How the conntrack collector runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Gc {
+    pub interval: Duration,
+    pub timeouts: CtTimeouts,
+}
 
 /// The cleanup thread's mailbox.
 pub struct Cleaner {
@@ -26,18 +47,30 @@ pub struct Cleaner {
 }
 
 impl Cleaner {
-    /// Starts the cleanup thread for the datapath pinned in `bpffs_dir`.
-    pub fn start(bpffs_dir: PathBuf) -> std::io::Result<Self> {
+    /// Starts the cleanup thread for the datapath pinned in `bpffs_dir`. Its first collection
+    /// pass comes soon after start: what expired while no agent ran is collected then.
+    pub fn start(bpffs_dir: PathBuf, gc: Gc, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let (removed, jobs) = mpsc::channel::<Vec<Backend>>();
         std::thread::Builder::new()
             .name("cleanup".into())
             .spawn(move || {
-                while let Ok(mut backends) = jobs.recv() {
-                    // Whatever queued up meanwhile is one walk.
-                    while let Ok(more) = jobs.try_recv() {
-                        backends.extend(more);
+                let mut next_gc = Instant::now() + gc.interval.min(Duration::from_secs(1));
+                loop {
+                    let wait = next_gc.saturating_duration_since(Instant::now());
+                    match jobs.recv_timeout(wait) {
+                        Ok(mut backends) => {
+                            // Whatever queued up meanwhile is one walk.
+                            while let Ok(more) = jobs.try_recv() {
+                                backends.extend(more);
+                            }
+                            clean(&bpffs_dir, &backends);
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            collect(&bpffs_dir, &gc, &metrics);
+                            next_gc = Instant::now() + gc.interval;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                    clean(&bpffs_dir, &backends);
                 }
             })?;
         Ok(Cleaner { removed })
@@ -53,6 +86,21 @@ impl Cleaner {
             // The thread only ends with the process.
             let _ = self.removed.send(udp);
         }
+    }
+}
+
+/// One conntrack collection pass, recorded in the metrics.
+fn collect(bpffs_dir: &Path, gc: &Gc, metrics: &Metrics) {
+    let started = Instant::now();
+    let pass = conntrack::open(bpffs_dir)
+        .and_then(|mut ct| conntrack::collect(&mut ct, &gc.timeouts, conntrack::now_s()));
+    match pass {
+        Ok(pass) => {
+            metrics.record_conntrack(&pass);
+            debug!(entries = pass.entries, collected = pass.collected,
+                   elapsed_us = started.elapsed().as_micros() as u64, "conntrack collected");
+        }
+        Err(e) => warn!(error = %e, "conntrack collection failed; will retry"),
     }
 }
 
@@ -139,7 +187,7 @@ fn forget_udp_flows(
             map: CT_MAP,
             source,
         })?;
-        let (addr, port) = match k.dir {
+        let (addr, port) = match v.dir {
             CT_DIR_FORWARD => (v.addr_be, v.port_be),
             _ => (k.saddr_be, k.sport_be),
         };

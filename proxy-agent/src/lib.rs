@@ -2,6 +2,7 @@
 //! EndpointSlices. Data flows one way: source -> model -> sync -> maps -> programs.
 pub mod agent;
 pub mod cleanup;
+pub mod conntrack;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

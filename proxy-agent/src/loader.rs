@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
-use proxy_common::MAPS;
+use proxy_common::{CT_TIMEOUTS_GLOBAL, CtTimeouts, MAPS, RETIRED_MAPS};
 
 use crate::maps::{self, MapsError};
 
@@ -178,9 +178,29 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
     }
 }
 
+/// What the programs are loaded with: their load-time constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Conntrack lifetimes per state (the `--conntrack-*` flags).
+    pub ct_timeouts: CtTimeouts,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            ct_timeouts: CtTimeouts::DEFAULT,
+        }
+    }
+}
+
+/// [`load_with`] the default [`Settings`].
+pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
+    load_with(dir, &Settings::default())
+}
+
 /// Loads the object with its maps pinned in `dir` (reusing existing pins after checking their
 /// layout). Programs are loaded into the kernel when they are attached.
-pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
+pub fn load_with(dir: &Path, settings: &Settings) -> Result<Ebpf, LoaderError> {
     check_object(EBPF_OBJECT)?;
     ensure_bpffs_dir(dir)?;
     maps::check_pinned_layouts(dir)?;
@@ -190,6 +210,7 @@ pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
         loader.map_pin_path(name, path.as_path());
     }
     loader
+        .override_global(CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true)
         .load(EBPF_OBJECT)
         .map_err(|e| LoaderError::Load(Box::new(e)))
 }
@@ -263,7 +284,7 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup, LoaderError> {
         }
         fs::remove_dir(&links).map_err(io_err(&links))?;
     }
-    for name in MAPS.iter().map(|m| m.name) {
+    for name in MAPS.iter().map(|m| m.name).chain(RETIRED_MAPS.iter().copied()) {
         let path = dir.join(name);
         if path.exists() {
             fs::remove_file(&path).map_err(io_err(&path))?;

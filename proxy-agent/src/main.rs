@@ -68,6 +68,8 @@ enum Command {
         /// 'veth*'; repeatable. Interfaces that appear later are attached as they come.
         #[arg(long = "tc-interface", value_name = "NAME|GLOB")]
         tc_interfaces: Vec<String>,
+        #[command(flatten)]
+        conntrack: ConntrackArgs,
     },
     /// Print the frontends and backends programmed in the pinned maps (no agent needed).
     Services {
@@ -81,6 +83,47 @@ enum Command {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
     },
+}
+
+/// The packet path's connection tracking: how long an entry lives after its last packet (as
+/// kube-proxy's and Cilium's flags; durations such as `90s`, `6h`, `1h30m`).
+#[derive(clap::Args)]
+struct ConntrackArgs {
+    /// A TCP connection opening (SYN seen, not yet an ACK).
+    #[arg(long, default_value = "60s", value_parser = lifetime)]
+    conntrack_tcp_timeout_syn: u32,
+    /// An established TCP connection (kube-proxy's default is 24h, Cilium's 6h).
+    #[arg(long, default_value = "6h", value_parser = lifetime)]
+    conntrack_tcp_timeout_established: u32,
+    /// A TCP connection after a FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = lifetime)]
+    conntrack_tcp_timeout_close: u32,
+    /// A UDP flow.
+    #[arg(long, default_value = "60s", value_parser = lifetime)]
+    conntrack_udp_timeout: u32,
+    /// How often the agent deletes expired entries.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    conntrack_gc_interval: Duration,
+}
+
+/// A lifetime in whole seconds: at least 1 s, at most 2^31 s.
+fn lifetime(s: &str) -> Result<u32, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    match u32::try_from(d.as_secs()) {
+        Ok(n) if (1..=i32::MAX as u32).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: must be between 1s and {}s", i32::MAX)),
+    }
+}
+
+impl ConntrackArgs {
+    fn timeouts(&self) -> proxy_common::CtTimeouts {
+        proxy_common::CtTimeouts {
+            syn_s: self.conntrack_tcp_timeout_syn,
+            established_s: self.conntrack_tcp_timeout_established,
+            closing_s: self.conntrack_tcp_timeout_close,
+            udp_s: self.conntrack_udp_timeout,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             sync_period_seconds,
             healthz_max_age_seconds,
             tc_interfaces,
+            conntrack,
         } => {
             let source = match (manifests, kubeconfig) {
                 (Some(dir), _) => proxy_agent::source::SourceConfig::Manifests(dir),
@@ -141,6 +185,8 @@ fn main() -> anyhow::Result<()> {
                 healthz_max_age: Duration::from_secs(healthz_max_age_seconds),
                 resync: Duration::from_secs(sync_period_seconds.max(1)),
                 tc_interfaces,
+                ct_timeouts: conntrack.timeouts(),
+                ct_gc_interval: conntrack.conntrack_gc_interval.max(Duration::from_secs(1)),
             }))
         }
         Command::Services { bpffs_dir, output } => {

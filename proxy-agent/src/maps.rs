@@ -40,6 +40,19 @@ pub enum MapsError {
         expected: (u32, u32, u32, u32),
         found: (u32, u32, u32, u32),
     },
+    #[error("{op} on map {map}: {source}")]
+    Syscall {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading map {map}: {source}")]
     Read {
         map: &'static str,

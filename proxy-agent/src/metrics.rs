@@ -27,7 +27,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use proxy_common::{BACKEND_MAP, MAPS, REV_NAT_MAP, SVC_MAP};
+use proxy_common::{BACKEND_MAP, CT_MAP, CT_STATES, MAPS, REV_NAT_MAP, SVC_MAP};
 use tracing::warn;
 
 use crate::{maps::PinnedMaps, model::ProblemReason, sync::MapState};
@@ -71,6 +71,11 @@ pub struct MapName {
     pub map: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CtState {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub sync_duration: Family<SyncLabels, Histogram>,
@@ -80,6 +85,8 @@ pub struct Metrics {
     pub rejected: Family<Reason, Counter>,
     pub map_fill: Family<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub sync_errors: Counter,
+    pub conntrack_entries: Family<CtState, Gauge>,
+    pub conntrack_collected: Counter,
 }
 
 /// Reads the datapath's per-CPU counters at scrape time.
@@ -149,7 +156,7 @@ impl Metrics {
         let map_fill = Family::<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "map_fill_ratio",
-            "Entries / capacity of each writer-owned map",
+            "Entries / capacity of each writer-owned map, and of the conntrack map (at its last collection pass)",
             map_fill.clone(),
         );
         let sync_errors = Counter::default();
@@ -157,6 +164,18 @@ impl Metrics {
             "sync_errors",
             "Frontends a sync could not write (kept their old state)",
             sync_errors.clone(),
+        );
+        let conntrack_entries = Family::<CtState, Gauge>::default();
+        registry.register(
+            "conntrack_entries",
+            "Packet-path conntrack entries by state (syn, established, closing, udp), at the last collection pass",
+            conntrack_entries.clone(),
+        );
+        let conntrack_collected = Counter::default();
+        registry.register(
+            "conntrack_collected",
+            "Expired packet-path conntrack entries deleted by the agent",
+            conntrack_collected.clone(),
         );
         registry.register_collector(Box::new(DatapathCounters { bpffs_dir }));
         Metrics {
@@ -168,6 +187,8 @@ impl Metrics {
             rejected,
             map_fill,
             sync_errors,
+            conntrack_entries,
+            conntrack_collected,
         }
     }
 
@@ -192,6 +213,22 @@ impl Metrics {
             self.map_fill
                 .get_or_create(&MapName { map: l.name })
                 .set(n as f64 / f64::from(l.max_entries));
+        }
+    }
+
+    /// What a conntrack collection pass saw: entries by state, the map's fill (before the
+    /// pass deleted anything), what it deleted.
+    pub fn record_conntrack(&self, pass: &crate::conntrack::Pass) {
+        for ((_, name), n) in CT_STATES.iter().zip(pass.by_state) {
+            self.conntrack_entries
+                .get_or_create(&CtState { state: name })
+                .set(n as i64);
+        }
+        self.conntrack_collected.inc_by(pass.collected as u64);
+        if let Some(ct) = MAPS.iter().find(|m| m.name == CT_MAP) {
+            self.map_fill
+                .get_or_create(&MapName { map: ct.name })
+                .set(pass.entries as f64 / f64::from(ct.max_entries));
         }
     }
 

@@ -11,11 +11,13 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{signal::unix::SignalKind, sync::Notify};
-use tracing::info;
+use proxy_common::CtTimeouts;
+use tracing::{info, warn};
 
 use crate::{
     agent::Agent,
-    cleanup::Cleaner,
+    cleanup::{Cleaner, Gc},
+    conntrack,
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
@@ -37,6 +39,9 @@ pub struct RunConfig {
     pub resync: Duration,
     /// Interfaces (names or globs) for the packet path; empty: socket path only.
     pub tc_interfaces: Vec<String>,
+    /// Conntrack lifetimes per state, and how often expired entries are collected.
+    pub ct_timeouts: CtTimeouts,
+    pub ct_gc_interval: Duration,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -49,7 +54,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The first read begins now (the manifests are parsed on worker threads while the
     // datapath loads); the first sync takes it.
     let source = source.start(&cfg.node_name, &wake).await?;
-    let mut ebpf = loader::load(&cfg.bpffs_dir)
+    let settings = loader::Settings {
+        ct_timeouts: cfg.ct_timeouts,
+    };
+    let mut ebpf = loader::load_with(&cfg.bpffs_dir, &settings)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup)
         .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
@@ -60,6 +68,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     if !tc.is_empty() {
         tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
         tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
+    }
+    // The programs now in place use the current maps: what an earlier layout holds moves over.
+    match conntrack::carry_over_retired(&cfg.bpffs_dir, conntrack::now_s()) {
+        Ok(0) => {}
+        Ok(n) => info!(entries = n, "carried conntrack entries over from the previous layout"),
+        Err(e) => warn!(error = %e, "could not carry over the previous layout's conntrack entries"),
     }
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
@@ -75,7 +89,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         metrics.clone(),
     )
     .await?;
-    let cleaner = Cleaner::start(cfg.bpffs_dir.clone()).context("starting the cleanup thread")?;
+    let gc = Gc {
+        interval: cfg.ct_gc_interval,
+        timeouts: cfg.ct_timeouts,
+    };
+    let cleaner = Cleaner::start(cfg.bpffs_dir.clone(), gc, metrics.clone())
+        .context("starting the cleanup thread")?;
     let mut agent = Agent::new(
         source,
         Syncer::new(maps, state),

@@ -18,10 +18,12 @@ use core::mem::size_of;
 
 mod conntrack;
 mod counters;
+mod retired;
 mod service;
 mod sock;
 
 pub use conntrack::*;
+pub use retired::v1;
 pub use counters::*;
 pub use service::*;
 pub use sock::*;
@@ -57,8 +59,9 @@ macro_rules! map_table {
             COUNTERS_MAP = PROXY_CNT_V1: PerCpuArray<u32, u64>[$crate::COUNTERS_MAP_ENTRIES];
             /// ClusterIPs: vip -> number of frontends on it (the packet path drops ICMP to these).
             VIP_MAP = PROXY_VIP_V1: HashMap<u32, u32>[$crate::VIP_MAP_ENTRIES];
-            /// Packet-path connection tracking (LRU): a forward and a reply entry per flow.
-            CT_MAP = PROXY_CT_V1: LruHashMap<$crate::CtKey, $crate::CtValue>[$crate::CT_MAP_ENTRIES];
+            /// Packet-path connection tracking (LRU): a forward and a reply entry per flow, with
+            /// its TCP state and when it was last seen.
+            CT_MAP = PROXY_CT_V2: LruHashMap<$crate::CtKey, $crate::CtValue>[$crate::CT_MAP_ENTRIES];
         }
     };
 }
@@ -120,6 +123,10 @@ macro_rules! define_maps {
 }
 map_table!(define_maps);
 
+/// Maps of earlier layouts, no longer used: the agent removes their pins once the programs
+/// that used them are replaced (and `cleanup` removes them too).
+pub const RETIRED_MAPS: &[&str] = &["PROXY_CT_V1"];
+
 /// Capacity of [`SVC_MAP`]: masters plus backend slots of all frontends.
 pub const SVC_MAP_ENTRIES: u32 = 262_144;
 /// Capacity of [`BACKEND_MAP`].
@@ -166,7 +173,10 @@ mod user {
         SockRevNatValue,
         SockSlot,
         CtKey,
-        CtValue
+        CtValue,
+        CtTimeouts,
+        v1::CtKey,
+        v1::CtValue
     );
 }
 

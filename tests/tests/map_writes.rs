@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, MapData};
 use proxy_agent::{
-    cleanup, loader,
+    cleanup, conntrack, loader,
     maps::{PinnedMaps, update_batch},
     model::{BackendAddr, Desired, Frontend, FrontendSpec, Proto, ServiceRef},
     sync::{Syncer, backend_value},
@@ -125,7 +125,9 @@ fn a_pinned_map_of_another_layout_is_refused() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn cleanup_forgets_the_flows_of_removed_backends_only() {
-    use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_MAP, CtKey, CtValue, PROTO_UDP};
+    use proxy_common::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, CT_MAP, CT_UDP, CtKey, CtValue, PROTO_UDP,
+    };
     require_root();
     let pins = BpffsDir::new(&unique("clean"));
     let _ebpf = loader::load(&pins.path).expect("object loads");
@@ -181,7 +183,6 @@ fn cleanup_forgets_the_flows_of_removed_backends_only() {
             vip_be,
             53u16.to_be(),
             PROTO_UDP,
-            CT_DIR_FORWARD,
         );
         let reply = CtKey::new(
             b.addr_be,
@@ -189,11 +190,17 @@ fn cleanup_forgets_the_flows_of_removed_backends_only() {
             client,
             sport.to_be(),
             PROTO_UDP,
-            CT_DIR_REPLY,
         );
+        let now = conntrack::now_s();
         [
-            (fwd, CtValue::new(b.addr_be, b.port_be, 1, id)),
-            (reply, CtValue::new(vip_be, 53u16.to_be(), 1, id)),
+            (
+                fwd,
+                CtValue::new(b.addr_be, b.port_be, 1, id, CT_DIR_FORWARD, CT_UDP, now),
+            ),
+            (
+                reply,
+                CtValue::new(vip_be, 53u16.to_be(), 1, id, CT_DIR_REPLY, CT_UDP, now),
+            ),
         ]
     };
     let entries: Vec<_> = flow(again_be, again_id, 40000)

@@ -122,6 +122,29 @@ fn packet(
     eth
 }
 
+/// TCP flags (the byte before the window).
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// The TCP packet `p` (as [`packet`] makes it: a SYN) with other flags, its checksum valid.
+fn with_flags(mut p: Vec<u8>, flags: u8) -> Vec<u8> {
+    let ihl = usize::from(p[14] & 0x0f) * 4;
+    let l4 = 14 + ihl;
+    p[l4 + 13] = flags;
+    p[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let (src, dst) = (p[26..30].try_into().unwrap(), p[30..34].try_into().unwrap());
+    let c = csum(&p[l4..], pseudo(src, dst, 6, p.len() - l4));
+    p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// A backend's answer to a SYN.
+fn syn_ack(p: Vec<u8>) -> Vec<u8> {
+    with_flags(p, SYN | ACK)
+}
+
 struct Parsed {
     src: [u8; 4],
     dst: [u8; 4],
@@ -295,7 +318,7 @@ fn tcp_to_a_vip_is_translated_and_the_reply_reversed_with_valid_checksums() {
         (CLIENT, 40000, BACKEND, 8080)
     );
 
-    let (rc, out) = h.run(&packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true));
+    let (rc, out) = h.run(&syn_ack(packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true)));
     assert_eq!(rc, PASS);
     let p = parse_checked(&out);
     assert_eq!(
@@ -451,20 +474,12 @@ fn icmp_errors_about_a_translated_flow_come_back_from_the_vip() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
-    use proxy_common::{CT_DIR_FORWARD, CT_MAP_ENTRIES, CtKey, CtValue};
+    use proxy_common::{CT_MAP_ENTRIES, CtKey, CtValue};
     let h = Harness::new();
     let mut ct = h.conntrack();
     // Fill it with unrelated flows.
     for i in 0..CT_MAP_ENTRIES {
-        let k = CtKey {
-            saddr_be: i,
-            daddr_be: 1,
-            sport_be: 1,
-            dport_be: 1,
-            proto: 6,
-            dir: CT_DIR_FORWARD,
-            _pad: [0; 2],
-        };
+        let k = CtKey::new(i, 1, 1, 1, 6);
         ct.insert(k, CtValue::default(), 0).unwrap();
     }
     let (rc, out) = h.run(&packet(6, CLIENT, 40000, VIP, 80, 0, 0, true));
@@ -475,21 +490,19 @@ fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
         "a new flow is still translated"
     );
     assert_eq!(h.counter(Counter::CtUpdateFailed), 0);
-    let fwd = CtKey {
-        saddr_be: u32::from_ne_bytes(CLIENT),
-        daddr_be: u32::from_ne_bytes(VIP),
-        sport_be: 40000u16.to_be(),
-        dport_be: 80u16.to_be(),
-        proto: 6,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    };
+    let fwd = CtKey::new(
+        u32::from_ne_bytes(CLIENT),
+        40000u16.to_be(),
+        u32::from_ne_bytes(VIP),
+        80u16.to_be(),
+        6,
+    );
     assert!(
         ct.get(&fwd, 0).is_ok(),
         "the new flow is tracked (an old one was evicted)"
     );
     // And its reply is reversed.
-    let (_, out) = h.run(&packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true));
+    let (_, out) = h.run(&syn_ack(packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true)));
     assert_eq!(parse_checked(&out).src, VIP);
 }
 
@@ -500,7 +513,7 @@ fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_packet_is_never_forwarded_half_rewritten() {
-    use proxy_common::{CT_DIR_REPLY, CtKey, CtValue};
+    use proxy_common::{CT_DIR_REPLY, CT_UDP, CtKey, CtValue};
     let h = Harness::new();
     // A translated UDP flow's reply state, as the program records it (its own run below would
     // fail too): backend:5353 -> client:33333 answers for VIP:53.
@@ -511,14 +524,11 @@ fn a_packet_is_never_forwarded_half_rewritten() {
         u32::from_ne_bytes(CLIENT),
         33333u16.to_be(),
         17,
-        CT_DIR_REPLY,
     );
-    ct.insert(
-        reply,
-        CtValue::new(u32::from_ne_bytes(VIP), 53u16.to_be(), 1, 1),
-        0,
-    )
-    .unwrap();
+    let vip = (u32::from_ne_bytes(VIP), 53u16.to_be());
+    let now = proxy_agent::conntrack::now_s();
+    let value = CtValue::new(vip.0, vip.1, 1, 1, CT_DIR_REPLY, CT_UDP, now);
+    ct.insert(reply, value, 0).unwrap();
     let (_, sent) = h.run(&packet(17, CLIENT, 33333, VIP, 53, 0, 0, true));
     let cases = [
         ("DNAT", packet(6, CLIENT, 40000, VIP, 80, 0, 0, true), PASS),

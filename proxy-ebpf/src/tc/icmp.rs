@@ -67,7 +67,7 @@ fn error_to_vip(pkt: &mut Packet, icmp: usize, outer_saddr: u32) -> Result<i32, 
         proto,
     };
     let reply = quoted.reply_from(backend, bport);
-    let Some(v) = conntrack::reply(&reply) else {
+    let Some(v) = conntrack::reply(&reply, conntrack::now_s()) else {
         return Ok(PASS);
     };
     let icmp_csum = icmp + ICMP_CSUM;

@@ -14,13 +14,13 @@ mod parse;
 mod reject;
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{Counter, ServiceKey};
+use proxy_common::{CT_DIR_REPLY, Counter, CtValue, ServiceKey};
 
 use self::{
-    conntrack::Tuple,
+    conntrack::{Tracked, Tuple},
     nat::End,
     packet::{DROP, Failed, PASS, Packet},
-    parse::{PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    parse::{Ipv4, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
 use crate::{
     lb::{self, NoBackend, Selection},
@@ -61,38 +61,42 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
         proto: ip.proto,
     };
 
-    // A backend's reply to a translated flow: back to VIP:port.
-    if let Some(v) = conntrack::reply(&tuple) {
-        nat::rewrite(pkt, &ip, &l4, End::Source, v.addr_be, v.port_be)?;
-        count(Counter::TcReversed);
-        return Ok(PASS);
+    let now = conntrack::now_s();
+    match conntrack::track(&tuple, l4.flags, now) {
+        // A backend's reply to a translated flow: back from VIP:port.
+        Tracked::Rewrite(v) if v.dir == CT_DIR_REPLY => {
+            nat::rewrite(pkt, &ip, &l4, End::Source, v.addr_be, v.port_be)?;
+            count(Counter::TcReversed);
+            return Ok(PASS);
+        }
+        // A translated flow's packet: to its backend.
+        Tracked::Rewrite(v) => return forward(pkt, &ip, &l4, &v),
+        Tracked::Leave => return Ok(PASS),
+        Tracked::New => {}
     }
 
     let svc = ServiceKey::master(ip.daddr, l4.dport, ip.proto);
     let Some(master) = lb::lookup_service(svc) else {
         return Ok(PASS);
     };
-    // An established flow keeps its backend while that backend exists.
-    let target = match conntrack::established(&tuple) {
-        Some(v) => v,
-        None => match lb::select_backend(svc, &master) {
-            Selection::Backend(chosen) => conntrack::create(&tuple, &chosen, master.rev_nat_id),
-            Selection::Reject(NoBackend::NoLocal) => {
-                count(Counter::TcNoLocalEndpointsDropped);
-                return Ok(DROP);
-            }
-            Selection::Reject(NoBackend::Refused) => return reject::port_unreachable(pkt, &ip),
-            Selection::Missing => return Ok(PASS),
-        },
+    let target = match lb::select_backend(svc, &master) {
+        Selection::Backend(chosen) => {
+            conntrack::create(&tuple, l4.flags, &chosen, master.rev_nat_id, now)
+        }
+        Selection::Reject(NoBackend::NoLocal) => {
+            count(Counter::TcNoLocalEndpointsDropped);
+            return Ok(DROP);
+        }
+        Selection::Reject(NoBackend::Refused) => return reject::port_unreachable(pkt, &ip),
+        Selection::Missing => return Ok(PASS),
     };
-    nat::rewrite(
-        pkt,
-        &ip,
-        &l4,
-        End::Destination,
-        target.addr_be,
-        target.port_be,
-    )?;
+    forward(pkt, &ip, &l4, &target)
+}
+
+/// Rewrites a client's packet to its flow's backend.
+#[inline(always)]
+fn forward(pkt: &mut Packet, ip: &Ipv4, l4: &L4, target: &CtValue) -> Result<i32, Failed> {
+    nat::rewrite(pkt, ip, l4, End::Destination, target.addr_be, target.port_be)?;
     count(Counter::TcTranslated);
     Ok(PASS)
 }

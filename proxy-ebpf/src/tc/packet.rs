@@ -4,6 +4,8 @@
 //! not ours to judge); after it, the packet may be half-rewritten and is dropped and counted,
 //! never forwarded (Cilium's `DROP_WRITE_ERROR`).
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     Global,
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -62,15 +64,43 @@ impl<'a> Packet<'a> {
         unsafe { (*self.ctx.skb.skb).ifindex }
     }
 
+    /// Where a `T` at `offset` lies in the packet's linear data, if it lies there (headers
+    /// almost always do). Read afresh each time: a helper that changes the packet moves it.
     #[inline(always)]
-    pub fn load<T>(&self, offset: usize) -> Result<T, Failed> {
-        self.ctx.load(offset).map_err(|_| Failed)
+    fn linear<T>(&self, offset: usize) -> Option<*mut T> {
+        let (start, end) = (self.ctx.data(), self.ctx.data_end());
+        // At least 2 bytes: LLVM turns `p + 1 > end` into `p >= end`, which the verifier does
+        // not take as a bound. (A last odd byte is read through the helper instead.)
+        if start + offset + size_of::<T>().max(2) > end {
+            return None;
+        }
+        Some((start + offset) as *mut T)
+    }
+
+    /// Reads a `T` at `offset`: directly, or through the helper when it is not in the linear
+    /// data.
+    #[inline(always)]
+    pub fn load<T: Copy>(&self, offset: usize) -> Result<T, Failed> {
+        match self.linear::<T>(offset) {
+            // SAFETY: in bounds of the packet's data, checked above (read unaligned: IP
+            // addresses sit at 2-byte offsets).
+            Some(p) => Ok(unsafe { p.read_unaligned() }),
+            None => self.ctx.load(offset).map_err(|_| Failed),
+        }
     }
 
     #[inline(always)]
-    pub fn store<T>(&mut self, offset: usize, v: &T) -> Result<(), Failed> {
+    pub fn store<T: Copy>(&mut self, offset: usize, v: &T) -> Result<(), Failed> {
         self.before_write()?;
-        let r = self.ctx.store(offset, v, 0);
+        let r = match self.linear::<T>(offset) {
+            Some(p) => {
+                // SAFETY: in bounds of the packet's data, checked above; TC programs may write
+                // it (the kernel makes it writable before the program runs).
+                unsafe { p.write_unaligned(*v) };
+                Ok(())
+            }
+            None => self.ctx.store(offset, v, 0),
+        };
         self.after_write(r)
     }
 

@@ -38,6 +38,13 @@ pub const L4_SPORT: usize = offset_of!(TcpHdr, source);
 pub const L4_DPORT: usize = offset_of!(TcpHdr, dest);
 const _: () = assert!(L4_SPORT == offset_of!(UdpHdr, src) && L4_DPORT == offset_of!(UdpHdr, dst));
 const TCP_CSUM: usize = offset_of!(TcpHdr, check);
+/// The flags byte (CWR ECE URG ACK PSH RST SYN FIN) is the one before the window.
+const TCP_FLAGS: usize = offset_of!(TcpHdr, window) - 1;
+const _: () = assert!(TCP_FLAGS == 13);
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 const UDP_CSUM: usize = offset_of!(UdpHdr, check);
 
 pub const PROTO_ICMP: u8 = IpProto::Icmp as u8;
@@ -92,6 +99,8 @@ pub struct L4 {
     pub csum_off: usize,
     /// A UDP datagram sent without a checksum (0), which stays so.
     pub no_csum: bool,
+    /// TCP's flags ([`TCP_FIN`], [`TCP_SYN`], [`TCP_RST`], [`TCP_ACK`]); 0 for UDP.
+    pub flags: u8,
 }
 
 /// The ports and checksum of a TCP or UDP header at `off`.
@@ -111,5 +120,10 @@ pub fn l4(pkt: &Packet, proto: u8, off: usize) -> Result<L4, Failed> {
         dport: pkt.load(off + L4_DPORT)?,
         csum_off,
         no_csum: proto == PROTO_UDP && csum == 0,
+        flags: if proto == PROTO_TCP {
+            pkt.load(off + TCP_FLAGS)?
+        } else {
+            0
+        },
     })
 }
