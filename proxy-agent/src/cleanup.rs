@@ -97,8 +97,12 @@ fn collect(bpffs_dir: &Path, gc: &Gc, metrics: &Metrics) {
     match pass {
         Ok(pass) => {
             metrics.record_conntrack(&pass);
-            debug!(entries = pass.entries, collected = pass.collected,
-                   elapsed_us = started.elapsed().as_micros() as u64, "conntrack collected");
+            debug!(
+                entries = pass.entries,
+                collected = pass.collected,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "conntrack collected"
+            );
         }
         Err(e) => warn!(error = %e, "conntrack collection failed; will retry"),
     }

@@ -13,8 +13,7 @@ use std::{
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 use proxy_common::{
-    CT_ESTABLISHED, CT_MAP, CT_STATES, CT_UDP, CtKey, CtTimeouts, CtValue,
-    PROTO_TCP, RETIRED_MAPS,
+    CT_ESTABLISHED, CT_MAP, CT_STATES, CT_UDP, CtKey, CtTimeouts, CtValue, PROTO_TCP, RETIRED_MAPS,
 };
 
 use crate::maps::{MapsError, open_pinned};
@@ -183,7 +182,9 @@ fn read_batched(ct: &Conntrack, mut f: impl FnMut(CtKey, CtValue)) -> std::io::R
         if let Some(e) = &error
             && e.raw_os_error() != Some(libc::ENOENT)
         {
-            return Err(std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(0)));
+            return Err(std::io::Error::from_raw_os_error(
+                e.raw_os_error().unwrap_or(0),
+            ));
         }
         for i in 0..n {
             f(keys[i], values[i]);

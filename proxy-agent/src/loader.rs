@@ -284,7 +284,11 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup, LoaderError> {
         }
         fs::remove_dir(&links).map_err(io_err(&links))?;
     }
-    for name in MAPS.iter().map(|m| m.name).chain(RETIRED_MAPS.iter().copied()) {
+    for name in MAPS
+        .iter()
+        .map(|m| m.name)
+        .chain(RETIRED_MAPS.iter().copied())
+    {
         let path = dir.join(name);
         if path.exists() {
             fs::remove_file(&path).map_err(io_err(&path))?;

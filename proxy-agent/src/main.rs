@@ -36,41 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath and keep it in sync with a source.
-    Run {
-        /// Directory of Service / EndpointSlice / Node manifests (YAML or JSON).
-        #[arg(long, conflicts_with = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// Kubeconfig of the cluster to watch (neither flag: in-cluster config).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// This node's name, for internalTrafficPolicy: Local and topology hints.
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// cgroup v2 directory to attach the socket programs to (default: the cgroup2 root).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// bpffs directory for the pinned maps and links.
-        #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
-        bpffs_dir: PathBuf,
-        /// Where /healthz and /livez are served (kube-proxy's port).
-        #[arg(long, default_value = "0.0.0.0:10256")]
-        health_addr: SocketAddr,
-        /// Where /metrics is served (kube-proxy's port).
-        #[arg(long, default_value = "127.0.0.1:10249")]
-        metrics_addr: SocketAddr,
-        /// Full resync period, in seconds (a safety net; changes are applied as they come).
-        #[arg(long, default_value_t = 30)]
-        sync_period_seconds: u64,
-        /// /healthz fails when the last successful sync is older than this, in seconds.
-        #[arg(long, default_value_t = 120)]
-        healthz_max_age_seconds: u64,
-        /// Attach the packet path (TC ingress) to these interfaces: a name or a glob such as
-        /// 'veth*'; repeatable. Interfaces that appear later are attached as they come.
-        #[arg(long = "tc-interface", value_name = "NAME|GLOB")]
-        tc_interfaces: Vec<String>,
-        #[command(flatten)]
-        conntrack: ConntrackArgs,
-    },
+    Run(Box<RunArgs>),
     /// Print the frontends and backends programmed in the pinned maps (no agent needed).
     Services {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
@@ -83,6 +49,43 @@ enum Command {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of Service / EndpointSlice / Node manifests (YAML or JSON).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch (neither flag: in-cluster config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, for internalTrafficPolicy: Local and topology hints.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// cgroup v2 directory to attach the socket programs to (default: the cgroup2 root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// Where /healthz and /livez are served (kube-proxy's port).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    health_addr: SocketAddr,
+    /// Where /metrics is served (kube-proxy's port).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: SocketAddr,
+    /// Full resync period, in seconds (a safety net; changes are applied as they come).
+    #[arg(long, default_value_t = 30)]
+    sync_period_seconds: u64,
+    /// /healthz fails when the last successful sync is older than this, in seconds.
+    #[arg(long, default_value_t = 120)]
+    healthz_max_age_seconds: u64,
+    /// Attach the packet path (TC ingress) to these interfaces: a name or a glob such as
+    /// 'veth*'; repeatable. Interfaces that appear later are attached as they come.
+    #[arg(long = "tc-interface", value_name = "NAME|GLOB")]
+    tc_interfaces: Vec<String>,
+    #[command(flatten)]
+    conntrack: ConntrackArgs,
 }
 
 /// The packet path's connection tracking: how long an entry lives after its last packet (as
@@ -148,19 +151,20 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run {
-            manifests,
-            kubeconfig,
-            node_name,
-            cgroup,
-            bpffs_dir,
-            health_addr,
-            metrics_addr,
-            sync_period_seconds,
-            healthz_max_age_seconds,
-            tc_interfaces,
-            conntrack,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                manifests,
+                kubeconfig,
+                node_name,
+                cgroup,
+                bpffs_dir,
+                health_addr,
+                metrics_addr,
+                sync_period_seconds,
+                healthz_max_age_seconds,
+                tc_interfaces,
+                conntrack,
+            } = *args;
             let source = match (manifests, kubeconfig) {
                 (Some(dir), _) => proxy_agent::source::SourceConfig::Manifests(dir),
                 (None, Some(path)) => proxy_agent::source::SourceConfig::Kubeconfig(path),

@@ -10,15 +10,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{signal::unix::SignalKind, sync::Notify};
 use proxy_common::CtTimeouts;
+use tokio::{signal::unix::SignalKind, sync::Notify};
 use tracing::{info, warn};
 
 use crate::{
     agent::Agent,
     cleanup::{Cleaner, Gc},
-    conntrack,
-    loader,
+    conntrack, loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
     source::SourceConfig,
@@ -72,7 +71,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // The programs now in place use the current maps: what an earlier layout holds moves over.
     match conntrack::carry_over_retired(&cfg.bpffs_dir, conntrack::now_s()) {
         Ok(0) => {}
-        Ok(n) => info!(entries = n, "carried conntrack entries over from the previous layout"),
+        Ok(n) => info!(
+            entries = n,
+            "carried conntrack entries over from the previous layout"
+        ),
         Err(e) => warn!(error = %e, "could not carry over the previous layout's conntrack entries"),
     }
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;

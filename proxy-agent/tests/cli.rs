@@ -67,3 +67,25 @@ fn a_bad_tc_interface_glob_is_named_before_anything_is_loaded() {
     assert!(!ok);
     assert!(err.contains("--tc-interface \"veth[\""), "{err}");
 }
+
+#[test]
+fn conntrack_lifetimes_are_durations_of_at_least_a_second() {
+    for (flag, value) in [
+        ("--conntrack-udp-timeout", "0s"),
+        ("--conntrack-tcp-timeout-established", "100y"),
+        ("--conntrack-tcp-timeout-syn", "soon"),
+    ] {
+        let (ok, err) = agent(&["run", "--manifests", "/nonexistent", flag, value]);
+        assert!(!ok);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+    // kube-proxy's spelling parses (the run then fails on the missing directory).
+    let (ok, err) = agent(&[
+        "run",
+        "--manifests",
+        "/nonexistent",
+        "--conntrack-tcp-timeout-established",
+        "24h0m0s",
+    ]);
+    assert!(!ok && err.contains("/nonexistent"), "{err}");
+}

@@ -26,7 +26,13 @@ const _: () = assert!(size_of::<CtKey>() == 16);
 impl CtKey {
     /// The entry of a packet saddr:sport -> daddr:dport.
     #[inline(always)]
-    pub const fn new(saddr_be: u32, sport_be: u16, daddr_be: u32, dport_be: u16, proto: u8) -> Self {
+    pub const fn new(
+        saddr_be: u32,
+        sport_be: u16,
+        daddr_be: u32,
+        dport_be: u16,
+        proto: u8,
+    ) -> Self {
         CtKey {
             saddr_be,
             daddr_be,
@@ -107,9 +113,12 @@ impl CtValue {
 
     /// Whether the entry has outlived its state's lifetime at `now_s` (the datapath's clock,
     /// in seconds). The programs and the agent's collector decide it the same way.
+    ///
+    /// The age is signed: an entry another CPU refreshed a moment ago may be "seen" a second
+    /// after a `now_s` read just before, and is live. (Lifetimes are at most `i32::MAX`.)
     #[inline(always)]
     pub const fn expired(&self, now_s: u32, timeouts: &CtTimeouts) -> bool {
-        now_s.wrapping_sub(self.seen_s) > timeouts.lifetime(self.state)
+        (now_s.wrapping_sub(self.seen_s) as i32) > timeouts.lifetime(self.state) as i32
     }
 }
 

@@ -63,6 +63,8 @@ counters! {
         "iTP=Local with no local endpoint: dropped on the packet path (as kube-proxy does)";
     TcRewriteFailedDropped = 15, "tc_rewrite_failed_dropped",
         "the packet path began to rewrite a packet and could not finish: dropped, never forwarded half-rewritten";
+    TcOtherFlowPassed = 16, "tc_other_flow_passed",
+        "a packet on a tracked reply tuple that belongs to another flow (a connection opening from the backend, or a direct one to it on a reused tuple) passed untouched";
 }
 
 const _: () = {

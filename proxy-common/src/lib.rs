@@ -23,8 +23,8 @@ mod service;
 mod sock;
 
 pub use conntrack::*;
-pub use retired::v1;
 pub use counters::*;
+pub use retired::v1;
 pub use service::*;
 pub use sock::*;
 
@@ -183,6 +183,36 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry is expired only once older than its state's lifetime; one seen "later" than
+    /// now (refreshed on another CPU meanwhile) is live; the clock may start near 0 (seen
+    /// times then wrap).
+    #[test]
+    fn conntrack_expiry_by_state() {
+        let t = CtTimeouts {
+            syn_s: 60,
+            established_s: 3600,
+            closing_s: 10,
+            udp_s: 30,
+        };
+        let at = |state, seen_s| CtValue::new(0, 0, 0, 0, CT_DIR_FORWARD, state, seen_s);
+        let now = 100_000u32;
+        for (state, lifetime) in [
+            (CT_SYN, 60),
+            (CT_ESTABLISHED, 3600),
+            (CT_CLOSING, 10),
+            (CT_UDP, 30),
+            (0, 10),
+        ] {
+            assert!(!at(state, now - lifetime).expired(now, &t), "{state}");
+            assert!(at(state, now - lifetime - 1).expired(now, &t), "{state}");
+            assert!(!at(state, now + 1).expired(now, &t), "{state}: seen later");
+            assert!(!at(state, now).expired(now, &t), "{state}");
+        }
+        // Up for 5 s; an entry idle for 20 s has a seen time before 0.
+        assert!(at(CT_CLOSING, 5u32.wrapping_sub(20)).expired(5, &t));
+        assert!(!at(CT_UDP, 5u32.wrapping_sub(20)).expired(5, &t));
+    }
 
     /// The table's layouts are the types' sizes (the agent compares pins and the built object
     /// with these).

@@ -180,6 +180,14 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Kills the agent at once (SIGKILL), as a crash or the OOM killer would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the agent as an operator would (SIGTERM), bounded; SIGKILL after 5 s.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

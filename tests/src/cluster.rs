@@ -44,6 +44,8 @@ pub const ROUTED_GATEWAY: &str = "169.254.1.1";
 
 pub const TCP_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 5353;
+/// A TCP echo server on routed clusters' pods: for connections that stay open.
+pub const ECHO_PORT: u16 = 7007;
 
 fn attach(node: &Netns, pod: &Netns, host_if: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
     node.ip(&[
@@ -135,8 +137,10 @@ impl Cluster {
     /// Adds one more pod to a routed cluster (a new `vpod<i>` appears on the node).
     pub fn add_routed_pod(&mut self) -> anyhow::Result<&Pod> {
         let pod = self.add_routed_pod_without_servers()?;
-        let servers = PodServers::start(&pod.netns.path(), &pod.name, &[TCP_PORT], &[UDP_PORT])?;
+        let path = pod.netns.path();
+        let servers = PodServers::start(&path, &pod.name, &[TCP_PORT], &[UDP_PORT])?;
         self.servers.push(servers);
+        self.servers.push(PodServers::echo(&path, ECHO_PORT)?);
         Ok(self.pods.last().expect("just pushed"))
     }
 

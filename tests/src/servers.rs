@@ -1,10 +1,11 @@
-//! Backend "pods": real TCP and UDP servers that answer with their pod's name, each on a
-//! thread that has entered the pod's network namespace (setns affects only that thread).
+//! Backend "pods": real TCP and UDP servers that answer with their pod's name, and a TCP echo
+//! server for long-lived connections, each on a thread that has entered the pod's network
+//! namespace (setns affects only that thread).
 
 use std::{
     fs::File,
-    io::{ErrorKind, Write as _},
-    net::{TcpListener, UdpSocket},
+    io::{ErrorKind, Read as _, Write as _},
+    net::{TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::Path,
     sync::{
@@ -113,6 +114,64 @@ impl PodServers {
                 .recv_timeout(Duration::from_secs(5))
                 .context("server did not start")??;
         }
+        Ok(servers)
+    }
+}
+
+impl PodServers {
+    /// A TCP echo server on `port`: each connection gets back what it sends, for as long as
+    /// it stays open. One thread polls every connection (bounded by the guard).
+    pub fn echo(ns_path: &Path, port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+        let (flag, ns) = (stop.clone(), ns_path.to_path_buf());
+        let thread = thread::spawn(move || {
+            let listener = enter_netns(&ns).and_then(|()| {
+                let l = TcpListener::bind(("0.0.0.0", port))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            });
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut conns: Vec<TcpStream> = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((c, _)) = listener.accept()
+                    && c.set_nonblocking(true).is_ok()
+                {
+                    conns.push(c);
+                }
+                let mut idle = true;
+                conns.retain_mut(|c| match c.read(&mut buf) {
+                    Ok(0) => false,
+                    Ok(n) => {
+                        idle = false;
+                        c.set_nonblocking(false).is_ok()
+                            && c.write_all(&buf[..n]).is_ok()
+                            && c.set_nonblocking(true).is_ok()
+                    }
+                    Err(e) => e.kind() == ErrorKind::WouldBlock,
+                });
+                if idle {
+                    sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        let servers = PodServers {
+            stop,
+            threads: vec![thread],
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("echo server did not start")??;
         Ok(servers)
     }
 }

@@ -125,9 +125,7 @@ fn a_pinned_map_of_another_layout_is_refused() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn cleanup_forgets_the_flows_of_removed_backends_only() {
-    use proxy_common::{
-        CT_DIR_FORWARD, CT_DIR_REPLY, CT_MAP, CT_UDP, CtKey, CtValue, PROTO_UDP,
-    };
+    use proxy_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_MAP, CT_UDP, CtKey, CtValue, PROTO_UDP};
     require_root();
     let pins = BpffsDir::new(&unique("clean"));
     let _ebpf = loader::load(&pins.path).expect("object loads");
@@ -177,20 +175,8 @@ fn cleanup_forgets_the_flows_of_removed_backends_only() {
     let client = u32::from(Ipv4Addr::new(10, 1, 0, 2)).to_be();
     let vip_be = u32::from(vip).to_be();
     let flow = |b: proxy_common::Backend, id: u32, sport: u16| {
-        let fwd = CtKey::new(
-            client,
-            sport.to_be(),
-            vip_be,
-            53u16.to_be(),
-            PROTO_UDP,
-        );
-        let reply = CtKey::new(
-            b.addr_be,
-            b.port_be,
-            client,
-            sport.to_be(),
-            PROTO_UDP,
-        );
+        let fwd = CtKey::new(client, sport.to_be(), vip_be, 53u16.to_be(), PROTO_UDP);
+        let reply = CtKey::new(b.addr_be, b.port_be, client, sport.to_be(), PROTO_UDP);
         let now = conntrack::now_s();
         [
             (
@@ -216,4 +202,69 @@ fn cleanup_forgets_the_flows_of_removed_backends_only() {
     for (i, (k, _)) in entries.iter().enumerate() {
         assert_eq!(ct.get(k, 0).is_ok(), i < 2, "entry {i}: {k:?}");
     }
+}
+
+/// A collection pass (under short lifetimes, as a test configures them) deletes exactly the
+/// entries older than their state's lifetime, reads more entries than one batch holds, and
+/// counts what it saw by state.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn conntrack_collection_removes_exactly_the_expired_entries() {
+    use proxy_common::{
+        CT_CLOSING, CT_DIR_FORWARD, CT_ESTABLISHED, CT_STATES, CT_SYN, CT_UDP, CtKey, CtTimeouts,
+        CtValue,
+    };
+    require_root();
+    let pins = BpffsDir::new(&unique("gc"));
+    let _ebpf = loader::load(&pins.path).expect("object loads");
+    let mut ct = conntrack::open(&pins.path).unwrap();
+    let timeouts = CtTimeouts {
+        syn_s: 5,
+        established_s: 50,
+        closing_s: 2,
+        udp_s: 8,
+    };
+    // (state, idle for, expired); 0: seen this second (the datapath refreshing it now).
+    let cases = [
+        (CT_ESTABLISHED, 0, false),
+        (CT_SYN, 4, false),
+        (CT_SYN, 7, true),
+        (CT_ESTABLISHED, 40, false),
+        (CT_ESTABLISHED, 60, true),
+        (CT_CLOSING, 1, false),
+        (CT_CLOSING, 5, true),
+        (CT_UDP, 7, false),
+        (CT_UDP, 12, true),
+    ];
+    const EACH: u32 = 1000;
+    let now = conntrack::now_s();
+    let key = |case: usize, i: u32| CtKey::new(case as u32 + 1, 1, i, 1, 6);
+    for (case, (state, idle, _)) in cases.iter().enumerate() {
+        for i in 0..EACH {
+            let seen = now.wrapping_sub(*idle);
+            let v = CtValue::new(1, 1, 1, 1, CT_DIR_FORWARD, *state, seen);
+            ct.insert(key(case, i), v, 0).unwrap();
+        }
+    }
+    let pass = conntrack::collect(&mut ct, &timeouts, now).unwrap();
+    let each = EACH as usize;
+    assert_eq!(pass.entries, cases.len() * each);
+    let expired = cases.iter().filter(|c| c.2).count();
+    assert_eq!(pass.collected, expired * each);
+    let by_state = CT_STATES.map(|(s, _)| cases.iter().filter(|c| c.0 == s).count() * each);
+    assert_eq!(pass.by_state, by_state);
+    for (case, (state, idle, expired)) in cases.iter().enumerate() {
+        for i in 0..EACH {
+            assert_eq!(
+                ct.get(&key(case, i), 0).is_err(),
+                *expired,
+                "state {state}, idle {idle} s"
+            );
+        }
+    }
+    let again = conntrack::collect(&mut ct, &timeouts, now).unwrap();
+    assert_eq!(
+        (again.entries, again.collected),
+        ((cases.len() - expired) * each, 0)
+    );
 }

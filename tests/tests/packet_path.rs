@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use proxy_tests::{
     agent::{Agent, Manifests},
     client::{self, Report},
-    cluster::{Cluster, TCP_PORT, UDP_PORT},
+    cluster::{Cluster, ECHO_PORT, TCP_PORT, UDP_PORT},
     host::{BpffsDir, require_root, wait_for},
     unique,
 };
@@ -16,12 +16,32 @@ const VIP: &str = "10.96.0.10";
 
 fn web_manifest(ips: &[String]) -> String {
     let mut s = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {TCP_PORT}}}\n  - {{name: dns, port: 53, targetPort: {UDP_PORT}, protocol: UDP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\nendpoints:\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {TCP_PORT}}}\n  - {{name: dns, port: 53, targetPort: {UDP_PORT}, protocol: UDP}}\n  - {{name: echo, port: 7, targetPort: {ECHO_PORT}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}}}\n- {{name: dns, port: {UDP_PORT}, protocol: UDP}}\n- {{name: echo, port: {ECHO_PORT}}}\nendpoints:\n"
     );
     for ip in ips {
         s.push_str(&format!("- addresses: [\"{ip}\"]\n"));
     }
     s
+}
+
+/// The agent on the node, the packet path on the pods' and the client's interfaces.
+fn start_agent(cluster: &Cluster, manifests: &Manifests, pins: &BpffsDir) -> Agent {
+    let args: Vec<&std::ffi::OsStr> = [
+        "--manifests".as_ref(),
+        manifests.dir.as_os_str(),
+        "--tc-interface".as_ref(),
+        "vpod*".as_ref(),
+        "--tc-interface".as_ref(),
+        "vclient".as_ref(),
+    ]
+    .to_vec();
+    Agent::start_in(
+        Some(&cluster.node.path()),
+        &args,
+        &cluster.cgroup_path(),
+        pins,
+    )
+    .expect("agent starts")
 }
 
 /// Drop order: agent, pins (detaching everything), manifests, cluster.
@@ -53,22 +73,7 @@ impl Fixture {
             )
             .unwrap();
         let pins = BpffsDir::new(&unique("bpf"));
-        let args: Vec<&std::ffi::OsStr> = [
-            "--manifests".as_ref(),
-            manifests.dir.as_os_str(),
-            "--tc-interface".as_ref(),
-            "vpod*".as_ref(),
-            "--tc-interface".as_ref(),
-            "vclient".as_ref(),
-        ]
-        .to_vec();
-        let agent = Agent::start_in(
-            Some(&cluster.node.path()),
-            &args,
-            &cluster.cgroup_path(),
-            &pins,
-        )
-        .expect("agent starts");
+        let agent = start_agent(&cluster, &manifests, &pins);
         Fixture {
             agent,
             pins,
@@ -331,4 +336,71 @@ fn translated_packets_carry_valid_checksums_on_the_wire() {
             "{side}: a bad checksum:\n{text}"
         );
     }
+}
+
+/// A pod that talks to a Service through the packet path, then to one of its pods directly,
+/// reuses source ports the translated connections used (the backend sees the same tuple): its
+/// direct connections are its own, and none is hijacked by what those left behind.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn direct_connections_after_translated_ones_on_the_same_ports_are_not_hijacked() {
+    let f = Fixture::new();
+    let pod = f.cluster.pods[0].ip.to_string();
+    f.manifests
+        .write("web.yaml", &web_manifest(std::slice::from_ref(&pod)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // The client's ephemeral ports narrowed to 200 (a namespace's own setting), so that 2 s
+    // of closed-loop connections through the VIP (connect, read, close with RST) use each
+    // several times, and so will the direct connections after them.
+    let ns = format!("--net={}", f.cluster.client.path().display());
+    let range = "net.ipv4.ip_local_port_range=40000 40199";
+    proxy_tests::host::sh("nsenter", &[&ns, "sysctl", "-qw", range]).unwrap();
+    let load = f
+        .cluster
+        .client_command_unhooked(Path::new(env!("CARGO_BIN_EXE_pxt-load")))
+        .args([
+            "--mode",
+            "tcp",
+            "--target",
+            &format!("{VIP}:80"),
+            "--workers",
+            "2",
+        ])
+        .args(["--warmup-ms", "0", "--duration-ms", "2000"])
+        .output()
+        .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
+    assert!(report["ops"].as_u64().unwrap_or(0) > 1_000, "{report}");
+    // Then straight to the pod.
+    let r = f.client("tcp", &format!("{pod}:{TCP_PORT}"), 20);
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.replies.get("pod-0"), Some(&20), "{r:?}");
+    assert!(f.counter("tc_other_flow_passed") > 0);
+}
+
+/// A long-lived TCP connection through the packet path keeps working while the agent is
+/// killed (SIGKILL) and started again: the datapath and its conntrack are pinned, and the new
+/// agent's programs take the flow over, to the same pod (of three).
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn an_established_flow_survives_the_agent_killed_and_started_again() {
+    let mut f = Fixture::new();
+    let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
+    let vip = format!("{VIP}:7");
+    // 150 round trips, one every 20 ms: about 3 s.
+    let child = client::spawn(&f.cluster, bin, true, "tcp-echo", &vip, 150);
+    std::thread::sleep(Duration::from_millis(700));
+    f.agent.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    f.agent = start_agent(&f.cluster, &f.manifests, &f.pins);
+    let r = client::finish(child);
+    assert!(r.errors.is_empty(), "{r:?}\n{}", f.agent.log_text());
+    assert_eq!(r.replies.get("echo"), Some(&150), "{r:?}");
+    assert_eq!(r.peers.keys().collect::<Vec<_>>(), [&vip], "{r:?}");
 }

@@ -318,7 +318,9 @@ fn tcp_to_a_vip_is_translated_and_the_reply_reversed_with_valid_checksums() {
         (CLIENT, 40000, BACKEND, 8080)
     );
 
-    let (rc, out) = h.run(&syn_ack(packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true)));
+    let (rc, out) = h.run(&syn_ack(packet(
+        6, BACKEND, 8080, CLIENT, 40000, 0, 0, true,
+    )));
     assert_eq!(rc, PASS);
     let p = parse_checked(&out);
     assert_eq!(
@@ -502,7 +504,9 @@ fn a_full_conntrack_map_evicts_old_flows_instead_of_failing_new_ones() {
         "the new flow is tracked (an old one was evicted)"
     );
     // And its reply is reversed.
-    let (_, out) = h.run(&syn_ack(packet(6, BACKEND, 8080, CLIENT, 40000, 0, 0, true)));
+    let (_, out) = h.run(&syn_ack(packet(
+        6, BACKEND, 8080, CLIENT, 40000, 0, 0, true,
+    )));
     assert_eq!(parse_checked(&out).src, VIP);
 }
 
@@ -576,4 +580,215 @@ fn a_packet_is_never_forwarded_half_rewritten() {
             "{what}: {writes} writes, so failures part way were tried"
         );
     }
+}
+
+/// The conntrack entry of a packet from `src`:`sport` to `dst`:`dport`.
+fn ct_entry(
+    h: &Harness,
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    proto: u8,
+) -> Option<proxy_common::CtValue> {
+    let key = proxy_common::CtKey::new(
+        u32::from_ne_bytes(src),
+        sport.to_be(),
+        u32::from_ne_bytes(dst),
+        dport.to_be(),
+        proto,
+    );
+    h.conntrack().get(&key, 0).ok()
+}
+
+/// The states of a TCP flow's two entries: (the client's, the backend's).
+fn states(h: &Harness, sport: u16) -> (Option<u8>, Option<u8>) {
+    (
+        ct_entry(h, CLIENT, sport, VIP, 80, 6).map(|v| v.state),
+        ct_entry(h, BACKEND, 8080, CLIENT, sport, 6).map(|v| v.state),
+    )
+}
+
+/// A TCP connection's life moves its entries through their states: opened by the client's
+/// SYN, each side established by its own plain ACK, closing after a FIN, and a reset closes
+/// both directions at once.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_tcp_flow_moves_its_entries_through_their_states() {
+    use proxy_common::{CT_CLOSING, CT_ESTABLISHED, CT_SYN};
+    let h = Harness::new();
+    let client = |flags| with_flags(packet(6, CLIENT, 41000, VIP, 80, 0, 0, true), flags);
+    let backend = |flags| with_flags(packet(6, BACKEND, 8080, CLIENT, 41000, 0, 0, true), flags);
+    let steps = [
+        (client(SYN), (Some(CT_SYN), Some(CT_SYN))),
+        (backend(SYN | ACK), (Some(CT_SYN), Some(CT_SYN))),
+        (client(ACK), (Some(CT_ESTABLISHED), Some(CT_SYN))),
+        (backend(ACK), (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED))),
+        (client(FIN | ACK), (Some(CT_CLOSING), Some(CT_ESTABLISHED))),
+        (backend(FIN | ACK), (Some(CT_CLOSING), Some(CT_CLOSING))),
+    ];
+    for (i, (input, want)) in steps.into_iter().enumerate() {
+        let (rc, out) = h.run(&input);
+        assert_eq!(rc, PASS, "step {i}");
+        let p = parse_checked(&out);
+        assert!(p.dst == BACKEND || p.src == VIP, "step {i}: translated");
+        assert_eq!(states(&h, 41000), want, "step {i}");
+    }
+    // A reset from either side closes both.
+    let client = |flags| with_flags(packet(6, CLIENT, 41001, VIP, 80, 0, 0, true), flags);
+    for p in [
+        client(SYN),
+        syn_ack(packet(6, BACKEND, 8080, CLIENT, 41001, 0, 0, true)),
+        client(ACK),
+    ] {
+        h.run(&p);
+    }
+    h.run(&with_flags(
+        packet(6, BACKEND, 8080, CLIENT, 41001, 0, 0, true),
+        RST,
+    ));
+    assert_eq!(states(&h, 41001), (Some(CT_CLOSING), Some(CT_CLOSING)));
+}
+
+/// A client that has connected through a VIP, then connects straight to the backend on the
+/// same source port (the tuple the backend sees is the same): its connection is its own. The
+/// backend's SYN-ACK is not rewritten to come from the VIP (it would be refused), whether the
+/// earlier flow ended with a reset or its end was never seen; a SYN from the backend's side on
+/// a tracked tuple is left alone too.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_direct_connection_on_a_tracked_tuple_is_left_alone() {
+    let h = Harness::new();
+    for (sport, ended_with_rst) in [(42000u16, true), (42001, false)] {
+        h.run(&packet(6, CLIENT, sport, VIP, 80, 0, 0, true));
+        h.run(&syn_ack(packet(
+            6, BACKEND, 8080, CLIENT, sport, 0, 0, true,
+        )));
+        h.run(&with_flags(
+            packet(6, CLIENT, sport, VIP, 80, 0, 0, true),
+            ACK,
+        ));
+        h.run(&with_flags(
+            packet(6, BACKEND, 8080, CLIENT, sport, 0, 0, true),
+            ACK,
+        ));
+        if ended_with_rst {
+            h.run(&with_flags(
+                packet(6, CLIENT, sport, VIP, 80, 0, 0, true),
+                RST,
+            ));
+        }
+        let passed = h.counter(Counter::TcOtherFlowPassed);
+        // Now straight to the pod, from the same port.
+        let syn = packet(6, CLIENT, sport, BACKEND, 8080, 0, 0, true);
+        let (rc, out) = h.run(&syn);
+        assert_eq!(
+            (rc, &out),
+            (PASS, &syn),
+            "{sport}: the direct SYN is not ours"
+        );
+        let answer = syn_ack(packet(6, BACKEND, 8080, CLIENT, sport, 0, 0, true));
+        let (rc, out) = h.run(&answer);
+        assert_eq!(
+            (rc, &out),
+            (PASS, &answer),
+            "{sport}: its SYN-ACK stays from the pod"
+        );
+        assert_eq!(h.counter(Counter::TcOtherFlowPassed), passed + 1);
+        assert!(
+            ct_entry(&h, BACKEND, 8080, CLIENT, sport, 6).is_none(),
+            "{sport}: the stale reply entry is gone"
+        );
+        let rest = with_flags(packet(6, BACKEND, 8080, CLIENT, sport, 0, 0, true), ACK);
+        let (_, out) = h.run(&rest);
+        assert_eq!(out, rest, "{sport}: and the connection's later packets too");
+    }
+    // A connection the backend opens towards a client's tracked port is not a reply either.
+    h.run(&packet(6, CLIENT, 42002, VIP, 80, 0, 0, true));
+    let syn = packet(6, BACKEND, 8080, CLIENT, 42002, 0, 0, true);
+    let (rc, out) = h.run(&syn);
+    assert_eq!((rc, &out), (PASS, &syn));
+}
+
+/// Sets the last-seen time of the entry of `src`:`sport` -> `dst`:`dport` `ago` seconds back.
+fn age(h: &Harness, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8, ago: u32) {
+    let key = proxy_common::CtKey::new(
+        u32::from_ne_bytes(src),
+        sport.to_be(),
+        u32::from_ne_bytes(dst),
+        dport.to_be(),
+        proto,
+    );
+    let mut ct = h.conntrack();
+    let mut v = ct.get(&key, 0).expect("the entry exists");
+    // (Wrapping, as the programs compare: a machine up for less than `ago` still works.)
+    v.seen_s = proxy_agent::conntrack::now_s().wrapping_sub(ago);
+    ct.insert(key, v, 0).unwrap();
+}
+
+/// An entry older than its state's lifetime is not used: a TCP flow idle for longer than its
+/// established lifetime, and a UDP flow idle for longer than UDP's, lose their reply
+/// translation; a flow seen just within its lifetime keeps it.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn an_expired_entry_is_not_used() {
+    use proxy_common::CtTimeouts;
+    let h = Harness::new();
+    let lifetime = CtTimeouts::DEFAULT;
+    // TCP, established both ways.
+    h.run(&packet(6, CLIENT, 43000, VIP, 80, 0, 0, true));
+    h.run(&syn_ack(packet(
+        6, BACKEND, 8080, CLIENT, 43000, 0, 0, true,
+    )));
+    h.run(&with_flags(
+        packet(6, CLIENT, 43000, VIP, 80, 0, 0, true),
+        ACK,
+    ));
+    let reply = with_flags(packet(6, BACKEND, 8080, CLIENT, 43000, 0, 0, true), ACK);
+    assert_eq!(parse_checked(&h.run(&reply).1).src, VIP);
+    age(
+        &h,
+        BACKEND,
+        8080,
+        CLIENT,
+        43000,
+        6,
+        lifetime.established_s - 5,
+    );
+    assert_eq!(
+        parse_checked(&h.run(&reply).1).src,
+        VIP,
+        "within its lifetime"
+    );
+    age(
+        &h,
+        BACKEND,
+        8080,
+        CLIENT,
+        43000,
+        6,
+        lifetime.established_s + 5,
+    );
+    let (rc, out) = h.run(&reply);
+    assert_eq!((rc, &out), (PASS, &reply), "expired: not translated");
+    // UDP, idle both ways for longer than its lifetime.
+    h.run(&packet(17, CLIENT, 43001, VIP, 53, 0, 0, true));
+    let answer = packet(17, BACKEND, 5353, CLIENT, 43001, 0, 0, true);
+    age(&h, BACKEND, 5353, CLIENT, 43001, 17, lifetime.udp_s - 5);
+    assert_eq!(
+        parse_checked(&h.run(&answer).1).src,
+        VIP,
+        "within its lifetime"
+    );
+    for (src, sport, dst, dport) in [(BACKEND, 5353, CLIENT, 43001), (CLIENT, 43001, VIP, 53)] {
+        age(&h, src, sport, dst, dport, 17, lifetime.udp_s + 5);
+    }
+    let (rc, out) = h.run(&answer);
+    assert_eq!((rc, &out), (PASS, &answer), "the UDP flow expired");
+    // The client's next datagram is a new flow: translated again, its entries fresh.
+    assert_eq!(
+        parse_checked(&h.run(&packet(17, CLIENT, 43001, VIP, 53, 0, 0, true)).1).dst,
+        BACKEND
+    );
+    assert_eq!(parse_checked(&h.run(&answer).1).src, VIP);
 }

@@ -117,10 +117,14 @@ pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
     if tcp && flags & TCP_SYN != 0 {
         let ack = flags & TCP_ACK != 0;
         match v.dir {
-            CT_DIR_REPLY if !ack => return Tracked::Leave,
+            CT_DIR_REPLY if !ack => {
+                count(Counter::TcOtherFlowPassed);
+                return Tracked::Leave;
+            }
             CT_DIR_REPLY if v.state != CT_SYN => {
                 // The tuple belongs to another connection now: the entry is stale.
                 let _ = PROXY_CT_V2.remove(key);
+                count(Counter::TcOtherFlowPassed);
                 return Tracked::Leave;
             }
             // A client reopening a tuple whose connection is over: a new flow. (A SYN sent
@@ -139,14 +143,13 @@ pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
             (*e).state = state;
             (*e).seen_s = now;
         }
-        if flags & TCP_RST != 0 && v.state != CT_CLOSING {
-            // A reset ends both directions at once (the other side sends nothing more).
-            let other = match v.dir {
-                CT_DIR_FORWARD => t.reply_from(v.addr_be, v.port_be),
-                _ => t.request_to(v.addr_be, v.port_be),
-            };
-            close(&other, now);
-        }
+        // The flow's other entry lives as long: a flow busy one way only keeps both. A reset
+        // ends both directions at once (the other side sends nothing more).
+        let other = match v.dir {
+            CT_DIR_FORWARD => t.reply_from(v.addr_be, v.port_be),
+            _ => t.request_to(v.addr_be, v.port_be),
+        };
+        touch(&other, now, flags & TCP_RST != 0);
     }
     Tracked::Rewrite(v)
 }
@@ -162,15 +165,19 @@ pub fn reply(t: &Tuple, now: u32) -> Option<CtValue> {
 /// The flow's backend still exists with the address the entry holds.
 #[inline(always)]
 fn backend_is(v: &CtValue) -> bool {
-    lb::lookup_backend(v.backend_id).is_some_and(|b| b.addr_be == v.addr_be && b.port_be == v.port_be)
+    lb::lookup_backend(v.backend_id)
+        .is_some_and(|b| b.addr_be == v.addr_be && b.port_be == v.port_be)
 }
 
+/// Marks the entry of `t` seen at `now` (and closing, with `close`).
 #[inline(always)]
-fn close(t: &Tuple, now: u32) {
+fn touch(t: &Tuple, now: u32, close: bool) {
     if let Some(e) = PROXY_CT_V2.get_ptr_mut(t.key()) {
         // SAFETY: a map value pointer, valid for this program run.
         unsafe {
-            (*e).state = CT_CLOSING;
+            if close {
+                (*e).state = CT_CLOSING;
+            }
             (*e).seen_s = now;
         }
     }
@@ -192,11 +199,23 @@ pub fn create(t: &Tuple, flags: u8, chosen: &Chosen, rev_nat_id: u16, now: u32) 
         next_state(opening, tcp, flags),
         now,
     );
-    let reply = CtValue::new(t.daddr, t.dport, rev_nat_id, chosen.id, CT_DIR_REPLY, opening, now);
+    let reply = CtValue::new(
+        t.daddr,
+        t.dport,
+        rev_nat_id,
+        chosen.id,
+        CT_DIR_REPLY,
+        opening,
+        now,
+    );
     let reply_key = t.reply_from(b.addr_be, b.port_be).key();
     // The reply entry first: a reply can never arrive before it.
-    if PROXY_CT_V2.insert(reply_key, reply, BPF_ANY.into()).is_err()
-        || PROXY_CT_V2.insert(t.key(), forward, BPF_ANY.into()).is_err()
+    if PROXY_CT_V2
+        .insert(reply_key, reply, BPF_ANY.into())
+        .is_err()
+        || PROXY_CT_V2
+            .insert(t.key(), forward, BPF_ANY.into())
+            .is_err()
     {
         count(Counter::CtUpdateFailed);
     }

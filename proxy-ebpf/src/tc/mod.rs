@@ -7,6 +7,7 @@
 //! dropped and counted ([`packet`]).
 
 mod conntrack;
+mod csum;
 mod icmp;
 mod nat;
 mod packet;
@@ -96,7 +97,14 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
 /// Rewrites a client's packet to its flow's backend.
 #[inline(always)]
 fn forward(pkt: &mut Packet, ip: &Ipv4, l4: &L4, target: &CtValue) -> Result<i32, Failed> {
-    nat::rewrite(pkt, ip, l4, End::Destination, target.addr_be, target.port_be)?;
+    nat::rewrite(
+        pkt,
+        ip,
+        l4,
+        End::Destination,
+        target.addr_be,
+        target.port_be,
+    )?;
     count(Counter::TcTranslated);
     Ok(PASS)
 }

@@ -4,8 +4,9 @@
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 
 use super::{
+    csum,
     packet::{Failed, Packet},
-    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Ipv4, L4, L4_DPORT, L4_SPORT, PROTO_UDP},
+    parse::{IP_CSUM_OFF, Ipv4, L4, L4_DPORT, L4_SPORT, PROTO_UDP},
 };
 
 /// Which end of the packet a rewrite changes.
@@ -28,13 +29,25 @@ pub fn rewrite(
     addr: u32,
     port: u16,
 ) -> Result<(), Failed> {
-    let (addr_off, old_addr, port_off, old_port) = match end {
-        End::Source => (IP_SADDR_OFF, ip.saddr, l4.off + L4_SPORT, l4.sport),
-        End::Destination => (IP_DADDR_OFF, ip.daddr, l4.off + L4_DPORT, l4.dport),
+    // The IP checksum is computed here and written with the address, in one write: it lies
+    // just before the addresses (checksum, source, destination).
+    let (old_addr, port_off, old_port) = match end {
+        End::Source => (ip.saddr, l4.off + L4_SPORT, l4.sport),
+        End::Destination => (ip.daddr, l4.off + L4_DPORT, l4.dport),
     };
-    pkt.store(addr_off, &addr)?;
+    let check = csum::replace4(ip.csum, old_addr, addr).to_ne_bytes();
+    match end {
+        End::Source => {
+            let [a, b, c, d] = addr.to_ne_bytes();
+            pkt.store(IP_CSUM_OFF, &[check[0], check[1], a, b, c, d])?;
+        }
+        End::Destination => {
+            let ([s0, s1, s2, s3], [d0, d1, d2, d3]) = (ip.saddr.to_ne_bytes(), addr.to_ne_bytes());
+            let bytes = [check[0], check[1], s0, s1, s2, s3, d0, d1, d2, d3];
+            pkt.store(IP_CSUM_OFF, &bytes)?;
+        }
+    }
     pkt.store(port_off, &port)?;
-    pkt.l3_csum_replace(IP_CSUM_OFF, old_addr, addr)?;
     // UDP may carry no checksum (0): leave it so.
     if !l4.no_csum {
         // A UDP checksum that comes out as 0 must be written as 0xffff (0 means "none").

@@ -65,7 +65,8 @@ impl<'a> Packet<'a> {
     }
 
     /// Where a `T` at `offset` lies in the packet's linear data, if it lies there (headers
-    /// almost always do). Read afresh each time: a helper that changes the packet moves it.
+    /// almost always do), for reading. Read afresh each time: a helper that changes the packet
+    /// moves it.
     #[inline(always)]
     fn linear<T>(&self, offset: usize) -> Option<*mut T> {
         let (start, end) = (self.ctx.data(), self.ctx.data_end());
@@ -89,18 +90,13 @@ impl<'a> Packet<'a> {
         }
     }
 
+    /// Writes through the helper, never directly: a program that writes packet memory
+    /// directly makes the kernel unclone every cloned packet before it runs (most of a TCP
+    /// sender's are clones), translated or not.
     #[inline(always)]
-    pub fn store<T: Copy>(&mut self, offset: usize, v: &T) -> Result<(), Failed> {
+    pub fn store<T>(&mut self, offset: usize, v: &T) -> Result<(), Failed> {
         self.before_write()?;
-        let r = match self.linear::<T>(offset) {
-            Some(p) => {
-                // SAFETY: in bounds of the packet's data, checked above; TC programs may write
-                // it (the kernel makes it writable before the program runs).
-                unsafe { p.write_unaligned(*v) };
-                Ok(())
-            }
-            None => self.ctx.store(offset, v, 0),
-        };
+        let r = self.ctx.store(offset, v, 0);
         self.after_write(r)
     }
 

@@ -23,6 +23,8 @@ const IP_PROTO_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, proto);
 pub const IP_CSUM_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, check);
 pub const IP_SADDR_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, src_addr);
 pub const IP_DADDR_OFF: usize = IP_OFF + offset_of!(Ipv4Hdr, dst_addr);
+// The rewrite writes the checksum and the addresses as one run of bytes.
+const _: () = assert!(IP_SADDR_OFF == IP_CSUM_OFF + 2 && IP_DADDR_OFF == IP_SADDR_OFF + 4);
 /// Offsets inside an IPv4 header (for a quoted one, in ICMP errors).
 pub const IPH_PROTO: usize = offset_of!(Ipv4Hdr, proto);
 pub const IPH_CSUM: usize = offset_of!(Ipv4Hdr, check);
@@ -64,6 +66,8 @@ pub struct Ipv4 {
     pub proto: u8,
     pub saddr: u32,
     pub daddr: u32,
+    /// The header's checksum, as it lies in memory.
+    pub csum: u16,
     /// Where the L4 header begins (IP options are skipped by honouring IHL).
     pub l4: usize,
     /// A fragment, first or not (only the first carries ports).
@@ -86,6 +90,7 @@ pub fn ipv4(pkt: &Packet) -> Result<Option<Ipv4>, Failed> {
         proto: pkt.load(IP_PROTO_OFF)?,
         saddr: pkt.load(IP_SADDR_OFF)?,
         daddr: pkt.load(IP_DADDR_OFF)?,
+        csum: pkt.load(IP_CSUM_OFF)?,
         l4: IP_OFF + ihl,
         fragment: frags & (IP_MF | IP_OFFSET) != 0,
     }))

@@ -11,6 +11,7 @@ use network_types::{
 use proxy_common::Counter;
 
 use super::{
+    csum::{fold, halves, sum_words},
     packet::{DROP, Failed, Packet},
     parse::{ETH_HLEN, Ipv4, PROTO_ICMP},
 };
@@ -90,25 +91,4 @@ pub fn port_unreachable(pkt: &mut Packet, ip: &Ipv4) -> Result<i32, Failed> {
     count(Counter::TcNoEndpointsRejected);
     // SAFETY: plain helper call; back out of the interface the packet arrived on.
     Ok(unsafe { bpf_redirect(pkt.ifindex(), 0) } as i32)
-}
-
-/// Ones' complement sum of 16-bit words, read as they lie in memory (little-endian on the
-/// BPF target): folded and inverted, the result is stored back the same way, so no byte
-/// swapping is needed (RFC 1071's byte-order independence).
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// The two 16-bit words of a 32-bit one, summed.
-#[inline(always)]
-fn halves(w: u32) -> u32 {
-    (w & 0xffff) + (w >> 16)
-}
-
-#[inline(always)]
-fn sum_words(words: &[u32]) -> u32 {
-    words.iter().map(|w| halves(*w)).sum()
 }

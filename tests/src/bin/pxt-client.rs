@@ -39,6 +39,9 @@ enum Mode {
     /// connect and read the greeting, print the socket's cookie on a line, wait for a line on
     /// stdin (or its end), then report the peer as getpeername() gives it then.
     TcpHold,
+    /// one TCP connection to an echo server, one round trip every 20 ms, `count` times; it
+    /// stops at the first error (the connection is the point).
+    TcpEcho,
 }
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -68,7 +71,7 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
             *r.replies.entry(text.trim().to_string()).or_default() += 1;
             *r.peers.entry(peer.to_string()).or_default() += 1;
         }
-        Mode::UdpLoop | Mode::UdpConnectedLoop | Mode::TcpHold => {
+        Mode::UdpLoop | Mode::UdpConnectedLoop | Mode::TcpHold | Mode::TcpEcho => {
             unreachable!("handled in main")
         }
         Mode::Udp | Mode::UdpConnected => {
@@ -183,6 +186,30 @@ fn tcp_hold(addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::io::Res
     Ok(())
 }
 
+fn tcp_echo(
+    addr: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    r: &mut Report,
+) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    *r.peers.entry(s.peer_addr()?.to_string()).or_default() += 1;
+    for i in 0..count {
+        let line = format!("round trip {i}\n");
+        s.write_all(line.as_bytes())?;
+        let mut back = vec![0u8; line.len()];
+        s.read_exact(&mut back)?;
+        if back != line.as_bytes() {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        *r.replies.entry("echo".into()).or_default() += 1;
+        r.last = i.to_string();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// The loop modes report once, at the end.
 fn run_loop(f: impl FnOnce(&mut Report) -> std::io::Result<()>) {
     let mut r = Report::default();
@@ -201,6 +228,7 @@ fn main() {
             return run_loop(|r| udp_connected_loop(args.addr, args.count, r));
         }
         Mode::TcpHold => return run_loop(|r| tcp_hold(args.addr, timeout, r)),
+        Mode::TcpEcho => return run_loop(|r| tcp_echo(args.addr, args.count, timeout, r)),
         _ => {}
     }
     let mut r = Report::default();
