@@ -268,3 +268,66 @@ fn conntrack_collection_removes_exactly_the_expired_entries() {
         ((cases.len() - expired) * each, 0)
     );
 }
+
+/// An upgrade from the conntrack layout without states: the flows the old map holds are
+/// carried into the new one (TCP as established, UDP as UDP), except where the programs now
+/// in place already track them, and the old map's pin is removed.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn flows_of_the_previous_conntrack_layout_are_carried_over() {
+    use proxy_common::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_SYN, CT_UDP, CtKey, CtValue, v1,
+    };
+    require_root();
+    let pins = BpffsDir::new(&unique("ctv1"));
+    let _ebpf = loader::load(&pins.path).expect("object loads");
+    let old_path = pins.path.join("PROXY_CT_V1");
+    let obj = aya_obj::Map::new_from_params(
+        9, // BPF_MAP_TYPE_LRU_HASH
+        std::mem::size_of::<v1::CtKey>() as u32,
+        std::mem::size_of::<v1::CtValue>() as u32,
+        1024,
+        0,
+    );
+    MapData::create(obj, "PROXY_CT_V1", None)
+        .unwrap()
+        .pin(&old_path)
+        .unwrap();
+    let md = MapData::from_pin(&old_path).unwrap();
+    let mut old: HashMap<_, v1::CtKey, v1::CtValue> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+    let key = |proto, sport: u16, dir| v1::CtKey {
+        saddr_be: 1,
+        daddr_be: 2,
+        sport_be: sport,
+        dport_be: 3,
+        proto,
+        dir,
+        _pad: [0; 2],
+    };
+    let value = v1::CtValue {
+        addr_be: 4,
+        port_be: 5,
+        rev_nat_id: 6,
+        backend_id: 7,
+        _pad: 0,
+    };
+    for (proto, sport, dir) in [(6, 10, 0), (6, 11, 1), (17, 12, 0), (6, 13, 0)] {
+        old.insert(key(proto, sport, dir), value, 0).unwrap();
+    }
+    // A flow the new programs already track.
+    let mut ct = conntrack::open(&pins.path).unwrap();
+    let newer = CtValue::new(9, 9, 9, 9, CT_DIR_FORWARD, CT_SYN, 1);
+    ct.insert(CtKey::new(1, 13, 2, 3, 6), newer, 0).unwrap();
+    drop(old);
+
+    let carried = conntrack::carry_over_retired(&pins.path, 1000).unwrap();
+    assert_eq!(carried, 3);
+    assert!(!old_path.exists(), "the old pin is removed");
+    let get = |proto, sport| ct.get(&CtKey::new(1, sport, 2, 3, proto), 0).unwrap();
+    let at = |dir, state| CtValue::new(4, 5, 6, 7, dir, state, 1000);
+    assert_eq!(get(6, 10), at(CT_DIR_FORWARD, CT_ESTABLISHED));
+    assert_eq!(get(6, 11), at(CT_DIR_REPLY, CT_ESTABLISHED));
+    assert_eq!(get(17, 12), at(CT_DIR_FORWARD, CT_UDP));
+    assert_eq!(get(6, 13), newer, "what the new programs wrote is kept");
+}
