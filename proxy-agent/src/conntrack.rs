@@ -16,7 +16,7 @@ use proxy_common::{
     CT_ESTABLISHED, CT_MAP, CT_STATES, CT_UDP, CtKey, CtTimeouts, CtValue, PROTO_TCP, RETIRED_MAPS,
 };
 
-use crate::maps::{MapsError, open_pinned};
+use crate::maps::{MapsError, bpf, open_pinned};
 
 /// The datapath's clock: `CLOCK_MONOTONIC` in seconds, as the programs read it
 /// (`bpf_ktime_get_ns`).
@@ -168,29 +168,19 @@ fn read_batched(ct: &Conntrack, mut f: impl FnMut(CtKey, CtValue)) -> std::io::R
         // SAFETY: the kernel writes at most `count` keys and values into the two buffers
         // (laid out as the map's key and value), and the position into `next`; all outlive
         // the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &mut attr as *mut bpf_attr,
-                std::mem::size_of::<bpf_attr>(),
-            )
-        };
-        let error = (rc != 0).then(std::io::Error::last_os_error);
+        let result = unsafe { bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
         // SAFETY: the kernel set `count` to the number of entries it copied.
         let n = (unsafe { attr.batch.count } as usize).min(CHUNK);
-        if let Some(e) = &error
-            && e.raw_os_error() != Some(libc::ENOENT)
-        {
-            return Err(std::io::Error::from_raw_os_error(
-                e.raw_os_error().unwrap_or(0),
-            ));
-        }
+        // ENOENT: this is the last chunk.
+        let last = match result {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
         for i in 0..n {
             f(keys[i], values[i]);
         }
-        // ENOENT: that was the last chunk.
-        if error.is_some() {
+        if last {
             return Ok(());
         }
         at = next;

@@ -192,6 +192,31 @@ fn absent_ok(r: Result<(), MapError>, map: &'static str) -> Result<(), DatapathE
     }
 }
 
+/// The bpf(2) system call, for the commands aya 0.14 has no wrapper for.
+///
+/// # Safety
+/// `attr` must be valid for `cmd`: every pointer in it to memory of the sizes the kernel will
+/// read and write, alive for the call.
+pub(crate) unsafe fn bpf(
+    cmd: aya_obj::generated::bpf_cmd,
+    attr: &mut aya_obj::generated::bpf_attr,
+) -> std::io::Result<()> {
+    // SAFETY: as the caller promises; the kernel writes only `attr` besides.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut aya_obj::generated::bpf_attr,
+            std::mem::size_of::<aya_obj::generated::bpf_attr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Writes `values[i]` under `keys[i]`, in order, with one `BPF_MAP_UPDATE_BATCH` (kernel
 /// 5.6+; aya 0.14 has no wrapper for it). On failure, the kernel reports how many entries it
 /// wrote before the one that failed.
@@ -212,19 +237,10 @@ pub fn update_batch<K: Pod, V: Pod>(
     attr.batch.count = keys.len() as u32;
     attr.batch.map_fd = map.map().fd().as_fd().as_raw_fd() as u32;
     // SAFETY: the kernel reads `count` keys and values from the two live slices (Pod types
-    // laid out as the map's key and value) and writes only `attr`, which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
-            &mut attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if rc == 0 {
+    // laid out as the map's key and value) and writes only `attr`.
+    let Err(error) = (unsafe { bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }) else {
         return Ok(());
-    }
-    let error = std::io::Error::last_os_error();
+    };
     // SAFETY: the kernel set `count` to the number of entries it wrote.
     let written = unsafe { attr.batch.count } as usize;
     Err((written.min(keys.len()), error))

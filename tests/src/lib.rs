@@ -14,6 +14,7 @@ pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod host;
+pub mod packets;
 pub mod servers;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -143,13 +143,17 @@ pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
             (*e).state = state;
             (*e).seen_s = now;
         }
-        // The flow's other entry lives as long: a flow busy one way only keeps both. A reset
-        // ends both directions at once (the other side sends nothing more).
-        let other = match v.dir {
-            CT_DIR_FORWARD => t.reply_from(v.addr_be, v.port_be),
-            _ => t.request_to(v.addr_be, v.port_be),
-        };
-        touch(&other, now, flags & TCP_RST != 0);
+        // The flow's other entry lives as long: a flow busy one way only keeps both (once a
+        // second: a state change within the second leaves it). A reset ends both directions
+        // at once (the other side sends nothing more).
+        let reset = flags & TCP_RST != 0;
+        if now != v.seen_s || reset {
+            let other = match v.dir {
+                CT_DIR_FORWARD => t.reply_from(v.addr_be, v.port_be),
+                _ => t.request_to(v.addr_be, v.port_be),
+            };
+            touch(&other, now, reset);
+        }
     }
     Tracked::Rewrite(v)
 }

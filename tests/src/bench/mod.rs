@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod kernel_cost;
 pub mod kube_proxy;
 pub mod load;
+pub mod packet_cost;
 pub mod report;
 pub mod servers;
 pub mod workload;

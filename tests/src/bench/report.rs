@@ -28,6 +28,8 @@ pub struct Results {
     pub dataplane: Vec<Measurement>,
     /// The socket path against direct, interleaved in one cluster (per size).
     pub interleaved: Vec<Interleaved>,
+    /// The packet path's run time per kind of packet (`BPF_PROG_TEST_RUN`).
+    pub packet_cost: Vec<super::packet_cost::PacketCost>,
     pub controlplane: Option<ControlPlane>,
 }
 
@@ -139,6 +141,17 @@ pub fn tables(r: &Results) -> String {
             "| {} | {} | {:.0} | {} | {:.0} | {:.0} |",
             x.services, x.row, u.rate, ratio, u.p50_us, u.p99_us
         );
+    }
+    if !r.packet_cost.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nPacket path per kind of packet (BPF_PROG_TEST_RUN on crafted packets, one flow per run; without the copy of a cloned packet's header that real TCP traffic adds):\n"
+        );
+        let _ = writeln!(out, "| packet | what the program does | ns/run |");
+        let _ = writeln!(out, "|---|---|---:|");
+        for c in &r.packet_cost {
+            let _ = writeln!(out, "| {} | {} | {:.0} |", c.packet, c.work, c.ns_per_run);
+        }
     }
     if let Some(cp) = &r.controlplane {
         let _ = writeln!(

@@ -9,6 +9,7 @@ use proxy_tests::{
     bench::{
         controlplane::{self, ControlPlane, Shape},
         dataplane::{self, Row, Settings},
+        packet_cost,
         report::{self, Machine, Results},
     },
     host::{require_root, sh},
@@ -133,6 +134,7 @@ fn main() -> anyhow::Result<()> {
         }),
         dataplane: vec![],
         interleaved: vec![],
+        packet_cost: vec![],
         controlplane: None,
     };
 
@@ -164,6 +166,12 @@ fn main() -> anyhow::Result<()> {
             );
             results.interleaved.push(i);
         }
+    }
+
+    if !args.skip_dataplane {
+        eprintln!("bench: packet path per kind of packet (BPF_PROG_TEST_RUN) ...");
+        let flows = if args.quick { 2_000 } else { 20_000 };
+        results.packet_cost = packet_cost::measure(flows).context("packet path per packet")?;
     }
 
     if !args.skip_controlplane {
