@@ -56,8 +56,14 @@ impl Cleaner {
             .spawn(move || {
                 let mut next_gc = Instant::now() + gc.interval.min(Duration::from_secs(1));
                 loop {
+                    // Collection first when it is due: a steady stream of jobs never starves it.
                     let wait = next_gc.saturating_duration_since(Instant::now());
-                    match jobs.recv_timeout(wait) {
+                    let job = if wait.is_zero() {
+                        Err(mpsc::RecvTimeoutError::Timeout)
+                    } else {
+                        jobs.recv_timeout(wait)
+                    };
+                    match job {
                         Ok(mut backends) => {
                             // Whatever queued up meanwhile is one walk.
                             while let Ok(more) = jobs.try_recv() {

@@ -52,10 +52,10 @@ const CHUNK: usize = 4096;
 /// kernel has no batch lookups), each entry expired at `now_s` deleted, and what it saw
 /// counted. Bounded: it visits each of the map's buckets once.
 ///
-/// An entry read as expired may be recreated by the datapath before it is deleted here (a
-/// packet of a flow idle for its whole lifetime, arriving in that millisecond): that new
-/// entry is lost, and the flow is balanced again. Deleting only entries expired by more than
-/// a second keeps even that to flows that were already being treated as new.
+/// The datapath treats an expired entry as absent and may write a new one under its key
+/// while the pass runs: each entry is read again just before it is deleted, and kept if it is
+/// live by then. (What is left is a write in the microseconds between that read and the
+/// delete, for a flow that was already being treated as new.)
 pub fn collect(ct: &mut Conntrack, timeouts: &CtTimeouts, now_s: u32) -> Result<Pass, MapsError> {
     let read = |source| MapsError::Read {
         map: CT_MAP,
@@ -90,55 +90,74 @@ pub fn collect(ct: &mut Conntrack, timeouts: &CtTimeouts, now_s: u32) -> Result<
         }
     }
     for k in &stale {
+        let still = ct
+            .get(k, 0)
+            .is_ok_and(|v| v.expired(now_s.saturating_sub(1), timeouts));
         // Gone already (evicted, or the other direction's delete) is fine.
-        if ct.remove(k).is_ok() {
+        if still && ct.remove(k).is_ok() {
             pass.collected += 1;
         }
     }
     Ok(pass)
 }
 
-/// Carries the flows a map of an earlier layout holds (an upgrade: the programs now in place
-/// use the current map) into the current map, where it has no entry for them yet, as
-/// established; then removes the earlier map's pin. Returns how many entries it carried over.
-pub fn carry_over_retired(bpffs_dir: &Path, now_s: u32) -> Result<usize, MapsError> {
+/// How long a carried-over entry lives if no packet comes: the earlier layouts did not expire
+/// entries, so one may belong to a flow long gone. Any packet of a live flow refreshes it.
+pub const CARRY_OVER_GRACE_TCP_S: u32 = 600;
+/// The same for UDP, whose flows send often or are gone.
+pub const CARRY_OVER_GRACE_UDP_S: u32 = 10;
+
+/// Copies the flows a map of an earlier layout holds (an upgrade: the programs being put in
+/// place use the current map) into the current map, where it has no entry for them yet, as
+/// established (or UDP) with a short lifetime left ([`CARRY_OVER_GRACE_TCP_S`]). Run before
+/// the new programs are attached, so they find the flows, and again after, for what the old
+/// programs wrote meanwhile; then [`retire`]. Returns how many entries it copied.
+pub fn carry_over(bpffs_dir: &Path, timeouts: &CtTimeouts, now_s: u32) -> Result<usize, MapsError> {
     let mut carried = 0;
     for name in RETIRED_MAPS {
-        let path = bpffs_dir.join(name);
-        if !path.exists() {
+        if *name != "PROXY_CT_V1" || !bpffs_dir.join(name).exists() {
             continue;
         }
-        if *name == "PROXY_CT_V1" {
-            let mut current = open(bpffs_dir)?;
-            let old: HashMap<MapData, proxy_common::v1::CtKey, proxy_common::v1::CtValue> =
-                open_pinned(bpffs_dir, name, Map::LruHashMap)?;
-            for kv in old.iter() {
-                let (k, v) = kv.map_err(|source| MapsError::Read { map: name, source })?;
-                let key = CtKey::new(k.saddr_be, k.sport_be, k.daddr_be, k.dport_be, k.proto);
-                let state = if k.proto == PROTO_TCP {
-                    CT_ESTABLISHED
-                } else {
-                    CT_UDP
-                };
-                let value = CtValue::new(
-                    v.addr_be,
-                    v.port_be,
-                    v.rev_nat_id,
-                    v.backend_id,
-                    // (The same values in both layouts.)
-                    k.dir,
-                    state,
-                    now_s,
-                );
-                // BPF_NOEXIST: what the current programs wrote since is newer.
-                if current.insert(key, value, 1).is_ok() {
-                    carried += 1;
-                }
+        let mut current = open(bpffs_dir)?;
+        let old: HashMap<MapData, proxy_common::v1::CtKey, proxy_common::v1::CtValue> =
+            open_pinned(bpffs_dir, name, Map::LruHashMap)?;
+        for kv in old.iter() {
+            let (k, v) = kv.map_err(|source| MapsError::Read { map: name, source })?;
+            let key = CtKey::new(k.saddr_be, k.sport_be, k.daddr_be, k.dport_be, k.proto);
+            let (state, grace) = if k.proto == PROTO_TCP {
+                (CT_ESTABLISHED, CARRY_OVER_GRACE_TCP_S)
+            } else {
+                (CT_UDP, CARRY_OVER_GRACE_UDP_S)
+            };
+            let left = timeouts.lifetime(state).saturating_sub(grace);
+            let value = CtValue::new(
+                v.addr_be,
+                v.port_be,
+                v.rev_nat_id,
+                v.backend_id,
+                // (The same values in both layouts.)
+                k.dir,
+                state,
+                now_s.wrapping_sub(left),
+            );
+            // BPF_NOEXIST: what the current programs wrote is newer.
+            if current.insert(key, value, 1).is_ok() {
+                carried += 1;
             }
         }
-        std::fs::remove_file(&path).map_err(|source| MapsError::Unpin { path, source })?;
     }
     Ok(carried)
+}
+
+/// Removes the pins of the earlier layouts' maps (once nothing attached uses them).
+pub fn retire(bpffs_dir: &Path) -> Result<(), MapsError> {
+    for name in RETIRED_MAPS {
+        let path = bpffs_dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| MapsError::Unpin { path, source })?;
+        }
+    }
+    Ok(())
 }
 
 fn batch_unsupported(e: &std::io::Error) -> bool {

@@ -98,14 +98,15 @@ struct ConntrackArgs {
     /// An established TCP connection (kube-proxy's default is 24h, Cilium's 6h).
     #[arg(long, default_value = "6h", value_parser = lifetime)]
     conntrack_tcp_timeout_established: u32,
-    /// A TCP connection after a FIN or RST.
+    /// A TCP connection after a RST, or a FIN from both sides (a half-closed one is
+    /// established).
     #[arg(long, default_value = "10s", value_parser = lifetime)]
     conntrack_tcp_timeout_close: u32,
     /// A UDP flow.
     #[arg(long, default_value = "60s", value_parser = lifetime)]
     conntrack_udp_timeout: u32,
     /// How often the agent deletes expired entries.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = gc_interval)]
     conntrack_gc_interval: Duration,
 }
 
@@ -115,6 +116,17 @@ fn lifetime(s: &str) -> Result<u32, String> {
     match u32::try_from(d.as_secs()) {
         Ok(n) if (1..=i32::MAX as u32).contains(&n) => Ok(n),
         _ => Err(format!("{s:?}: must be between 1s and {}s", i32::MAX)),
+    }
+}
+
+/// 1 s to a day: a pass more often is only cost, and less often only lets dead flows fill the
+/// map.
+fn gc_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("{s:?}: must be between 1s and 24h"))
     }
 }
 

@@ -60,6 +60,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup)
         .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
+    // What an earlier layout's conntrack map holds moves over before the new packet-path
+    // programs are attached (they find the flows), and again after (what the old programs
+    // wrote meanwhile); then its pin goes.
+    let carry = |when: &str| match conntrack::carry_over(
+        &cfg.bpffs_dir,
+        &cfg.ct_timeouts,
+        conntrack::now_s(),
+    ) {
+        Ok(0) => {}
+        Ok(n) => info!(
+            entries = n,
+            when, "carried conntrack entries over from the previous layout"
+        ),
+        Err(e) => warn!(error = %e, "could not carry over the previous layout's conntrack entries"),
+    };
+    carry("before attaching");
     let links_changed = Arc::new(Notify::new());
     // When a TC attach failed: retry soon rather than at the next event.
     const TC_RETRY: Duration = Duration::from_millis(250);
@@ -68,14 +84,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
         tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
     }
-    // The programs now in place use the current maps: what an earlier layout holds moves over.
-    match conntrack::carry_over_retired(&cfg.bpffs_dir, conntrack::now_s()) {
-        Ok(0) => {}
-        Ok(n) => info!(
-            entries = n,
-            "carried conntrack entries over from the previous layout"
-        ),
-        Err(e) => warn!(error = %e, "could not carry over the previous layout's conntrack entries"),
+    carry("after attaching");
+    if let Err(e) = conntrack::retire(&cfg.bpffs_dir) {
+        warn!(error = %e, "could not remove the previous layout's maps");
     }
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;

@@ -49,14 +49,20 @@ pub const CT_DIR_FORWARD: u8 = 0;
 /// [`CtValue::dir`]: the backend's replies (to the client), rewritten to come from the VIP.
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// [`CtValue::state`]: a TCP connection opening (its SYN seen, not yet an ACK of this side).
+/// [`CtValue::state`]: a TCP connection opening (its SYN seen, its handshake not over).
 pub const CT_SYN: u8 = 1;
-/// [`CtValue::state`]: a TCP connection whose side sent a plain ACK.
+/// [`CtValue::state`]: a TCP connection whose handshake is over (a plain ACK after the SYN),
+/// until both sides have sent a FIN.
 pub const CT_ESTABLISHED: u8 = 2;
-/// [`CtValue::state`]: a FIN or RST seen, either way.
+/// [`CtValue::state`]: a FIN seen from both sides, or a RST from either.
 pub const CT_CLOSING: u8 = 3;
 /// [`CtValue::state`]: a UDP flow.
 pub const CT_UDP: u8 = 4;
+
+/// [`CtValue::fins`]: the client sent a FIN.
+pub const CT_FIN_FORWARD: u8 = 1;
+/// [`CtValue::fins`]: the backend sent a FIN.
+pub const CT_FIN_REPLY: u8 = 2;
 
 /// Every state, with its name (metrics, `proxy-agent services`).
 pub const CT_STATES: [(u8, &str); 4] = [
@@ -79,9 +85,13 @@ pub struct CtValue {
     pub backend_id: u32,
     /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
     pub dir: u8,
-    /// [`CT_SYN`], [`CT_ESTABLISHED`], [`CT_CLOSING`] or [`CT_UDP`].
+    /// [`CT_SYN`], [`CT_ESTABLISHED`], [`CT_CLOSING`] or [`CT_UDP`]: the flow's, the same in
+    /// both of its entries.
     pub state: u8,
-    pub _pad: u16,
+    /// The sides that sent a FIN: [`CT_FIN_FORWARD`], [`CT_FIN_REPLY`] (a half-closed
+    /// connection stays established: the other side may go on sending).
+    pub fins: u8,
+    pub _pad: u8,
     /// When this entry last saw a packet: `CLOCK_MONOTONIC` in seconds (`bpf_ktime_get_ns`),
     /// refreshed at most once a second.
     pub seen_s: u32,
@@ -106,6 +116,7 @@ impl CtValue {
             backend_id,
             dir,
             state,
+            fins: 0,
             _pad: 0,
             seen_s,
         }

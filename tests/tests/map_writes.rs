@@ -321,13 +321,27 @@ fn flows_of_the_previous_conntrack_layout_are_carried_over() {
     ct.insert(CtKey::new(1, 13, 2, 3, 6), newer, 0).unwrap();
     drop(old);
 
-    let carried = conntrack::carry_over_retired(&pins.path, 1000).unwrap();
+    let t = proxy_common::CtTimeouts::DEFAULT;
+    let now = 100_000;
+    let carried = conntrack::carry_over(&pins.path, &t, now).unwrap();
     assert_eq!(carried, 3);
+    assert!(old_path.exists(), "kept until retired");
+    assert_eq!(
+        conntrack::carry_over(&pins.path, &t, now).unwrap(),
+        0,
+        "a second pass copies only what is new"
+    );
+    conntrack::retire(&pins.path).unwrap();
     assert!(!old_path.exists(), "the old pin is removed");
     let get = |proto, sport| ct.get(&CtKey::new(1, sport, 2, 3, proto), 0).unwrap();
-    let at = |dir, state| CtValue::new(4, 5, 6, 7, dir, state, 1000);
-    assert_eq!(get(6, 10), at(CT_DIR_FORWARD, CT_ESTABLISHED));
-    assert_eq!(get(6, 11), at(CT_DIR_REPLY, CT_ESTABLISHED));
-    assert_eq!(get(17, 12), at(CT_DIR_FORWARD, CT_UDP));
+    // Carried entries have a short lifetime left: a flow long gone does not stay for hours.
+    let at =
+        |dir, state, grace| CtValue::new(4, 5, 6, 7, dir, state, now - (t.lifetime(state) - grace));
+    let tcp = conntrack::CARRY_OVER_GRACE_TCP_S;
+    let udp = conntrack::CARRY_OVER_GRACE_UDP_S;
+    assert_eq!(get(6, 10), at(CT_DIR_FORWARD, CT_ESTABLISHED, tcp));
+    assert_eq!(get(6, 11), at(CT_DIR_REPLY, CT_ESTABLISHED, tcp));
+    assert_eq!(get(17, 12), at(CT_DIR_FORWARD, CT_UDP, udp));
+    assert!(!get(6, 10).expired(now + tcp - 1, &t) && get(6, 10).expired(now + tcp + 1, &t));
     assert_eq!(get(6, 13), newer, "what the new programs wrote is kept");
 }

@@ -498,9 +498,10 @@ fn states(h: &Harness, sport: u16) -> (Option<u8>, Option<u8>) {
     )
 }
 
-/// A TCP connection's life moves its entries through their states: opened by the client's
-/// SYN, each side established by its own plain ACK, closing after a FIN, and a reset closes
-/// both directions at once.
+/// A TCP connection's life moves both its entries through its states: opened by the client's
+/// SYN, established by the client's ACK of the handshake, still established when one side has
+/// sent a FIN (a half-close), closing once both have; a reset closes both directions at once.
+/// A SYN-ACK sent again after the handshake (the client's ACK was lost) is still the flow's.
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_tcp_flow_moves_its_entries_through_their_states() {
@@ -511,9 +512,17 @@ fn a_tcp_flow_moves_its_entries_through_their_states() {
     let steps = [
         (client(SYN), (Some(CT_SYN), Some(CT_SYN))),
         (backend(SYN | ACK), (Some(CT_SYN), Some(CT_SYN))),
-        (client(ACK), (Some(CT_ESTABLISHED), Some(CT_SYN))),
+        (client(ACK), (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED))),
+        (
+            backend(SYN | ACK),
+            (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED)),
+        ),
         (backend(ACK), (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED))),
-        (client(FIN | ACK), (Some(CT_CLOSING), Some(CT_ESTABLISHED))),
+        (
+            client(FIN | ACK),
+            (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED)),
+        ),
+        (backend(ACK), (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED))),
         (backend(FIN | ACK), (Some(CT_CLOSING), Some(CT_CLOSING))),
     ];
     for (i, (input, want)) in steps.into_iter().enumerate() {
@@ -674,4 +683,54 @@ fn an_expired_entry_is_not_used() {
         BACKEND
     );
     assert_eq!(parse_checked(&h.run(&answer).1).src, VIP);
+}
+
+/// A flow's two entries live as long as the flow: a connection idle for longer than the
+/// handshake's lifetime right after its handshake still has its reply translation (the reply
+/// entry saw no packet of its own since the SYN-ACK), and a half-closed one keeps both
+/// directions for longer than the closing lifetime while the other side still sends.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_flow_keeps_both_entries_while_idle_or_half_closed() {
+    use proxy_common::{CT_ESTABLISHED, CtTimeouts};
+    let h = Harness::new();
+    let lifetime = CtTimeouts::DEFAULT;
+    let client = |sport, flags| with_flags(packet(6, CLIENT, sport, VIP, 80, 0, 0, true), flags);
+    let backend =
+        |sport, flags| with_flags(packet(6, BACKEND, 8080, CLIENT, sport, 0, 0, true), flags);
+    // Idle after the handshake.
+    for p in [
+        client(44000, SYN),
+        backend(44000, SYN | ACK),
+        client(44000, ACK),
+    ] {
+        h.run(&p);
+    }
+    age(&h, BACKEND, 8080, CLIENT, 44000, 6, lifetime.syn_s + 5);
+    age(&h, CLIENT, 44000, VIP, 80, 6, lifetime.syn_s + 5);
+    let (_, out) = h.run(&backend(44000, ACK));
+    assert_eq!(parse_checked(&out).src, VIP, "idle after the handshake");
+    // Half-closed by the client; the backend answers after a pause.
+    for p in [
+        client(44001, SYN),
+        backend(44001, SYN | ACK),
+        client(44001, ACK),
+    ] {
+        h.run(&p);
+    }
+    h.run(&client(44001, FIN | ACK));
+    assert_eq!(
+        states(&h, 44001),
+        (Some(CT_ESTABLISHED), Some(CT_ESTABLISHED))
+    );
+    age(&h, BACKEND, 8080, CLIENT, 44001, 6, lifetime.closing_s + 5);
+    age(&h, CLIENT, 44001, VIP, 80, 6, lifetime.closing_s + 5);
+    let (_, out) = h.run(&backend(44001, ACK));
+    assert_eq!(parse_checked(&out).src, VIP, "the backend still sends");
+    let (_, out) = h.run(&client(44001, ACK));
+    assert_eq!(
+        parse_checked(&out).dst,
+        BACKEND,
+        "the client's ACKs keep their backend"
+    );
 }

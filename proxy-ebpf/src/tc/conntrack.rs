@@ -5,14 +5,14 @@
 //! agent deletes it later.
 //!
 //! A packet of a flow that was not translated is never rewritten: a reply entry answers only
-//! its own flow, so a SYN on it (a connection opening from the backend's side) or a SYN-ACK
-//! once its handshake is over (a new, direct connection to the pod on a reused tuple) is left
-//! alone.
+//! its own flow, so a SYN on it (a connection opening from the backend's side) is left alone,
+//! and a client's direct SYN to the pod on a reused tuple removes the entries of the flow it
+//! replaces.
 
 use aya_ebpf::{Global, bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    CT_CLOSING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_SYN, CT_UDP, Counter, CtKey,
-    CtTimeouts, CtValue,
+    CT_CLOSING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REPLY,
+    CT_SYN, CT_UDP, Counter, CtKey, CtTimeouts, CtValue,
 };
 
 use super::parse::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -83,25 +83,39 @@ pub enum Tracked {
     New,
 }
 
-/// The state after a packet with `flags`: FIN or RST closes; a plain ACK of this side ends
-/// its handshake.
+/// A flow's state and FINs after a packet with `flags` from the `dir` side: a plain ACK ends
+/// the handshake; a RST, or a FIN from both sides, closes.
 #[inline(always)]
-fn next_state(state: u8, tcp: bool, flags: u8) -> u8 {
+fn next_state(state: u8, fins: u8, dir: u8, tcp: bool, flags: u8) -> (u8, u8) {
     if !tcp {
-        return CT_UDP;
+        return (CT_UDP, 0);
     }
-    if flags & (TCP_FIN | TCP_RST) != 0 {
-        return CT_CLOSING;
+    let fins = if flags & TCP_FIN != 0 {
+        fins | fin_of(dir)
+    } else {
+        fins
+    };
+    if flags & TCP_RST != 0 || fins == CT_FIN_FORWARD | CT_FIN_REPLY {
+        return (CT_CLOSING, fins);
     }
     if state == CT_SYN && flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
-        return CT_ESTABLISHED;
+        return (CT_ESTABLISHED, fins);
     }
-    state
+    (state, fins)
 }
 
-/// Looks the packet's own tuple up and follows its flow: the state from the TCP flags and the
-/// last-seen time are written at most once a second (or on a change), so most packets write
-/// nothing; a forward entry's backend is checked to still exist then.
+#[inline(always)]
+fn fin_of(dir: u8) -> u8 {
+    if dir == CT_DIR_FORWARD {
+        CT_FIN_FORWARD
+    } else {
+        CT_FIN_REPLY
+    }
+}
+
+/// Looks the packet's own tuple up and follows its flow. Both entries of a flow hold its
+/// state: a change is written to both at once; the last-seen time at most once a second, so
+/// most packets write nothing. A forward entry's backend is checked to still exist then.
 #[inline(always)]
 pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
     let key = t.key();
@@ -114,48 +128,64 @@ pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
         return Tracked::New;
     }
     let tcp = t.proto == PROTO_TCP;
-    if tcp && flags & TCP_SYN != 0 {
-        let ack = flags & TCP_ACK != 0;
+    if tcp && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         match v.dir {
-            CT_DIR_REPLY if !ack => {
-                count(Counter::TcOtherFlowPassed);
-                return Tracked::Leave;
-            }
-            CT_DIR_REPLY if v.state != CT_SYN => {
-                // The tuple belongs to another connection now: the entry is stale.
-                let _ = PROXY_CT_V2.remove(key);
+            // A connection the backend opens towards the client's port is not a reply.
+            CT_DIR_REPLY => {
                 count(Counter::TcOtherFlowPassed);
                 return Tracked::Leave;
             }
             // A client reopening a tuple whose connection is over: a new flow. (A SYN sent
             // again while the handshake is open keeps its backend.)
-            CT_DIR_FORWARD if !ack && v.state != CT_SYN => return Tracked::New,
+            _ if v.state != CT_SYN => return Tracked::New,
             _ => {}
         }
     }
-    let state = next_state(v.state, tcp, flags);
-    if state != v.state || now != v.seen_s {
+    // (A SYN-ACK on a reply entry is its flow's, sent again if the client's ACK was lost:
+    // a direct connection on the same tuple removed the entry with its SYN, see
+    // `forget_replaced`.)
+    let (state, fins) = next_state(v.state, v.fins, v.dir, tcp, flags);
+    let changed = state != v.state || fins != v.fins;
+    if changed || now != v.seen_s {
         if v.dir == CT_DIR_FORWARD && !backend_is(&v) {
             return Tracked::New;
         }
         // SAFETY: as above; plain stores into this entry's value.
         unsafe {
             (*e).state = state;
+            (*e).fins = fins;
             (*e).seen_s = now;
         }
-        // The flow's other entry lives as long: a flow busy one way only keeps both (once a
-        // second: a state change within the second leaves it). A reset ends both directions
-        // at once (the other side sends nothing more).
-        let reset = flags & TCP_RST != 0;
-        if now != v.seen_s || reset {
-            let other = match v.dir {
-                CT_DIR_FORWARD => t.reply_from(v.addr_be, v.port_be),
-                _ => t.request_to(v.addr_be, v.port_be),
-            };
-            touch(&other, now, reset);
-        }
+        // The flow's other entry: a flow busy one way only keeps both alive.
+        let other = match v.dir {
+            CT_DIR_FORWARD => t.reply_from(v.addr_be, v.port_be),
+            _ => t.request_to(v.addr_be, v.port_be),
+        };
+        follow(&other, now, state, fins);
     }
     Tracked::Rewrite(v)
+}
+
+/// A client's SYN to a pod directly (not to a frontend), on a tuple whose reply entry an
+/// earlier translated flow left: that flow is over (the client's kernel reuses the port), so
+/// both its entries go, and the pod's SYN-ACK will not be rewritten to come from the VIP.
+/// Only such a SYN pays this lookup.
+#[inline(always)]
+pub fn forget_replaced(t: &Tuple, flags: u8) {
+    if t.proto != PROTO_TCP || flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let answer = t.reply_from(t.daddr, t.dport);
+    // SAFETY: copied out at once.
+    let Some(v) = (unsafe { PROXY_CT_V2.get(answer.key()) }).copied() else {
+        return;
+    };
+    if v.dir != CT_DIR_REPLY {
+        return;
+    }
+    let _ = PROXY_CT_V2.remove(answer.key());
+    let _ = PROXY_CT_V2.remove(answer.request_to(v.addr_be, v.port_be).key());
+    count(Counter::TcOtherFlowPassed);
 }
 
 /// The live reply entry of `t` (an ICMP error's quoted flow, seen from its backend), if any.
@@ -173,15 +203,20 @@ fn backend_is(v: &CtValue) -> bool {
         .is_some_and(|b| b.addr_be == v.addr_be && b.port_be == v.port_be)
 }
 
-/// Marks the entry of `t` seen at `now` (and closing, with `close`).
+/// Brings the flow's other entry, `t`, to its state, seen at `now`. FINs are merged, so the
+/// two sides closing at once on two CPUs still close the flow.
 #[inline(always)]
-fn touch(t: &Tuple, now: u32, close: bool) {
+fn follow(t: &Tuple, now: u32, state: u8, fins: u8) {
     if let Some(e) = PROXY_CT_V2.get_ptr_mut(t.key()) {
         // SAFETY: a map value pointer, valid for this program run.
         unsafe {
-            if close {
-                (*e).state = CT_CLOSING;
-            }
+            let fins = (*e).fins | fins;
+            (*e).state = if state != CT_CLOSING && fins == CT_FIN_FORWARD | CT_FIN_REPLY {
+                CT_CLOSING
+            } else {
+                state
+            };
+            (*e).fins = fins;
             (*e).seen_s = now;
         }
     }
@@ -194,24 +229,28 @@ pub fn create(t: &Tuple, flags: u8, chosen: &Chosen, rev_nat_id: u16, now: u32) 
     let b = chosen.backend;
     let tcp = t.proto == PROTO_TCP;
     let opening = if tcp { CT_SYN } else { CT_UDP };
-    let forward = CtValue::new(
+    // (Not always a SYN: a flow whose entries were lost or expired picks up where it is.)
+    let (state, fins) = next_state(opening, 0, CT_DIR_FORWARD, tcp, flags);
+    let mut forward = CtValue::new(
         b.addr_be,
         b.port_be,
         rev_nat_id,
         chosen.id,
         CT_DIR_FORWARD,
-        next_state(opening, tcp, flags),
+        state,
         now,
     );
-    let reply = CtValue::new(
+    forward.fins = fins;
+    let mut reply = CtValue::new(
         t.daddr,
         t.dport,
         rev_nat_id,
         chosen.id,
         CT_DIR_REPLY,
-        opening,
+        state,
         now,
     );
+    reply.fins = fins;
     let reply_key = t.reply_from(b.addr_be, b.port_be).key();
     // The reply entry first: a reply can never arrive before it.
     if PROXY_CT_V2

@@ -78,6 +78,7 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
 
     let svc = ServiceKey::master(ip.daddr, l4.dport, ip.proto);
     let Some(master) = lb::lookup_service(svc) else {
+        conntrack::forget_replaced(&tuple, l4.flags);
         return Ok(PASS);
     };
     let target = match lb::select_backend(svc, &master) {
