@@ -3,13 +3,16 @@
 pub mod agent;
 pub mod cleanup;
 pub mod conntrack;
+pub mod features;
 pub mod inspect;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod run;
 pub mod sockets;
 pub mod source;
+pub mod status;
 pub mod sync;
 pub mod tc;

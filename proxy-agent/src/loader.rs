@@ -15,7 +15,9 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
-use proxy_common::{CT_TIMEOUTS_GLOBAL, CtTimeouts, MAPS, RETIRED_MAPS};
+use proxy_common::{
+    CT_TIMEOUTS_GLOBAL, CtTimeouts, MAPS, REJECT_MODE_GLOBAL, RETIRED_MAPS, RejectMode,
+};
 
 use crate::maps::{self, MapsError};
 
@@ -29,8 +31,9 @@ pub const PROGRAMS: [&str; 4] = [
     "proxy_connect4",
     "proxy_sendmsg4",
     "proxy_recvmsg4",
-    "proxy_getpeername4",
+    GETPEERNAME_PROGRAM,
 ];
+const GETPEERNAME_PROGRAM: &str = "proxy_getpeername4";
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/proxy";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -183,12 +186,15 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
 pub struct Settings {
     /// Conntrack lifetimes per state (the `--conntrack-*` flags).
     pub ct_timeouts: CtTimeouts,
+    /// How refusals reach applications (what the kernel offers: [`crate::features::plan`]).
+    pub reject: RejectMode,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             ct_timeouts: CtTimeouts::DEFAULT,
+            reject: RejectMode::Errno,
         }
     }
 }
@@ -211,6 +217,7 @@ pub fn load_with(dir: &Path, settings: &Settings) -> Result<Ebpf, LoaderError> {
     }
     loader
         .override_global(CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true)
+        .override_global(REJECT_MODE_GLOBAL, &(settings.reject as u32), true)
         .load(EBPF_OBJECT)
         .map_err(|e| LoaderError::Load(Box::new(e)))
 }
@@ -229,12 +236,21 @@ pub fn pin_link(dir: &Path, name: &str, link: FdLink) -> Result<(), LoaderError>
     fs::rename(&tmp, &final_path).map_err(io_err(&final_path))
 }
 
-/// Attaches the socket programs to `cgroup` and pins their links. An existing datapath in `dir`
-/// is replaced without a gap; while both run, the old one translates first and the new one
-/// then sees a backend address, which is not a frontend, so nothing is translated twice.
-pub fn attach_sockets(ebpf: &mut Ebpf, dir: &Path, cgroup: &Path) -> Result<(), LoaderError> {
+/// Attaches the socket programs to `cgroup` and pins their links (`getpeername`: with the
+/// getpeername4 program, which kernels before 5.8 have no hook for). An existing datapath in
+/// `dir` is replaced without a gap; while both run, the old one translates first and the new
+/// one then sees a backend address, which is not a frontend, so nothing is translated twice.
+pub fn attach_sockets(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    cgroup: &Path,
+    getpeername: bool,
+) -> Result<(), LoaderError> {
     let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
     for name in PROGRAMS {
+        if name == GETPEERNAME_PROGRAM && !getpeername {
+            continue;
+        }
         let perr = |detail: String| LoaderError::Program { name, detail };
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)

@@ -2,7 +2,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_agent::{inspect, loader, run};
+use proxy_agent::{inspect, loader, run, status};
 
 // A cold start parses thousands of small YAML files on every core, then builds the model: both
 // allocate many short-lived objects, where mimalloc's per-thread heaps take about a quarter off
@@ -44,7 +44,18 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Detach the programs and remove the pinned maps and links.
+    /// What this kernel offers the datapath, the program variants the agent would load, and
+    /// how the packet-path program is attached to the interfaces matching GLOBs (all, when none
+    /// is given). Needs root (the probes load programs).
+    Status {
+        /// Interfaces to report on (names or globs, as `--tc-interface`).
+        #[arg(long = "interface", value_name = "GLOB")]
+        interfaces: Vec<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Detach the programs and remove the pinned maps and links, and this agent's tc filters
+    /// (kernels without TCX) from the interfaces of this network namespace.
     Cleanup {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
@@ -213,14 +224,24 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Status { interfaces, output } => {
+            let status = status::status(&interfaces)?;
+            match output {
+                Output::Table => print!("{}", status::render(&status)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            }
+            Ok(())
+        }
         Command::Cleanup { bpffs_dir } => {
             let done = loader::cleanup(&bpffs_dir)
                 .with_context(|| format!("cleaning up {}", bpffs_dir.display()))?;
+            let filters = proxy_agent::tc::remove_clsact_filters();
             println!(
-                "removed {} links and {} maps from {}",
+                "removed {} links and {} maps from {}, and tc filters from {} interfaces",
                 done.links.len(),
                 done.maps.len(),
-                bpffs_dir.display()
+                bpffs_dir.display(),
+                filters.len()
             );
             Ok(())
         }

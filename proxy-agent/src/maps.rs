@@ -201,7 +201,19 @@ pub(crate) unsafe fn bpf(
     cmd: aya_obj::generated::bpf_cmd,
     attr: &mut aya_obj::generated::bpf_attr,
 ) -> std::io::Result<()> {
-    // SAFETY: as the caller promises; the kernel writes only `attr` besides.
+    // SAFETY: as the caller promises.
+    unsafe { bpf_fd(cmd, attr) }.map(drop)
+}
+
+/// [`bpf`] for the commands that return a value (a new descriptor for loads).
+///
+/// # Safety
+/// As for [`bpf`].
+pub(crate) unsafe fn bpf_fd(
+    cmd: aya_obj::generated::bpf_cmd,
+    attr: &mut aya_obj::generated::bpf_attr,
+) -> std::io::Result<i32> {
+    // SAFETY: as the caller promises.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -210,10 +222,10 @@ pub(crate) unsafe fn bpf(
             std::mem::size_of::<aya_obj::generated::bpf_attr>(),
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
+    if rc < 0 {
         Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc as i32)
     }
 }
 

@@ -76,8 +76,14 @@ pub struct CtState {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeatureName {
+    pub name: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub datapath_feature: Family<FeatureName, Gauge>,
     pub sync_duration: Family<SyncLabels, Histogram>,
     pub programming_latency: Histogram,
     pub frontends: Gauge,
@@ -177,9 +183,16 @@ impl Metrics {
             "Expired packet-path conntrack entries deleted by the agent",
             conntrack_collected.clone(),
         );
+        let datapath_feature = Family::<FeatureName, Gauge>::default();
+        registry.register(
+            "datapath_feature",
+            "Whether the kernel offers a feature the datapath uses (1) or does without it (0), probed at start",
+            datapath_feature.clone(),
+        );
         registry.register_collector(Box::new(DatapathCounters { bpffs_dir }));
         Metrics {
             registry,
+            datapath_feature,
             sync_duration,
             programming_latency,
             frontends,
@@ -189,6 +202,14 @@ impl Metrics {
             sync_errors,
             conntrack_entries,
             conntrack_collected,
+        }
+    }
+
+    pub fn record_features(&self, features: &crate::features::Features) {
+        for f in crate::features::Feature::ALL {
+            self.datapath_feature
+                .get_or_create(&FeatureName { name: f.name() })
+                .set(i64::from(features.has(f)));
         }
     }
 

@@ -17,7 +17,9 @@ use tracing::{info, warn};
 use crate::{
     agent::Agent,
     cleanup::{Cleaner, Gc},
-    conntrack, loader,
+    conntrack,
+    features::{self, Features},
+    loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
     source::SourceConfig,
@@ -46,8 +48,16 @@ pub struct RunConfig {
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Cheap checks of the source first (no network yet), then the host, then the API.
     let source = cfg.source.check().await?;
-    let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir)?;
     loader::preflight(&cfg.cgroup)?;
+    let features = Features::probe();
+    let plan = features::plan(&features, !cfg.tc_interfaces.is_empty())?;
+    info!(%features, reject = ?plan.reject, tc_attach = ?plan.tc_attach, "kernel features");
+    if !plan.sock_destroy {
+        warn!(
+            "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY): connected UDP sockets to a removed backend stay until the application reconnects"
+        );
+    }
+    let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir, plan.tc_attach)?;
 
     let wake = Arc::new(Notify::new());
     // The first read begins now (the manifests are parsed on worker threads while the
@@ -55,10 +65,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let source = source.start(&cfg.node_name, &wake).await?;
     let settings = loader::Settings {
         ct_timeouts: cfg.ct_timeouts,
+        reject: plan.reject,
     };
     let mut ebpf = loader::load_with(&cfg.bpffs_dir, &settings)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
-    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup)
+    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup, plan.getpeername)
         .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
     // What an earlier layout's conntrack map holds moves over before the new packet-path
     // programs are attached (they find the flows), and again after (what the old programs
@@ -94,6 +105,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
           frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(), "datapath attached");
 
     let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()));
+    metrics.record_features(&features);
     let health = Arc::new(Health::new(cfg.healthz_max_age));
     metrics::serve(
         cfg.health_addr,

@@ -19,11 +19,10 @@ use std::{
 
 use proxy_common::{Backend, PROTO_UDP, SockRevNatKey};
 
+use crate::netlink::{self, Netlink};
+
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// A connected UDP socket is in TCP_ESTABLISHED (1).
 const UDP_CONNECTED_STATES: u32 = 1 << 1;
 
@@ -54,96 +53,16 @@ struct Request {
 const _: () = assert!(size_of::<SockId>() == 48 && size_of::<Request>() == 56);
 
 fn message(ty: u16, flags: u16, req: &Request) -> Vec<u8> {
-    let len = (NLMSG_HDRLEN + size_of::<Request>()) as u32;
-    let mut m = Vec::with_capacity(len as usize);
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&ty.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes()); // seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
     // SAFETY: Request is repr(C) plain integers without padding (size asserted above).
-    m.extend_from_slice(unsafe {
+    let payload = unsafe {
         std::slice::from_raw_parts((req as *const Request).cast::<u8>(), size_of::<Request>())
-    });
-    m
-}
-
-struct Diag(i32);
-
-impl Drop for Diag {
-    fn drop(&mut self) {
-        // SAFETY: closing our own descriptor.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-impl Diag {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket call.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(Diag(fd))
-        }
-    }
-
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: sending our own buffer; the kernel is the default destination.
-        if unsafe { libc::send(self.0, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Reads messages until NLMSG_DONE (dump) or the first NLMSG_ERROR (ack), calling `f`
-    /// with each payload. Bounded by the kernel's dump, which ends.
-    fn read(&self, mut f: impl FnMut(&[u8])) -> io::Result<()> {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            // SAFETY: reading into our own buffer.
-            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut off = 0;
-            let n = n as usize;
-            while off + NLMSG_HDRLEN <= n {
-                let len =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-                if len < NLMSG_HDRLEN || off + len > n {
-                    return Ok(());
-                }
-                match ty {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(
-                            buf[off + 16..off + 20].try_into().expect("4 bytes"),
-                        );
-                        return if errno == 0 {
-                            Ok(())
-                        } else {
-                            Err(io::Error::from_raw_os_error(-errno))
-                        };
-                    }
-                    _ => f(&buf[off + NLMSG_HDRLEN..off + len]),
-                }
-                off += (len + 3) & !3;
-            }
-        }
-    }
+    };
+    netlink::message(ty, flags, payload)
 }
 
 /// Connected UDP sockets of this network namespace whose peer is one of `peers`.
 fn connected_udp_to(peers: &[Backend]) -> io::Result<Vec<SockId>> {
-    let diag = Diag::open()?;
+    let diag = Netlink::open(libc::NETLINK_SOCK_DIAG)?;
     let req = Request {
         family: libc::AF_INET as u8,
         protocol: libc::IPPROTO_UDP as u8,
@@ -174,7 +93,7 @@ fn connected_udp_to(peers: &[Backend]) -> io::Result<Vec<SockId>> {
 }
 
 fn destroy(id: &SockId) -> io::Result<()> {
-    let diag = Diag::open()?;
+    let diag = Netlink::open(libc::NETLINK_SOCK_DIAG)?;
     let req = Request {
         family: libc::AF_INET as u8,
         protocol: libc::IPPROTO_UDP as u8,
@@ -188,6 +107,21 @@ fn destroy(id: &SockId) -> io::Result<()> {
         &req,
     ))?;
     diag.read(|_| {})
+}
+
+/// Whether this kernel destroys sockets on request (CONFIG_INET_DIAG_DESTROY): asks it to
+/// destroy a UDP socket that does not exist, which such a kernel answers with ENOENT (one
+/// without answers EOPNOTSUPP).
+pub fn can_destroy() -> io::Result<()> {
+    let nobody = SockId {
+        // INET_DIAG_NOCOOKIE: match by address only (all zero: no socket).
+        cookie: [u32::MAX; 2],
+        ..Default::default()
+    };
+    match destroy(&nobody) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
 }
 
 /// Every distinct network namespace of the host (by inode), as a path to open.

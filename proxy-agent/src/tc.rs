@@ -2,8 +2,10 @@
 //! (names or globs), now and as they appear: a netlink (RTMGRP_LINK) watch wakes the agent on
 //! every link change. TCX links are pinned at `links/tc_<ifname>`, so the packet path, like the
 //! socket path, keeps working while the agent is away; a pin whose interface is gone is
-//! removed. Kernels without TCX (< 6.6) get a clsact qdisc and a netlink filter instead, which
-//! lives as long as the interface.
+//! removed. Kernels without TCX (< 6.6) get a clsact qdisc and a cls_bpf filter instead, at
+//! this agent's own priority and handle ([`CLSACT_PRIORITY`]): it lives as long as the
+//! interface, and the next agent replaces its program in place, with no gap and no second
+//! filter. `cleanup` removes those filters from every interface of the namespace.
 
 use std::{
     collections::BTreeMap,
@@ -16,15 +18,18 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::FdLink,
-        tc::{self, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::loader::{self, LoaderError, TC_PROGRAM, chain};
+use crate::{
+    features::TcAttach,
+    loader::{self, LoaderError, TC_PROGRAM, chain},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcError {
@@ -38,8 +43,14 @@ pub enum TcError {
     Load(String),
 }
 
+/// The cls_bpf filter's priority (a number no other loader is likely to pick: a filter there
+/// is taken to be ours and replaced) and handle.
+pub const CLSACT_PRIORITY: u16 = 0x7078;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 1);
+
 pub struct TcAttacher {
     patterns: Vec<glob::Pattern>,
+    how: TcAttach,
     dir: PathBuf,
     loaded: bool,
     /// Interfaces attached, by name -> ifindex (a re-created interface gets a new index).
@@ -75,7 +86,7 @@ fn pin_name(ifname: &str) -> String {
 }
 
 impl TcAttacher {
-    pub fn new(patterns: &[String], dir: &Path) -> Result<Self, TcError> {
+    pub fn new(patterns: &[String], dir: &Path, how: TcAttach) -> Result<Self, TcError> {
         let patterns = patterns
             .iter()
             .map(|p| {
@@ -87,6 +98,7 @@ impl TcAttacher {
             .collect::<Result<_, _>>()?;
         Ok(TcAttacher {
             patterns,
+            how,
             dir: dir.to_path_buf(),
             loaded: false,
             attached: BTreeMap::new(),
@@ -134,7 +146,7 @@ impl TcAttacher {
             if self.attached.contains_key(&name) {
                 continue;
             }
-            match attach(prog, &self.dir, &name) {
+            match attach(prog, &self.dir, &name, self.how) {
                 Ok(()) => {
                     info!(interface = %name, "packet path attached (TC ingress)");
                     self.attached.insert(name, index);
@@ -166,17 +178,25 @@ impl TcAttacher {
     }
 }
 
-fn attach(prog: &mut SchedClassifier, dir: &Path, ifname: &str) -> Result<(), LoaderError> {
+fn attach(
+    prog: &mut SchedClassifier,
+    dir: &Path,
+    ifname: &str,
+    how: TcAttach,
+) -> Result<(), LoaderError> {
     let perr = |detail: String| LoaderError::Program {
         name: TC_PROGRAM,
         detail: format!("{ifname}: {detail}"),
     };
-    match prog.attach_with_options(
-        ifname,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    ) {
-        Ok(id) => {
+    match how {
+        TcAttach::Tcx => {
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| perr(format!("tcx: {}", chain(&e))))?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|e| perr(chain(&e)))?
@@ -184,22 +204,54 @@ fn attach(prog: &mut SchedClassifier, dir: &Path, ifname: &str) -> Result<(), Lo
                 .map_err(|e| perr(chain(&e)))?;
             loader::pin_link(dir, &pin_name(ifname), link)
         }
-        Err(tcx_err) => {
-            // No TCX: a clsact qdisc and a netlink filter (not pinnable; it stays with the
-            // interface).
+        TcAttach::Clsact => {
+            // (Fails harmlessly when the interface has one.)
             let _ = tc::qdisc_add_clsact(ifname);
-            let id = prog
-                .attach_with_options(
+            // Our filter in place: its program replaced atomically. None yet: a new filter.
+            let id = SchedClassifierLink::attached(
+                ifname,
+                TcAttachType::Ingress,
+                CLSACT_PRIORITY,
+                CLSACT_HANDLE,
+                None,
+            )
+            .map_err(ProgramError::from)
+            .and_then(|ours| prog.attach_to_link(ours))
+            .or_else(|replace| {
+                prog.attach_with_options(
                     ifname,
                     TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(Default::default()),
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: CLSACT_PRIORITY,
+                        handle: CLSACT_HANDLE,
+                        ..Default::default()
+                    }),
                 )
-                .map_err(|e| perr(format!("tcx: {}; clsact: {}", chain(&tcx_err), chain(&e))))?;
+                .map_err(|e| {
+                    perr(format!(
+                        "clsact: replacing: {}; adding: {}",
+                        chain(&replace),
+                        chain(&e)
+                    ))
+                })
+            })?;
             let link = prog.take_link(id).map_err(|e| perr(chain(&e)))?;
             std::mem::forget(link); // dropping it would detach the filter
             Ok(())
         }
     }
+}
+
+/// Removes this agent's cls_bpf filters (the clsact attachments) from every interface of the
+/// namespace; returns the interfaces it removed one from.
+pub fn remove_clsact_filters() -> Vec<String> {
+    interfaces()
+        .into_iter()
+        .filter(|(name, _)| {
+            tc::qdisc_detach_program(name, TcAttachType::Ingress, TC_PROGRAM).is_ok()
+        })
+        .map(|(name, _)| name)
+        .collect()
 }
 
 /// Wakes `wake` on every link change in this network namespace (a thread reading an
@@ -250,4 +302,88 @@ pub fn watch_links(wake: Arc<Notify>) -> io::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// How `ifname` runs the packet-path program, as the kernel reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    /// Through a TCX link.
+    pub tcx: bool,
+    /// The priorities of cls_bpf filters running it (ours is [`CLSACT_PRIORITY`]).
+    pub clsact_priorities: Vec<u16>,
+}
+
+/// Asks the kernel what runs [`TC_PROGRAM`] on `ifname`'s ingress.
+pub fn attachment(ifname: &str) -> io::Result<Attachment> {
+    let tcx = match SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) {
+        Ok((_, progs)) => progs.iter().any(|p| p.name_as_str() == Some(TC_PROGRAM)),
+        // A kernel without TCX: nothing attached that way.
+        Err(_) => false,
+    };
+    let index = interfaces()
+        .into_iter()
+        .find(|(n, _)| n == ifname)
+        .map(|(_, i)| i)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifname}")))?;
+    Ok(Attachment {
+        tcx,
+        clsact_priorities: clsact_filters(index)?,
+    })
+}
+
+/// The priorities of the cls_bpf filters named [`TC_PROGRAM`] on the clsact ingress of
+/// interface `index` (an RTM_GETTFILTER dump).
+fn clsact_filters(index: u32) -> io::Result<Vec<u16>> {
+    use crate::netlink::{self, Netlink};
+    const RTM_GETTFILTER: u16 = 46;
+    // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+    const CLSACT_INGRESS: u32 = 0xffff_fff2;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_NAME: u16 = 7;
+    // struct tcmsg: family, padding, ifindex, handle, parent, info.
+    let mut tcmsg = [0u8; 20];
+    tcmsg[4..8].copy_from_slice(&index.to_ne_bytes());
+    tcmsg[12..16].copy_from_slice(&CLSACT_INGRESS.to_ne_bytes());
+    let nl = Netlink::open(libc::NETLINK_ROUTE)?;
+    nl.send(&netlink::message(
+        RTM_GETTFILTER,
+        (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+        &tcmsg,
+    ))?;
+    let mut out = Vec::new();
+    let result = nl.read(|payload| {
+        let Some(info) = payload.get(16..20) else {
+            return;
+        };
+        let priority = (u32::from_ne_bytes(info.try_into().expect("4 bytes")) >> 16) as u16;
+        let named = attrs(&payload[20..])
+            .filter(|(ty, _)| *ty & 0x3fff == TCA_OPTIONS)
+            .flat_map(|(_, nested)| attrs(nested))
+            .any(|(ty, name)| {
+                ty == TCA_BPF_NAME && name.split(|b| *b == 0).next() == Some(TC_PROGRAM.as_bytes())
+            });
+        if named {
+            out.push(priority);
+        }
+    });
+    match result {
+        Ok(()) => Ok(out),
+        // No clsact qdisc on the interface: no filters.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Netlink attributes (`struct rtattr`: length, type, value; 4-byte aligned).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = u16::from_ne_bytes(buf.get(0..2)?.try_into().ok()?) as usize;
+        let ty = u16::from_ne_bytes(buf.get(2..4)?.try_into().ok()?);
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let value = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((ty, value))
+    })
 }

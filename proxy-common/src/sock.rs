@@ -81,3 +81,23 @@ impl SockSlot {
         self.cookie == key.cookie && self.addr_be == key.addr_be && self.port_be == key.port_be
     }
 }
+
+/// How the socket programs refuse a connect or send to a Service with no usable endpoint:
+/// the `PROXY_REJECT_MODE` global, set by the agent from what the kernel offers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectMode {
+    /// The syscall fails with ECONNREFUSED (no endpoints) or EHOSTUNREACH (no local
+    /// endpoints), through `bpf_set_retval` (Linux 5.18+).
+    Errno = 0,
+    /// No `bpf_set_retval`, the packet path attached: a Service with no endpoints is left
+    /// untranslated, and the TC program answers it with ICMP port unreachable (ECONNREFUSED,
+    /// as kube-proxy's REJECT); no local endpoints fails with EPERM.
+    PacketPath = 1,
+    /// No `bpf_set_retval`, no packet path: the syscall fails with EPERM, the kernel's errno
+    /// for a sock_addr program's refusal.
+    Eperm = 2,
+}
+
+/// The name of the programs' global holding the [`RejectMode`] (a `u32`).
+pub const REJECT_MODE_GLOBAL: &str = "PROXY_REJECT_MODE";

@@ -6,12 +6,13 @@
 //! or proceed); a Service with no usable endpoint fails fast; O(1) lookups only.
 
 use aya_ebpf::{
+    Global,
     bindings::BPF_ANY,
     helpers::{bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Counter, PROTO_TCP, PROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, SockSlot,
+    Counter, PROTO_TCP, PROTO_UDP, RejectMode, ServiceKey, SockRevNatKey, SockRevNatValue, SockSlot,
 };
 
 use crate::{
@@ -77,21 +78,32 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
-/// No backend: the syscall fails at once with the errno that says why.
+/// How a refusal reaches the application, set by the agent from what the kernel offers (a
+/// [`RejectMode`]). Read-only data: the verifier knows the value and skips the branches not
+/// taken, so a kernel without `bpf_set_retval` never sees the call.
+#[unsafe(no_mangle)]
+static PROXY_REJECT_MODE: Global<u32> = Global::new(RejectMode::Errno as u32);
+
+/// No backend: the syscall fails at once with the errno that says why (or, with the packet
+/// path and no `bpf_set_retval`, goes on untranslated for the TC program to refuse).
 #[inline(always)]
 fn reject(why: NoBackend) -> i32 {
+    let mode = PROXY_REJECT_MODE.load();
     let errno = match why {
         NoBackend::NoLocal => {
             count(Counter::NoLocalEndpointsRejected);
             EHOSTUNREACH
         }
+        NoBackend::Refused if mode == RejectMode::PacketPath as u32 => return ALLOW,
         NoBackend::Refused => {
             count(Counter::NoEndpointsRejected);
             ECONNREFUSED
         }
     };
-    // SAFETY: plain helper call; connect4/sendmsg4 may set the syscall's return value.
-    unsafe { bpf_set_retval(-errno) };
+    if mode == RejectMode::Errno as u32 {
+        // SAFETY: plain helper call; connect4/sendmsg4 may set the syscall's return value.
+        unsafe { bpf_set_retval(-errno) };
+    }
     REJECT
 }
 

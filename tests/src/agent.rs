@@ -262,3 +262,27 @@ pub fn move_tcp_record(pins: &BpffsDir, cookie: u64, to_lru: bool) -> anyhow::Re
 pub fn sock_rev_nat_entries(pins: &BpffsDir) -> anyhow::Result<usize> {
     Ok(maps::open_sock_rev_nat(&pins.path)?.keys().count())
 }
+
+/// How the packet-path program runs on `ifname` in `ns`, as the kernel reports it (through
+/// `proxy-agent status`): `(tcx, clsact filter priorities)`; `None` if the interface is gone.
+pub fn tc_attachment(ns: &crate::host::Netns, ifname: &str) -> Option<(bool, Vec<u64>)> {
+    let out = ns
+        .exec(
+            &agent_bin(),
+            &["status", "--interface", ifname, "-o", "json"],
+        )
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let i = v["interfaces"].as_array()?.first()?;
+    let prios = i["clsact_priorities"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p.as_u64())
+        .collect();
+    Some((i["tcx"].as_bool()?, prios))
+}
+
+/// Whether the packet-path program runs on `ifname` in `ns`, one way or the other.
+pub fn tc_attached(ns: &crate::host::Netns, ifname: &str) -> bool {
+    tc_attachment(ns, ifname).is_some_and(|(tcx, prios)| tcx || !prios.is_empty())
+}

@@ -80,6 +80,16 @@ impl Netns {
         Path::new("/run/netns").join(&self.name)
     }
 
+    /// PROGRAM ARGS... in this namespace (`nsenter`: unlike `ip netns exec`, it keeps the
+    /// host's /sys, where bpffs is mounted): its standard output.
+    pub fn exec(&self, program: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let program = program.to_string_lossy();
+        let net = format!("--net={}", self.path().display());
+        let mut all = vec![net.as_str(), "--", &*program];
+        all.extend_from_slice(args);
+        sh("nsenter", &all)
+    }
+
     /// `ip -n NAME ...`
     pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut all = vec!["-n", self.name.as_str()];

@@ -5,7 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use proxy_tests::{
-    agent::{Agent, Manifests},
+    agent::{Agent, Manifests, agent_bin, tc_attached, tc_attachment},
     client::{self, Report},
     cluster::{Cluster, ECHO_PORT, TCP_PORT, UDP_PORT},
     host::{BpffsDir, require_root, wait_for},
@@ -154,9 +154,11 @@ fn an_interface_that_appears_later_is_attached_within_a_second() {
         ])
         .unwrap();
     let start = std::time::Instant::now();
-    let pin = f.pins.path.join("links/tc_vpod9");
-    wait_for(Duration::from_secs(3), || pin.exists().then_some(()))
-        .unwrap_or_else(|| panic!("vpod9 not attached:\n{}", f.agent.log_text()));
+    // Asked of the kernel: TCX where it has it, a clsact filter elsewhere.
+    wait_for(Duration::from_secs(3), || {
+        tc_attached(&f.cluster.node, "vpod9").then_some(())
+    })
+    .unwrap_or_else(|| panic!("vpod9 not attached:\n{}", f.agent.log_text()));
     let took = start.elapsed();
     assert!(
         took < Duration::from_secs(1),
@@ -165,8 +167,9 @@ fn an_interface_that_appears_later_is_attached_within_a_second() {
     );
     // One that goes away is forgotten, without errors.
     f.cluster.node.ip(&["link", "del", "vpod9"]).unwrap();
+    let pin = f.pins.path.join("links/tc_vpod9");
     wait_for(Duration::from_secs(3), || (!pin.exists()).then_some(()))
-        .expect("pin of a vanished interface removed");
+        .expect("pin of a vanished interface removed (TCX; clsact has none)");
     assert!(
         !f.agent.log_text().contains("WARN"),
         "{}",
@@ -176,9 +179,10 @@ fn an_interface_that_appears_later_is_attached_within_a_second() {
     // A new pod's interface is attached too, and carries traffic both ways.
     let pod = f.cluster.add_routed_pod().unwrap();
     let ip = pod.ip.to_string();
-    let pin = f.pins.path.join("links/tc_vpod3");
-    wait_for(Duration::from_secs(3), || pin.exists().then_some(()))
-        .unwrap_or_else(|| panic!("vpod3 not attached:\n{}", f.agent.log_text()));
+    wait_for(Duration::from_secs(3), || {
+        tc_attached(&f.cluster.node, "vpod3").then_some(())
+    })
+    .unwrap_or_else(|| panic!("vpod3 not attached:\n{}", f.agent.log_text()));
     // Only the new pod serves: its replies come back through the new interface's program.
     f.manifests
         .write("web.yaml", &web_manifest(std::slice::from_ref(&ip)))
@@ -403,4 +407,34 @@ fn an_established_flow_survives_the_agent_killed_and_started_again() {
     assert!(r.errors.is_empty(), "{r:?}\n{}", f.agent.log_text());
     assert_eq!(r.replies.get("echo"), Some(&150), "{r:?}");
     assert_eq!(r.peers.keys().collect::<Vec<_>>(), [&vip], "{r:?}");
+    // The new agent replaced the program in place: one attachment per interface, whichever
+    // way this kernel attaches (TCX, or a clsact filter).
+    let ifaces = ["vpod0", "vpod1", "vpod2", "vclient"];
+    for ifname in ifaces {
+        let (tcx, clsact) = tc_attachment(&f.cluster.node, ifname).expect(ifname);
+        assert_eq!(
+            usize::from(tcx) + clsact.len(),
+            1,
+            "{ifname}: tcx={tcx} clsact={clsact:?}"
+        );
+    }
+    // `cleanup` takes it off every interface.
+    f.agent.stop();
+    let pins = f.pins.path.to_string_lossy().into_owned();
+    f.cluster
+        .node
+        .exec(&agent_bin(), &["cleanup", "--bpffs-dir", &pins])
+        .unwrap();
+    // (The kernel releases an unpinned link's attachment from a work queue: soon after.)
+    for ifname in ifaces {
+        wait_for(Duration::from_secs(2), || {
+            (!tc_attached(&f.cluster.node, ifname)).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{ifname} still attached after cleanup: {:?}",
+                tc_attachment(&f.cluster.node, ifname)
+            )
+        });
+    }
 }

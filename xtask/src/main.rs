@@ -3,6 +3,7 @@
 
 mod lint;
 mod toolchain;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -35,6 +36,16 @@ enum Cmd {
     Test {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The privileged end-to-end suite under other kernels (Debian's 5.10, 6.1, 6.12) in
+    /// qemu: builds the tests here, boots each kernel, runs them inside; one line per kernel.
+    VmTest {
+        /// The kernels (repeat the flag for several; default: all).
+        #[arg(long = "kernel", value_enum)]
+        kernels: Vec<vm::Kernel>,
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(last = true)]
         args: Vec<String>,
     },
     /// A netns mini-cluster, the agent on it, requests to a ClusterIP; cleans up after itself.
@@ -229,6 +240,11 @@ fn main() -> anyhow::Result<()> {
             // Whatever happened, nothing may be left behind.
             toolchain::check_host_clean()?;
             result
+        }
+        Cmd::VmTest { kernels, args } => {
+            toolchain::ensure()?;
+            require_root("cargo xtask vm-test")?;
+            vm::vm_test(&kernels, &args)
         }
         Cmd::Demo => {
             toolchain::ensure()?;
