@@ -401,8 +401,9 @@ fn boot(k: &Prepared, list: &Path, args: &[String], out: &Path) -> anyhow::Resul
     fs::write(
         &script,
         format!(
-            "#!/bin/bash\nexport PROXY_AGENT_BIN={}\nexec {} {} {}\n",
+            "#!/bin/bash\nexport PROXY_AGENT_BIN={} VM_OUT={}\nexec {} {} {}\n",
             root().join("target/debug/proxy-agent").display(),
+            out.display(),
             root().join("xtask/vm/suite.sh").display(),
             list.display(),
             quoted.join(" ")

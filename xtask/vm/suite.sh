@@ -3,7 +3,8 @@
 # binary listed in $1 ("NAME EXECUTABLE PACKAGE_DIR" per line, built on the host), each from
 # its package directory as cargo test runs it, privileged tests included, extra test-binary
 # arguments in $2... . Ends with one "vm-suite: N passed, M failed" line; exit code: the
-# number of failing binaries.
+# number of failing binaries. Each binary's whole output goes to $VM_OUT/NAME.log (a share
+# the host reads).
 LIST=$1; shift
 export RUST_BACKTRACE=1
 P=0 F=0 fails=0
@@ -12,6 +13,7 @@ while read -r name exe dir; do
   [ -n "$exe" ] || continue
   start=$(cut -d' ' -f1 /proc/uptime)
   out=$(cd "$dir" && timeout 600 "$exe" --include-ignored --test-threads=2 "$@" 2>&1); rc=$?
+  [ -n "$VM_OUT" ] && echo "$out" > "$VM_OUT/$name.log"
   # What a reader needs: results, failures and their messages.
   echo "$out" | grep -aE '^test .* (FAILED|ignored)|^test result|panicked|^---- ' | head -60
   p=$(echo "$out" | sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' | tail -1)
