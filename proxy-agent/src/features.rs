@@ -77,6 +77,9 @@ impl Feature {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Features {
     present: [bool; Feature::ALL.len()],
+    /// A probe that failed for another reason than the kernel not knowing the feature: its
+    /// errno (EPERM: not allowed to load programs).
+    failed: [Option<i32>; Feature::ALL.len()],
 }
 
 impl Features {
@@ -84,6 +87,7 @@ impl Features {
     pub fn all() -> Self {
         Features {
             present: [true; Feature::ALL.len()],
+            failed: [None; Feature::ALL.len()],
         }
     }
 
@@ -96,11 +100,20 @@ impl Features {
         self
     }
 
+    /// The errno of a probe that could not tell (see [`Features::failed`]).
+    pub fn failed(&self, f: Feature) -> Option<i32> {
+        self.failed[f.index()]
+    }
+
     /// Asks the running kernel.
     pub fn probe() -> Self {
+        raise_memlock();
         let mut f = Features::default();
         for feature in Feature::ALL {
-            f.present[feature.index()] = probe(feature);
+            match probe(feature) {
+                Ok(()) => f.present[feature.index()] = true,
+                Err(e) => f.failed[feature.index()] = unexpected(feature, &e),
+            }
         }
         f
     }
@@ -111,8 +124,16 @@ impl fmt::Display for Features {
     fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, f) in Feature::ALL.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
-            let v = if self.has(*f) { "yes" } else { "no" };
-            write!(out, "{sep}{}={v}", f.name())?;
+            match (self.has(*f), self.failed(*f)) {
+                (true, _) => write!(out, "{sep}{}=yes", f.name())?,
+                (false, None) => write!(out, "{sep}{}=no", f.name())?,
+                (false, Some(errno)) => write!(
+                    out,
+                    "{sep}{}=unknown({})",
+                    f.name(),
+                    io::Error::from_raw_os_error(errno)
+                )?,
+            }
         }
         Ok(())
     }
@@ -139,20 +160,27 @@ pub struct Plan {
     pub sock_destroy: bool,
 }
 
-/// A hard requirement the kernel lacks.
+/// A hard requirement the kernel lacks, or that could not be probed (its errno).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "this kernel lacks {} (Linux {} and later; the agent needs Linux 5.10 or a kernel with the same eBPF features backported)",
-    .0.name(), .0.since()
-)]
-pub struct Missing(pub Feature);
+pub enum Missing {
+    #[error(
+        "this kernel lacks {} (Linux {} and later; the agent needs Linux 5.10 or a kernel with the same eBPF features backported)",
+        .0.name(), .0.since()
+    )]
+    Absent(Feature),
+    #[error("probing the kernel for {} failed: {}", .0.name(), io::Error::from_raw_os_error(*.1))]
+    Unprobed(Feature, i32),
+}
 
 /// The variants to load, given what the kernel has and whether the packet path is attached
 /// (`packet_path`: some `--tc-interface`).
 pub fn plan(f: &Features, packet_path: bool) -> Result<Plan, Missing> {
     for required in [Feature::SockAddr, Feature::Recvmsg] {
         if !f.has(required) {
-            return Err(Missing(required));
+            return Err(match f.failed(required) {
+                Some(errno) => Missing::Unprobed(required, errno),
+                None => Missing::Absent(required),
+            });
         }
     }
     let reject = if f.has(Feature::SetRetval) {
@@ -176,6 +204,18 @@ pub fn plan(f: &Features, packet_path: bool) -> Result<Plan, Missing> {
     })
 }
 
+/// Kernels before 5.11 charge eBPF memory to the user's RLIMIT_MEMLOCK (every map the
+/// pinned datapath holds counts), so a probe would fail with EPERM for want of room; aya raises
+/// the limit only on its own calls. Root may raise it; if not, the probes say what failed.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we own.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
 // Instructions, as the kernel reads them: opcode, registers (dst low nibble), offset, imm.
 const fn insn(code: u8, dst: u8, imm: i32) -> [u8; 8] {
     let i = imm.to_le_bytes();
@@ -185,10 +225,20 @@ const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
 const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
 const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
 
-fn probe(f: Feature) -> bool {
+/// The errno of a probe failure that does not mean "absent" (the kernel answers an unknown
+/// attach type, helper or command with EINVAL; a missing sock_diag destroy with EOPNOTSUPP).
+fn unexpected(f: Feature, e: &io::Error) -> Option<i32> {
+    let absent = match f {
+        Feature::SockDestroy => &[libc::EOPNOTSUPP, libc::ENOENT, libc::EPROTONOSUPPORT][..],
+        _ => &[libc::EINVAL, libc::E2BIG, 524 /* ENOTSUPP */][..],
+    };
+    e.raw_os_error().filter(|errno| !absent.contains(errno))
+}
+
+fn probe(f: Feature) -> io::Result<()> {
     let connect4 = bpf_attach_type::BPF_CGROUP_INET4_CONNECT;
     let allow = [insn(MOV64_IMM, 0, 1), insn(EXIT, 0, 0)];
-    let result = match f {
+    match f {
         Feature::SockAddr => load_sock_addr(connect4, &allow),
         Feature::Recvmsg => load_sock_addr(bpf_attach_type::BPF_CGROUP_UDP4_RECVMSG, &allow),
         Feature::Getpeername => {
@@ -214,8 +264,7 @@ fn probe(f: Feature) -> bool {
         ),
         Feature::Tcx => query_tcx_lo(),
         Feature::SockDestroy => crate::sockets::can_destroy(),
-    };
-    result.is_ok()
+    }
 }
 
 /// Loads a cgroup sock_addr program for `attach`; closes it at once.
@@ -315,7 +364,7 @@ mod tests {
                 "4.19 (no recvmsg hook)",
                 all.with(Recvmsg, false),
                 true,
-                Err(Missing(Recvmsg)),
+                Err(Missing::Absent(Recvmsg)),
             ),
         ];
         for (kernel, features, packet_path, want) in rows {
@@ -323,7 +372,7 @@ mod tests {
         }
         assert_eq!(
             plan(&Features::default(), true),
-            Err(Missing(SockAddr)),
+            Err(Missing::Absent(SockAddr)),
             "no eBPF at all"
         );
     }
@@ -345,9 +394,14 @@ mod tests {
     /// The error names the feature, and where it comes from.
     #[test]
     fn a_missing_requirement_is_named() {
-        let e = Missing(Feature::Recvmsg).to_string();
+        let e = Missing::Absent(Feature::Recvmsg).to_string();
         assert!(
             e.contains("recvmsg4") && e.contains("5.2") && e.contains("5.10"),
+            "{e}"
+        );
+        let e = Missing::Unprobed(Feature::SockAddr, libc::EPERM).to_string();
+        assert!(
+            e.contains("sock_addr_connect4") && e.contains("not permitted"),
             "{e}"
         );
     }

@@ -17,6 +17,9 @@ pub struct FeatureView {
     pub present: bool,
     /// The first upstream kernel with it.
     pub since: &'static str,
+    /// Why the probe could not tell, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +73,9 @@ pub fn status(patterns: &[String]) -> anyhow::Result<Status> {
                 name: f.name(),
                 present: features.has(*f),
                 since: f.since(),
+                probe_error: features
+                    .failed(*f)
+                    .map(|e| std::io::Error::from_raw_os_error(e).to_string()),
             })
             .collect(),
         with_packet_path: describe(features::plan(&features, true)),
@@ -90,7 +96,11 @@ pub fn render(s: &Status) -> String {
         s.kernel
     );
     for f in &s.features {
-        let present = if f.present { "yes" } else { "no" };
+        let present = match (&f.present, &f.probe_error) {
+            (true, _) => "yes".to_string(),
+            (false, None) => "no".to_string(),
+            (false, Some(e)) => format!("unknown: {e}"),
+        };
         let _ = writeln!(out, "{:<21} {:<8} {}", f.name, present, f.since);
     }
     let line = |r: &Result<String, String>| match r {

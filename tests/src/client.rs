@@ -26,12 +26,29 @@ impl Report {
     /// Every one of `n` attempts failed with ECONNREFUSED, none slower than 50 ms (the
     /// datapath answers at once, as kube-proxy's REJECT does).
     pub fn assert_refused_at_once(&self, n: u32) {
-        assert_eq!(self.errors.get("ECONNREFUSED"), Some(&n), "{self:?}");
+        self.assert_failed_at_once("ECONNREFUSED", n);
+    }
+
+    /// Every one of `n` attempts failed with `errno`, none slower than 50 ms.
+    pub fn assert_failed_at_once(&self, errno: &str, n: u32) {
+        assert_eq!(self.errors.get(errno), Some(&n), "{self:?}");
         assert!(
             self.max_error_us < 50_000,
             "slowest refusal took {} us",
             self.max_error_us
         );
+    }
+}
+
+/// The errnos the socket path alone refuses with on this kernel: (no endpoints, no local
+/// endpoints). ECONNREFUSED and EHOSTUNREACH through `bpf_set_retval`; EPERM on kernels
+/// without it (before 5.18), as the README's kernel table says.
+pub fn socket_refusals() -> (&'static str, &'static str) {
+    use proxy_agent::features::{Feature, Features};
+    if Features::probe().has(Feature::SetRetval) {
+        ("ECONNREFUSED", "EHOSTUNREACH")
+    } else {
+        ("EPERM", "EPERM")
     }
 }
 
