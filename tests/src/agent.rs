@@ -277,7 +277,7 @@ pub fn tc_attachment(ns: &crate::host::Netns, ifname: &str) -> Option<(bool, Vec
     let prios = i["clsact_priorities"]
         .as_array()?
         .iter()
-        .filter_map(|p| p.as_u64())
+        .filter_map(serde_json::Value::as_u64)
         .collect();
     Some((i["tcx"].as_bool()?, prios))
 }

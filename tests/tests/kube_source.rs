@@ -362,4 +362,16 @@ fn health_and_metrics_report_the_agent_and_the_datapath() {
         "{text}"
     );
     assert!(value("proxy_map_fill_ratio{map=\"PROXY_SVC_V1\"}") > 0.0);
+    // What the kernel offers, as probed here too.
+    use proxy_agent::features::{Feature, Features};
+    let probed = Features::probe();
+    for f in Feature::ALL {
+        let want = if probed.has(f) { 1.0 } else { 0.0 };
+        assert_eq!(
+            value(&format!("proxy_datapath_feature{{name=\"{}\"}}", f.name())),
+            want,
+            "{}",
+            f.name()
+        );
+    }
 }

@@ -285,9 +285,11 @@ fn a_udp_flow_on_one_source_port_follows_its_server_pod_being_replaced() {
     );
 }
 
-/// `tcpdump -vv` in a namespace, for `secs`, printing each packet's checksum verdict.
+/// `tcpdump -vv` in a namespace, for `secs`, printing each packet's checksum verdict;
+/// returns once it is listening (it may take a while to start, e.g. under emulation).
 fn capture(ns: &Path, filter: &str, secs: u32) -> std::process::Child {
-    std::process::Command::new("nsenter")
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new("nsenter")
         .arg(format!("--net={}", ns.display()))
         .args([
             "timeout",
@@ -301,9 +303,17 @@ fn capture(ns: &Path, filter: &str, secs: u32) -> std::process::Child {
             filter,
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("tcpdump starts")
+        .expect("tcpdump starts");
+    // "listening on eth0, ..." on stderr; the rest of stderr is read (and dropped) by a thread.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
+        line.clear();
+    }
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    child
 }
 
 #[test]
@@ -331,9 +341,8 @@ fn translated_packets_carry_valid_checksums_on_the_wire() {
     }
     std::thread::sleep(Duration::from_millis(500));
     // Requests as the backend receives them (translated), replies as the client does (reversed).
-    let at_backend = capture(&f.cluster.pods[0].netns.path(), "tcp or udp", 4);
-    let at_client = capture(&f.cluster.client.path(), "tcp or udp", 4);
-    std::thread::sleep(Duration::from_millis(1000));
+    let at_backend = capture(&f.cluster.pods[0].netns.path(), "tcp or udp", 8);
+    let at_client = capture(&f.cluster.client.path(), "tcp or udp", 8);
     let r = f.client("tcp", &format!("{VIP}:80"), 5);
     assert!(r.errors.is_empty(), "{r:?}");
     let r = f.client("udp", &format!("{VIP}:53"), 5);
@@ -398,7 +407,8 @@ fn direct_connections_after_translated_ones_on_the_same_ports_are_not_hijacked()
         String::from_utf8_lossy(&load.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
-    assert!(report["ops"].as_u64().unwrap_or(0) > 1_000, "{report}");
+    // Every port used at least twice (the machine's speed decides how many more times).
+    assert!(report["ops"].as_u64().unwrap_or(0) > 400, "{report}");
     // Then straight to the pod.
     let r = f.client("tcp", &format!("{pod}:{TCP_PORT}"), 20);
     assert!(r.errors.is_empty(), "{r:?}");

@@ -524,6 +524,12 @@ fn a_connected_udp_socket_to_a_removed_backend_is_terminated() {
         .unwrap();
     f.wait_backends(80, "TCP", &addrs(&[pods[0]], TCP_PORT));
     let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
+    let connects = || {
+        proxy_agent::inspect::inspect(&f.pins.path)
+            .map(|i| i.counters["connect_translated"])
+            .unwrap_or(0)
+    };
+    let before = connects();
     let child = client::spawn(
         &f.cluster,
         bin,
@@ -532,7 +538,13 @@ fn a_connected_udp_socket_to_a_removed_backend_is_terminated() {
         &format!("{VIP}:53"),
         60,
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    // Once its socket is connected (a client may take a while to start, e.g. under
+    // emulation), some round trips with pod-0.
+    wait_for(Duration::from_secs(10), || {
+        (connects() > before).then_some(())
+    })
+    .expect("the client connected");
+    std::thread::sleep(Duration::from_millis(600));
     // pod-0 is replaced by pod-1. (pod-0 still answers here, so without the termination the
     // socket would stay with it.)
     f.manifests

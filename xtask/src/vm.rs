@@ -223,10 +223,17 @@ fn prepare(kernel: Kernel) -> anyhow::Result<Prepared> {
     eprintln!("xtask vm-test: {} is {package}", kernel.label());
     let debs = cache().join("debs");
     fs::create_dir_all(&debs)?;
-    run(Command::new("apt-get")
-        .current_dir(&debs)
-        .args(&opts)
-        .args(["download", "-qq", &package]))?;
+    let download = || {
+        run(Command::new("apt-get")
+            .current_dir(&debs)
+            .args(&opts)
+            .args(["download", "-qq", &package]))
+    };
+    if download().is_err() {
+        // The package lists may name a version the archive has since replaced.
+        run(Command::new("apt-get").args(&opts).args(["update", "-qq"]))?;
+        download()?;
+    }
     let deb = fs::read_dir(&debs)?
         .flatten()
         .map(|e| e.path())

@@ -11,8 +11,8 @@
 
 use aya_ebpf::{Global, bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use proxy_common::{
-    CT_CLOSING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REPLY,
-    CT_SYN, CT_UDP, Counter, CtKey, CtTimeouts, CtValue,
+    CT_CLOSING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REPLY, CT_SYN,
+    CT_UDP, Counter, CtKey, CtTimeouts, CtValue,
 };
 
 use super::parse::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
