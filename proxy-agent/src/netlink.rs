@@ -74,14 +74,23 @@ impl Netlink {
                     u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
                 let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
                 if len < NLMSG_HDRLEN || off + len > n {
-                    return Ok(());
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "truncated netlink message",
+                    ));
                 }
+                // Both carry an errno after the header (NLMSG_DONE's: a dump that failed).
+                let errno = || {
+                    buf.get(off + 16..off + 20)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                };
                 match ty {
+                    NLMSG_DONE if errno() < 0 => {
+                        return Err(io::Error::from_raw_os_error(-errno()));
+                    }
                     NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(
-                            buf[off + 16..off + 20].try_into().expect("4 bytes"),
-                        );
+                        let errno = errno();
                         return if errno == 0 {
                             Ok(())
                         } else {

@@ -62,7 +62,12 @@ pub fn status(patterns: &[String]) -> anyhow::Result<Status> {
         if !patterns.is_empty() && !patterns.iter().any(|p| p.matches(&name)) {
             continue;
         }
-        let attachment = tc::attachment(&name)?;
+        let attachment = match tc::attachment(&name) {
+            Ok(a) => a,
+            // Gone between listing and asking (pods come and go).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
         interfaces.push(InterfaceView { name, attachment });
     }
     Ok(Status {

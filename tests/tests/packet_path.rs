@@ -456,7 +456,8 @@ fn an_established_flow_survives_the_agent_killed_and_started_again() {
     // (The kernel releases an unpinned link's attachment from a work queue: soon after.)
     for ifname in ifaces {
         wait_for(Duration::from_secs(2), || {
-            (!tc_attached(&f.cluster.node, ifname)).then_some(())
+            let now = tc_attachment(&f.cluster.node, ifname).expect("the kernel answers");
+            (now == (false, vec![])).then_some(())
         })
         .unwrap_or_else(|| {
             panic!(

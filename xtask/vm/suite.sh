@@ -12,7 +12,8 @@ echo "vm-suite: $(uname -r), up $(cut -d' ' -f1 /proc/uptime)s"
 while read -r name exe dir; do
   [ -n "$exe" ] || continue
   start=$(cut -d' ' -f1 /proc/uptime)
-  out=$(cd "$dir" && timeout 600 "$exe" --include-ignored --test-threads=2 "$@" 2>&1); rc=$?
+  # (stdin from /dev/null: nothing a test runs may read the rest of the list)
+  out=$(cd "$dir" && timeout 600 "$exe" --include-ignored --test-threads=2 "$@" 2>&1 </dev/null); rc=$?
   [ -n "$VM_OUT" ] && echo "$out" > "$VM_OUT/$name.log"
   # What a reader needs: results, failures and their messages.
   echo "$out" | grep -aE '^test .* (FAILED|ignored)|^test result|panicked|^---- ' | head -60
