@@ -387,28 +387,36 @@ fn direct_connections_after_translated_ones_on_the_same_ports_are_not_hijacked()
     let ns = format!("--net={}", f.cluster.client.path().display());
     let range = "net.ipv4.ip_local_port_range=40000 40199";
     proxy_tests::host::sh("nsenter", &[&ns, "sysctl", "-qw", range]).unwrap();
-    let load = f
-        .cluster
-        .client_command_unhooked(Path::new(env!("CARGO_BIN_EXE_pxt-load")))
-        .args([
-            "--mode",
-            "tcp",
-            "--target",
-            &format!("{VIP}:80"),
-            "--workers",
-            "2",
-        ])
-        .args(["--warmup-ms", "0", "--duration-ms", "2000"])
-        .output()
-        .unwrap();
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
-    // Every port used at least twice (the machine's speed decides how many more times).
-    assert!(report["ops"].as_u64().unwrap_or(0) > 400, "{report}");
+    // Every port used at least twice: 2 s windows until then (one here; more on a slow,
+    // emulated machine), at most 8.
+    let mut ops = 0;
+    for _ in 0..8 {
+        let load = f
+            .cluster
+            .client_command_unhooked(Path::new(env!("CARGO_BIN_EXE_pxt-load")))
+            .args([
+                "--mode",
+                "tcp",
+                "--target",
+                &format!("{VIP}:80"),
+                "--workers",
+                "2",
+            ])
+            .args(["--warmup-ms", "0", "--duration-ms", "2000"])
+            .output()
+            .unwrap();
+        assert!(
+            load.status.success(),
+            "{}",
+            String::from_utf8_lossy(&load.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&load.stdout).unwrap();
+        ops += report["ops"].as_u64().unwrap_or(0);
+        if ops > 400 {
+            break;
+        }
+    }
+    assert!(ops > 400, "only {ops} connections through the VIP");
     // Then straight to the pod.
     let r = f.client("tcp", &format!("{pod}:{TCP_PORT}"), 20);
     assert!(r.errors.is_empty(), "{r:?}");
