@@ -58,14 +58,14 @@ pub fn status(patterns: &[String]) -> anyhow::Result<Status> {
         .map(|p| glob::Pattern::new(p))
         .collect::<Result<Vec<_>, _>>()?;
     let mut interfaces = Vec::new();
-    for (name, _) in tc::interfaces() {
+    for (name, index) in tc::interfaces() {
         if !patterns.is_empty() && !patterns.iter().any(|p| p.matches(&name)) {
             continue;
         }
-        let attachment = match tc::attachment(&name) {
+        let attachment = match tc::attachment(&name, index) {
             Ok(a) => a,
             // Gone between listing and asking (pods come and go).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) => continue,
             Err(e) => return Err(e.into()),
         };
         interfaces.push(InterfaceView { name, attachment });

@@ -313,18 +313,14 @@ pub struct Attachment {
     pub clsact_priorities: Vec<u16>,
 }
 
-/// Asks the kernel what runs [`TC_PROGRAM`] on `ifname`'s ingress.
-pub fn attachment(ifname: &str) -> io::Result<Attachment> {
+/// Asks the kernel what runs [`TC_PROGRAM`] on the ingress of `ifname` (index `index`, as
+/// [`interfaces`] lists it).
+pub fn attachment(ifname: &str, index: u32) -> io::Result<Attachment> {
     let tcx = match SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) {
         Ok((_, progs)) => progs.iter().any(|p| p.name_as_str() == Some(TC_PROGRAM)),
         // A kernel without TCX: nothing attached that way.
         Err(_) => false,
     };
-    let index = interfaces()
-        .into_iter()
-        .find(|(n, _)| n == ifname)
-        .map(|(_, i)| i)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifname}")))?;
     Ok(Attachment {
         tcx,
         clsact_priorities: clsact_filters(index)?,
