@@ -100,6 +100,9 @@ fn program(
     for (frontend, err) in &report.errors {
         warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
     }
+    for frontend in &report.tables_full {
+        warn!(%frontend, "no Maglev table free (--maglev-tables): this frontend chooses at random");
+    }
     Programmed {
         built,
         report,
@@ -188,6 +191,7 @@ impl Agent {
         );
         let errors = before.errors + p.report.errors.len();
         self.metrics.sync_errors.inc_by(errors as u64);
+        (self.metrics.maglev_table_fallbacks).inc_by(p.report.tables_full.len() as u64);
         before.removed_backends.extend(&p.report.removed_backends);
         self.cleaner.removed(&before.removed_backends);
         let kind = match pass {

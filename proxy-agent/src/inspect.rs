@@ -18,6 +18,10 @@ pub struct FrontendView {
     /// "active", "reject" (no endpoints: ECONNREFUSED) or "no-local-endpoints" (EHOSTUNREACH).
     pub state: &'static str,
     pub rev_nat_id: u16,
+    /// "random" or "maglev" (the frontend has a Maglev table).
+    pub algorithm: &'static str,
+    /// ClientIP session affinity's timeout; 0: none.
+    pub affinity_timeout_s: u32,
     pub backends: Vec<BackendView>,
 }
 
@@ -71,6 +75,12 @@ pub fn frontends(state: &MapState) -> Vec<FrontendView> {
             protocol: f.proto.to_string(),
             state,
             rev_nat_id: m.rev_nat_id,
+            algorithm: if m.maglev_table != 0 {
+                "maglev"
+            } else {
+                "random"
+            },
+            affinity_timeout_s: m.affinity_timeout_s,
             backends,
         });
     }
@@ -81,8 +91,8 @@ pub fn render_table(i: &Inspection) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<5} {:<19} BACKENDS",
-        "FRONTEND", "PROTO", "STATE"
+        "{:<22} {:<5} {:<19} {:<16} BACKENDS",
+        "FRONTEND", "PROTO", "STATE", "CHOICE"
     );
     for f in &i.services {
         let backends = if f.backends.is_empty() {
@@ -94,12 +104,17 @@ pub fn render_table(i: &Inspection) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let choice = match f.affinity_timeout_s {
+            0 => f.algorithm.to_string(),
+            t => format!("{}+ClientIP/{t}s", f.algorithm),
+        };
         let _ = writeln!(
             s,
-            "{:<22} {:<5} {:<19} {}",
+            "{:<22} {:<5} {:<19} {:<16} {}",
             format!("{}:{}", f.vip, f.port),
             f.protocol,
             f.state,
+            choice,
             backends
         );
     }

@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod features;
 pub mod inspect;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod model;

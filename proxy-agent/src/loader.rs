@@ -16,7 +16,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
 use proxy_common::{
-    CT_TIMEOUTS_GLOBAL, CtTimeouts, MAPS, REJECT_MODE_GLOBAL, RETIRED_MAPS, RejectMode,
+    CT_TIMEOUTS_GLOBAL, CtTimeouts, MAGLEV_MAP, MAGLEV_SIZE_GLOBAL, MAPS, NETNS_COOKIE_GLOBAL,
+    REJECT_MODE_GLOBAL, RETIRED_MAPS, RejectMode,
 };
 
 use crate::maps::{self, MapsError};
@@ -188,6 +189,11 @@ pub struct Settings {
     pub ct_timeouts: CtTimeouts,
     /// How refusals reach applications (what the kernel offers: [`crate::features::plan`]).
     pub reject: RejectMode,
+    /// Maglev table size and count (`--maglev-table-size`, `--maglev-tables`).
+    pub maglev_size: u32,
+    pub maglev_tables: u16,
+    /// Whether the socket hooks may call `bpf_get_netns_cookie` (session affinity).
+    pub netns_cookie: bool,
 }
 
 impl Default for Settings {
@@ -195,7 +201,17 @@ impl Default for Settings {
         Settings {
             ct_timeouts: CtTimeouts::DEFAULT,
             reject: RejectMode::Errno,
+            maglev_size: proxy_common::MAGLEV_DEFAULT_TABLE_SIZE,
+            maglev_tables: proxy_common::MAGLEV_DEFAULT_TABLES as u16,
+            netns_cookie: true,
         }
+    }
+}
+
+impl Settings {
+    /// Elements of the Maglev map: every table end to end, two entries an element.
+    pub fn maglev_entries(&self) -> u32 {
+        proxy_common::maglev_map_entries(u32::from(self.maglev_tables), self.maglev_size)
     }
 }
 
@@ -209,15 +225,18 @@ pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
 pub fn load_with(dir: &Path, settings: &Settings) -> Result<Ebpf, LoaderError> {
     check_object(EBPF_OBJECT)?;
     ensure_bpffs_dir(dir)?;
-    maps::check_pinned_layouts(dir)?;
+    maps::check_layouts(dir, maps::layouts(settings.maglev_entries()), false)?;
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (m.name, dir.join(m.name))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
     loader
+        .map_max_entries(MAGLEV_MAP, settings.maglev_entries())
         .override_global(CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true)
         .override_global(REJECT_MODE_GLOBAL, &(settings.reject as u32), true)
+        .override_global(MAGLEV_SIZE_GLOBAL, &settings.maglev_size, true)
+        .override_global(NETNS_COOKIE_GLOBAL, &u32::from(settings.netns_cookie), true)
         .load(EBPF_OBJECT)
         .map_err(|e| LoaderError::Load(Box::new(e)))
 }

@@ -2,7 +2,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_agent::{inspect, loader, run, status};
+use proxy_agent::{inspect, loader, model::Algorithm, run, status};
 
 // A cold start parses thousands of small YAML files on every core, then builds the model: both
 // allocate many short-lived objects, where mimalloc's per-thread heaps take about a quarter off
@@ -97,6 +97,31 @@ struct RunArgs {
     tc_interfaces: Vec<String>,
     #[command(flatten)]
     conntrack: ConntrackArgs,
+    #[command(flatten)]
+    choice: ChoiceArgs,
+}
+
+/// How a backend is chosen for a new connection (after ClientIP affinity).
+#[derive(clap::Args)]
+struct ChoiceArgs {
+    /// For Services without the `service.ebpf-proxy.io/lb-algorithm` annotation.
+    #[arg(long, value_enum, default_value_t = Algorithm::Random)]
+    lb_algorithm: Algorithm,
+    /// Entries per Maglev table: a prime (more entries, less disruption when backends
+    /// change; 4 bytes each).
+    #[arg(long, default_value_t = proxy_agent::maglev::DEFAULT_TABLE_SIZE,
+          value_parser = table_size)]
+    maglev_table_size: u32,
+    /// How many frontends (Service ports) can use Maglev at once; the map takes
+    /// tables x size x 4 bytes. Beyond it, a frontend falls back to random (logged).
+    #[arg(long, default_value_t = proxy_common::MAGLEV_DEFAULT_TABLES as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    maglev_tables: u16,
+}
+
+fn table_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    proxy_agent::maglev::validate_table_size(n).map_err(|e| e.to_string())
 }
 
 /// The packet path's connection tracking: how long an entry lives after its last packet (as
@@ -187,7 +212,17 @@ fn main() -> anyhow::Result<()> {
                 healthz_max_age_seconds,
                 tc_interfaces,
                 conntrack,
+                choice,
             } = *args;
+            if u64::from(choice.maglev_tables) * u64::from(choice.maglev_table_size)
+                > u64::from(u32::MAX)
+            {
+                anyhow::bail!(
+                    "--maglev-tables {} x --maglev-table-size {} is more entries than a map holds",
+                    choice.maglev_tables,
+                    choice.maglev_table_size
+                );
+            }
             let source = match (manifests, kubeconfig) {
                 (Some(dir), _) => proxy_agent::source::SourceConfig::Manifests(dir),
                 (None, Some(path)) => proxy_agent::source::SourceConfig::Kubeconfig(path),
@@ -214,6 +249,11 @@ fn main() -> anyhow::Result<()> {
                 tc_interfaces,
                 ct_timeouts: conntrack.timeouts(),
                 ct_gc_interval: conntrack.conntrack_gc_interval.max(Duration::from_secs(1)),
+                choice: proxy_agent::sync::ChoiceConfig {
+                    algorithm: choice.lb_algorithm,
+                    maglev_size: choice.maglev_table_size,
+                    maglev_tables: choice.maglev_tables,
+                },
             }))
         }
         Command::Services { bpffs_dir, output } => {

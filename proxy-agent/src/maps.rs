@@ -13,8 +13,9 @@ use aya::{
     maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
 };
 use proxy_common::{
-    BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAPS, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP,
-    SVC_MAP, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, VIP_MAP,
+    AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, COUNTERS_MAP, Counter, MAGLEV_MAP,
+    MAPS, MapLayout, REV_NAT_MAP, RevNat, SOCK_REV_NAT_MAP, SVC_MAP, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
 use crate::sync::{Datapath, DatapathError, MapState, Partial};
@@ -61,10 +62,33 @@ pub enum MapsError {
     },
 }
 
+/// The maps' layouts with the capacities set at load time (`maglev_entries`: the Maglev
+/// map's, from the agent's flags).
+pub fn layouts(maglev_entries: u32) -> impl Iterator<Item = MapLayout> {
+    MAPS.iter().map(move |l| match l.name {
+        MAGLEV_MAP => MapLayout {
+            max_entries: maglev_entries,
+            ..*l
+        },
+        _ => *l,
+    })
+}
+
 /// Checks every map already pinned in `dir` against the ABI (aya reuses a pin without
-/// checking its sizes). Maps that are not pinned yet are fine: they will be created.
+/// checking its sizes). Maps that are not pinned yet are fine: they will be created. The
+/// Maglev map's capacity is whatever it was created with (checked against the flags at load).
 pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
-    for layout in MAPS {
+    check_layouts(dir, MAPS.iter().copied(), true)
+}
+
+/// [`check_pinned_layouts`], with the capacities `layouts` gives (`any_maglev_size`: accept
+/// any capacity of the Maglev map).
+pub fn check_layouts(
+    dir: &Path,
+    layouts: impl Iterator<Item = MapLayout>,
+    any_maglev_size: bool,
+) -> Result<(), MapsError> {
+    for layout in layouts {
         let path = dir.join(layout.name);
         if !path.exists() {
             continue;
@@ -80,11 +104,16 @@ pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
         // (An unknown map type never matches.)
         let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
         let found = (kind, info.key_size(), info.value_size(), info.max_entries());
+        let max_entries = if any_maglev_size && layout.name == MAGLEV_MAP {
+            info.max_entries()
+        } else {
+            layout.max_entries
+        };
         let expected = (
             layout.kind.bpf_map_type(),
             layout.key_size,
             layout.value_size,
-            layout.max_entries,
+            max_entries,
         );
         if found != expected {
             return Err(MapsError::Layout {
@@ -103,6 +132,8 @@ pub struct PinnedMaps {
     rev_nat: HashMap<MapData, u16, RevNat>,
     vips: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
+    affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
+    maglev: MaglevTables,
 }
 
 /// Opens the map pinned as `dir/name`, as aya's `wrap` kind, typed as `T`.
@@ -128,6 +159,8 @@ impl PinnedMaps {
             rev_nat: open_pinned(dir, REV_NAT_MAP, Map::HashMap)?,
             vips: open_pinned(dir, VIP_MAP, Map::HashMap)?,
             counters: open_pinned(dir, COUNTERS_MAP, Map::PerCpuArray)?,
+            affinity_match: open_pinned(dir, AFFINITY_MATCH_MAP, Map::HashMap)?,
+            maglev: MaglevTables::open(dir)?,
         })
     }
 
@@ -138,6 +171,9 @@ impl PinnedMaps {
             backends: read_all(&self.backends, BACKEND_MAP)?,
             rev_nat: read_all(&self.rev_nat, REV_NAT_MAP)?,
             vips: read_all(&self.vips, VIP_MAP)?,
+            affinity_match: read_all(&self.affinity_match, AFFINITY_MATCH_MAP)?
+                .into_keys()
+                .collect(),
         })
     }
 
@@ -340,5 +376,131 @@ impl Datapath for PinnedMaps {
     }
     fn delete_vip(&mut self, vip_be: u32) -> Result<(), DatapathError> {
         absent_ok(self.vips.remove(&vip_be), VIP_MAP)
+    }
+    fn update_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError> {
+        self.affinity_match
+            .insert(key, 1, 0)
+            .map_err(|e| map_err(AFFINITY_MATCH_MAP, "update", e))
+    }
+    fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError> {
+        absent_ok(self.affinity_match.remove(&key), AFFINITY_MATCH_MAP)
+    }
+    fn write_maglev_table(&mut self, table: u16, entries: &[u32]) -> Result<usize, DatapathError> {
+        self.maglev.write(table, entries)
+    }
+    fn maglev_table(&self, table: u16, size: u32) -> Vec<u32> {
+        self.maglev
+            .table(table, size as usize)
+            .map(<[u32]>::to_vec)
+            .unwrap_or_default()
+    }
+}
+
+/// The Maglev map, mapped into the agent's memory (`BPF_F_MMAPABLE`): a table is written as
+/// memory, not an entry per syscall, which would make a table of 16k entries cost as much as
+/// a thousand Services' other writes.
+struct MaglevTables {
+    ptr: std::ptr::NonNull<u32>,
+    entries: usize,
+    /// Keeps the map open while it is mapped.
+    _fd: std::os::fd::OwnedFd,
+}
+
+// SAFETY: the mapping is owned by this value; only `&mut self` writes through it.
+unsafe impl Send for MaglevTables {}
+
+impl MaglevTables {
+    fn open(dir: &Path) -> Result<Self, MapsError> {
+        let path = dir.join(MAGLEV_MAP);
+        let md = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let info = md.info().map_err(|source| MapsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        // Two u32 entries per element (`MaglevPair`), packed: the mapping is a u32 array.
+        let entries = info.max_entries() as usize * 2;
+        let fd = md
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| MapsError::Syscall {
+                map: MAGLEV_MAP,
+                op: "dup",
+                source,
+            })?;
+        // SAFETY: a shared mapping of the map's value area (entries * 4 bytes, which the
+        // kernel rounds up to pages), valid while `fd` is open; nothing else in this process
+        // maps it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                entries * 4,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapsError::Syscall {
+                map: MAGLEV_MAP,
+                op: "mmap",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(MaglevTables {
+            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap returned a pointer"),
+            entries,
+            _fd: fd,
+        })
+    }
+
+    fn range(&self, table: u16, size: usize) -> Option<std::ops::Range<usize>> {
+        let start = usize::from(table).checked_sub(1)? * size;
+        (start + size <= self.entries).then_some(start..start + size)
+    }
+
+    fn table(&self, table: u16, size: usize) -> Option<&[u32]> {
+        let r = self.range(table, size)?;
+        // SAFETY: within the mapping; u32 entries, aligned (page-aligned base).
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(r.start), size) })
+    }
+
+    fn write(&mut self, table: u16, entries: &[u32]) -> Result<usize, DatapathError> {
+        let r = self
+            .range(table, entries.len())
+            .ok_or_else(|| DatapathError::Full {
+                map: MAGLEV_MAP,
+                capacity: self.entries as u32,
+                what: format!("table {table} of {} entries does not fit", entries.len()),
+            })?;
+        // SAFETY: within the mapping, and `&mut self` is its only writer. The programs read
+        // entries concurrently: each is an aligned u32, written whole (volatile, so every
+        // store happens and none is torn or merged).
+        let table = unsafe { self.ptr.as_ptr().add(r.start) };
+        let mut changed = 0;
+        for (i, want) in entries.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe {
+                let e = table.add(i);
+                if e.read_volatile() != *want {
+                    e.write_volatile(*want);
+                    changed += 1;
+                }
+            }
+        }
+        // The table is complete before the master that names it is written.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(changed)
+    }
+}
+
+impl Drop for MaglevTables {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * 4) };
     }
 }

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub rejected: Family<Reason, Counter>,
     pub map_fill: Family<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub sync_errors: Counter,
+    pub maglev_table_fallbacks: Counter,
     pub conntrack_entries: Family<CtState, Gauge>,
     pub conntrack_collected: Counter,
 }
@@ -171,6 +172,12 @@ impl Metrics {
             "Frontends a sync could not write (kept their old state)",
             sync_errors.clone(),
         );
+        let maglev_table_fallbacks = Counter::default();
+        registry.register(
+            "maglev_table_fallbacks",
+            "Frontends written with random choice though they ask for Maglev: every table was taken (--maglev-tables)",
+            maglev_table_fallbacks.clone(),
+        );
         let conntrack_entries = Family::<CtState, Gauge>::default();
         registry.register(
             "conntrack_entries",
@@ -200,6 +207,7 @@ impl Metrics {
             rejected,
             map_fill,
             sync_errors,
+            maglev_table_fallbacks,
             conntrack_entries,
             conntrack_collected,
         }

@@ -18,12 +18,12 @@ use crate::{
     agent::Agent,
     cleanup::{Cleaner, Gc},
     conntrack,
-    features::{self, Features},
+    features::{self, Feature, Features},
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
     source::SourceConfig,
-    sync::Syncer,
+    sync::{ChoiceConfig, Syncer},
     tc::{self, TcAttacher},
 };
 
@@ -43,6 +43,8 @@ pub struct RunConfig {
     /// Conntrack lifetimes per state, and how often expired entries are collected.
     pub ct_timeouts: CtTimeouts,
     pub ct_gc_interval: Duration,
+    /// Backend choice: the node's algorithm and Maglev tables.
+    pub choice: ChoiceConfig,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -66,7 +68,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let settings = loader::Settings {
         ct_timeouts: cfg.ct_timeouts,
         reject: plan.reject,
+        maglev_size: cfg.choice.maglev_size,
+        maglev_tables: cfg.choice.maglev_tables,
+        netns_cookie: features.has(Feature::NetnsCookie),
     };
+    if !settings.netns_cookie {
+        warn!(
+            "this kernel has no bpf_get_netns_cookie for socket programs: ClientIP session affinity works on the packet path only"
+        );
+    }
     let mut ebpf = loader::load_with(&cfg.bpffs_dir, &settings)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup, plan.getpeername)
@@ -122,7 +132,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .context("starting the cleanup thread")?;
     let mut agent = Agent::new(
         source,
-        Syncer::new(maps, state),
+        Syncer::with_choice(maps, state, cfg.choice),
         cfg.node_name.clone(),
         metrics,
         health,

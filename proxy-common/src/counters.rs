@@ -65,6 +65,10 @@ counters! {
         "the packet path began to rewrite a packet and could not finish: dropped, never forwarded half-rewritten";
     TcOtherFlowPassed = 16, "tc_other_flow_passed",
         "a packet on a tracked reply tuple that belongs to another flow (a connection opening from the backend, or a direct one to it on a reused tuple) passed untouched";
+    AffinityReused = 17, "affinity_reused",
+        "ClientIP session affinity sent a new connection to the backend its client last used";
+    AffinityUpdateFailed = 18, "affinity_update_failed",
+        "a session-affinity entry could not be written (the connection was still translated)";
 }
 
 const _: () = {

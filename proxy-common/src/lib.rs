@@ -16,12 +16,14 @@
 
 use core::mem::size_of;
 
+mod affinity;
 mod conntrack;
 mod counters;
 mod retired;
 mod service;
 mod sock;
 
+pub use affinity::*;
 pub use conntrack::*;
 pub use counters::*;
 pub use retired::v1;
@@ -62,6 +64,18 @@ macro_rules! map_table {
             /// Packet-path connection tracking (LRU): a forward and a reply entry per flow, with
             /// its TCP state and when it was last seen.
             CT_MAP = PROXY_CT_V2: LruHashMap<$crate::CtKey, $crate::CtValue>[$crate::CT_MAP_ENTRIES];
+            /// ClientIP session affinity (LRU): {frontend, client} -> {backend id, last used}.
+            AFFINITY_MAP = PROXY_AFF_V1:
+                LruHashMap<$crate::AffinityKey, $crate::AffinityValue>[$crate::AFFINITY_MAP_ENTRIES];
+            /// The usable backends of each frontend with affinity: {backend id, rev-NAT id} -> 1.
+            AFFINITY_MATCH_MAP = PROXY_AFFM_V1:
+                HashMap<$crate::AffinityMatchKey, u32>[$crate::AFFINITY_MATCH_MAP_ENTRIES];
+            /// Maglev lookup tables, end to end (see [`maglev_index`]), two entries per array
+            /// element ([`MaglevPair`]): entry -> backend id (0: not written, choose at
+            /// random). Its size is set at load time ([`maglev_map_entries`] of the agent's
+            /// `--maglev-tables` and `--maglev-table-size`); mmapable, so the agent writes a
+            /// table as memory rather than an entry per syscall.
+            MAGLEV_MAP = PROXY_MAGLEV_V1: MmapArray<u32, $crate::MaglevPair>[$crate::MAGLEV_MAP_ENTRIES];
         }
     };
 }
@@ -72,6 +86,8 @@ pub enum MapKind {
     HashMap,
     LruHashMap,
     Array,
+    /// An array with `BPF_F_MMAPABLE`.
+    MmapArray,
     PerCpuArray,
 }
 
@@ -80,7 +96,7 @@ impl MapKind {
     pub const fn bpf_map_type(self) -> u32 {
         match self {
             MapKind::HashMap => 1,
-            MapKind::Array => 2,
+            MapKind::Array | MapKind::MmapArray => 2,
             MapKind::PerCpuArray => 6,
             MapKind::LruHashMap => 9,
         }
@@ -145,6 +161,20 @@ pub const VIP_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of [`CT_MAP`] (LRU: when full, the least recently used flows are evicted).
 pub const CT_MAP_ENTRIES: u32 = 262_144;
 
+/// Capacity of [`AFFINITY_MAP`] (LRU: the least recently used clients are forgotten).
+pub const AFFINITY_MAP_ENTRIES: u32 = 131_072;
+/// Capacity of [`AFFINITY_MATCH_MAP`]: as many as there can be backend slots.
+pub const AFFINITY_MATCH_MAP_ENTRIES: u32 = SVC_MAP_ENTRIES;
+/// Default number of Maglev tables (frontends using Maglev) [`MAGLEV_MAP`] has room for.
+pub const MAGLEV_DEFAULT_TABLES: u32 = 256;
+/// Default Maglev table size (Cilium's; a prime).
+pub const MAGLEV_DEFAULT_TABLE_SIZE: u32 = 16_381;
+/// Capacity of [`MAGLEV_MAP`] in the built object; the agent sets its own at load time.
+pub const MAGLEV_MAP_ENTRIES: u32 =
+    maglev_map_entries(MAGLEV_DEFAULT_TABLES, MAGLEV_DEFAULT_TABLE_SIZE);
+/// `BPF_F_MMAPABLE`.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Largest number of backends one frontend may have (`ServiceValue::count` is a u16).
 pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
 
@@ -175,6 +205,10 @@ mod user {
         CtKey,
         CtValue,
         CtTimeouts,
+        AffinityKey,
+        AffinityValue,
+        AffinityMatchKey,
+        MaglevPair,
         v1::CtKey,
         v1::CtValue
     );

@@ -42,7 +42,7 @@ impl ServiceKey {
 }
 
 /// Value of [`crate::SVC_MAP`]. In the master (slot 0): `count`, `rev_nat_id`, `flags`,
-/// `affinity_timeout_s`; in a backend slot: `backend_id` only.
+/// `maglev_table`, `affinity_timeout_s`; in a backend slot: `backend_id` only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -51,7 +51,9 @@ pub struct ServiceValue {
     pub count: u16,
     pub rev_nat_id: u16,
     pub flags: u16,
-    pub _pad: u16,
+    /// The frontend's Maglev table in [`crate::MAGLEV_MAP`], 1-based; 0: random choice.
+    /// (Was padding: masters written before Maglev hold 0.)
+    pub maglev_table: u16,
     /// ClientIP session affinity timeout; 0 = no affinity.
     pub affinity_timeout_s: u32,
 }
@@ -65,20 +67,29 @@ impl ServiceValue {
             count: 0,
             rev_nat_id: 0,
             flags: 0,
-            _pad: 0,
+            maglev_table: 0,
             affinity_timeout_s: 0,
         }
     }
 
-    /// A master entry's value.
+    /// A master entry's value (random choice, no affinity: see [`Self::with_choice`]).
     pub const fn master(count: u16, rev_nat_id: u16, flags: u16) -> Self {
         ServiceValue {
             backend_id: 0,
             count,
             rev_nat_id,
             flags,
-            _pad: 0,
+            maglev_table: 0,
             affinity_timeout_s: 0,
+        }
+    }
+
+    /// This master with its Maglev table (0: none) and affinity timeout (0: none).
+    pub const fn with_choice(self, maglev_table: u16, affinity_timeout_s: u32) -> Self {
+        ServiceValue {
+            maglev_table,
+            affinity_timeout_s,
+            ..self
         }
     }
 }

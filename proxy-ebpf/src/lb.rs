@@ -1,12 +1,26 @@
 //! The load-balancing core: the one place a backend is chosen, for the socket hooks and the
 //! packet path alike (Cilium's `lb4_lookup_service`, `lb4_select_backend_id` and
-//! `__lb4_lookup_backend`). A feature of backend choice (affinity, an algorithm) is written
-//! here, once.
+//! `__lb4_lookup_backend`). A feature of backend choice is written here, once: the
+//! no-endpoint verdict, ClientIP affinity, then the frontend's algorithm (random, or its
+//! Maglev table).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{Backend, Counter, SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey, ServiceValue};
+use aya_ebpf::{Global, bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
+use proxy_common::{
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Counter, SVC_FLAG_NO_LOCAL_ENDPOINTS,
+    ServiceKey, ServiceValue, maglev_index,
+};
 
-use crate::maps::{PROXY_BE_V1, PROXY_SVC_V1, PROXY_VIP_V1, count};
+use crate::{
+    clock,
+    maps::{
+        PROXY_AFF_V1, PROXY_AFFM_V1, PROXY_BE_V1, PROXY_MAGLEV_V1, PROXY_SVC_V1, PROXY_VIP_V1,
+        count,
+    },
+};
+
+/// The Maglev table size the agent built its tables with (set at load time; 0: none).
+#[unsafe(no_mangle)]
+static PROXY_MAGLEV_SIZE: Global<u32> = Global::new(proxy_common::MAGLEV_DEFAULT_TABLE_SIZE);
 
 /// Why a frontend has no backend for a new connection.
 #[derive(Clone, Copy)]
@@ -33,6 +47,16 @@ pub enum Selection {
     Missing,
 }
 
+/// Who opens a new connection, as the choice needs it.
+pub struct Flow {
+    /// The client for ClientIP affinity ([`proxy_common::AFFINITY_CLIENT_NETNS`] or
+    /// [`proxy_common::AFFINITY_CLIENT_IP`], and its id); kind 0: unknown, no affinity.
+    pub client_kind: u8,
+    pub client: u64,
+    /// Maglev's hash of the connection (the 5-tuple, or the socket cookie).
+    pub hash: u32,
+}
+
 /// The master entry of frontend `key` (slot 0), if it is one.
 #[inline(always)]
 pub fn lookup_service(key: ServiceKey) -> Option<ServiceValue> {
@@ -46,9 +70,9 @@ pub fn lookup_backend(id: u32) -> Option<Backend> {
     unsafe { PROXY_BE_V1.get(id) }.copied()
 }
 
-/// A backend for a new connection to frontend `svc`, whose master is `master`.
+/// A backend for a new connection `flow` to frontend `svc`, whose master is `master`.
 #[inline(always)]
-pub fn select_backend(svc: ServiceKey, master: &ServiceValue) -> Selection {
+pub fn select_backend(svc: ServiceKey, master: &ServiceValue, flow: &Flow) -> Selection {
     if master.count == 0 {
         return Selection::Reject(if master.flags & SVC_FLAG_NO_LOCAL_ENDPOINTS != 0 {
             NoBackend::NoLocal
@@ -56,14 +80,33 @@ pub fn select_backend(svc: ServiceKey, master: &ServiceValue) -> Selection {
             NoBackend::Refused
         });
     }
-    let chosen = select_backend_id(svc, master).and_then(|id| {
-        Some(Chosen {
-            id,
-            backend: lookup_backend(id)?,
-        })
-    });
+    let affinity = (master.affinity_timeout_s != 0 && flow.client_kind != 0)
+        .then(|| AffinityKey::new(flow.client_kind, flow.client, master.rev_nat_id));
+    let now = clock::now_s();
+    if let Some(key) = &affinity
+        && let Some(chosen) = remembered(key, master, now)
+    {
+        return Selection::Backend(chosen);
+    }
+    let id = match master.maglev_table {
+        0 => None,
+        table => maglev_backend_id(table, flow.hash),
+    };
+    let chosen = id
+        .or_else(|| random_backend_id(svc, master))
+        .and_then(|id| {
+            Some(Chosen {
+                id,
+                backend: lookup_backend(id)?,
+            })
+        });
     match chosen {
-        Some(c) => Selection::Backend(c),
+        Some(c) => {
+            if let Some(key) = &affinity {
+                remember(key, c.id, now);
+            }
+            Selection::Backend(c)
+        }
         None => {
             count(Counter::BackendMissing);
             Selection::Missing
@@ -71,9 +114,56 @@ pub fn select_backend(svc: ServiceKey, master: &ServiceValue) -> Selection {
     }
 }
 
+/// The backend this client was last sent to, while its entry is live and the backend is
+/// still one the frontend may use; the entry's timer restarts (at most once a second).
+#[inline(always)]
+fn remembered(key: &AffinityKey, master: &ServiceValue, now: u32) -> Option<Chosen> {
+    // SAFETY: copied out at once.
+    let v = unsafe { PROXY_AFF_V1.get(key) }.copied()?;
+    if v.expired(now, master.affinity_timeout_s) {
+        return None;
+    }
+    let usable = AffinityMatchKey::new(v.backend_id, master.rev_nat_id);
+    // SAFETY: only the presence is read.
+    unsafe { PROXY_AFFM_V1.get(usable) }?;
+    let backend = lookup_backend(v.backend_id)?;
+    if v.last_used_s != now {
+        remember(key, v.backend_id, now);
+    }
+    count(Counter::AffinityReused);
+    Some(Chosen {
+        id: v.backend_id,
+        backend,
+    })
+}
+
+#[inline(always)]
+fn remember(key: &AffinityKey, backend_id: u32, now: u32) {
+    let v = AffinityValue {
+        backend_id,
+        last_used_s: now,
+    };
+    if PROXY_AFF_V1.insert(*key, v, BPF_ANY.into()).is_err() {
+        count(Counter::AffinityUpdateFailed);
+    }
+}
+
+/// The backend id in entry `hash % size` of Maglev table `table` (None where the agent has
+/// not written the table yet: the caller chooses at random).
+#[inline(always)]
+fn maglev_backend_id(table: u16, hash: u32) -> Option<u32> {
+    let size = PROXY_MAGLEV_SIZE.load();
+    if size == 0 {
+        return None;
+    }
+    let i = maglev_index(table, size, hash);
+    let id = PROXY_MAGLEV_V1.get(i / 2)?.backend_id[(i & 1) as usize];
+    (id != 0).then_some(id)
+}
+
 /// The backend id of a slot chosen at random among the master's `count` (> 0).
 #[inline(always)]
-fn select_backend_id(svc: ServiceKey, master: &ServiceValue) -> Option<u32> {
+fn random_backend_id(svc: ServiceKey, master: &ServiceValue) -> Option<u32> {
     // SAFETY: plain helper call.
     let pick = unsafe { bpf_get_prandom_u32() } % u32::from(master.count);
     let slot = svc.with_slot(pick as u16 + 1);

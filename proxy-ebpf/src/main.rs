@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod lb;
 mod maps;
 mod sock;

@@ -9,6 +9,9 @@ macro_rules! map_type {
     (HashMap, $k:ty, $v:ty, $n:expr) => { HashMap<$k, $v, { $n as usize }> };
     (LruHashMap, $k:ty, $v:ty, $n:expr) => { LruHashMap<$k, $v, { $n as usize }> };
     (Array, $k:ty, $v:ty, $n:expr) => { Array<$v, { $n as usize }> };
+    (MmapArray, $k:ty, $v:ty, $n:expr) => {
+        Array<$v, { $n as usize }, { proxy_common::BPF_F_MMAPABLE as usize }>
+    };
     (PerCpuArray, $k:ty, $v:ty, $n:expr) => { PerCpuArray<$v, { $n as usize }> };
 }
 

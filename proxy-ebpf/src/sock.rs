@@ -8,15 +8,16 @@
 use aya_ebpf::{
     Global,
     bindings::BPF_ANY,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Counter, PROTO_TCP, PROTO_UDP, RejectMode, ServiceKey, SockRevNatKey, SockRevNatValue, SockSlot,
+    AFFINITY_CLIENT_NETNS, Counter, PROTO_TCP, PROTO_UDP, RejectMode, ServiceKey, SockRevNatKey,
+    SockRevNatValue, SockSlot, cookie_hash,
 };
 
 use crate::{
-    lb::{self, NoBackend, Selection},
+    lb::{self, Flow, NoBackend, Selection},
     maps::{PROXY_RNAT_V1, PROXY_SKNAT_V1, PROXY_SKSLOT_V1, count},
 };
 
@@ -46,7 +47,20 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> Result<i32, i32> {
     let port_be = sa.user_port as u16;
     let svc = ServiceKey::master(vip_be, port_be, proto);
     let master = lb::lookup_service(svc).ok_or(ALLOW)?;
-    let chosen = match lb::select_backend(svc, &master) {
+    // SAFETY: plain helper call on this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let mut flow = Flow {
+        client_kind: 0,
+        client: 0,
+        hash: cookie_hash(cookie),
+    };
+    // The client is the pod: its network namespace (host-network pods share the node's).
+    if master.affinity_timeout_s != 0 && PROXY_NETNS_COOKIE.load() != 0 {
+        flow.client_kind = AFFINITY_CLIENT_NETNS;
+        // SAFETY: plain helper call on this program's context.
+        flow.client = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    }
+    let chosen = match lb::select_backend(svc, &master, &flow) {
         Selection::Backend(c) => c,
         Selection::Reject(why) => return Ok(reject(why)),
         Selection::Missing => return Ok(ALLOW),
@@ -54,8 +68,6 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> Result<i32, i32> {
     let backend = chosen.backend;
 
     // Record the reverse mapping before rewriting, so a reply can never arrive unmapped.
-    // SAFETY: plain helper call on this program's context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let peer = SockRevNatKey::new(cookie, backend.addr_be, backend.port_be);
     let rev = SockRevNatValue {
         vip_be,
@@ -83,6 +95,12 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> Result<i32, i32> {
 /// taken, so a kernel without `bpf_set_retval` never sees the call.
 #[unsafe(no_mangle)]
 static PROXY_REJECT_MODE: Global<u32> = Global::new(RejectMode::Errno as u32);
+
+/// Whether the kernel lets these hooks call `bpf_get_netns_cookie` (set at load time from the
+/// probe; read-only, so without it the verifier never sees the call and affinity is off on
+/// the socket path).
+#[unsafe(no_mangle)]
+static PROXY_NETNS_COOKIE: Global<u32> = Global::new(1);
 
 /// No backend: the syscall fails at once with the errno that says why (or, with the packet
 /// path and no `bpf_set_retval`, goes on untranslated for the TC program to refuse).

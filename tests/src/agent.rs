@@ -219,8 +219,12 @@ impl Drop for Agent {
 /// The frontends in the pinned maps.
 pub fn frontends(pins: &BpffsDir) -> Vec<FrontendView> {
     inspect::inspect(&pins.path)
+        .map_err(anyhow::Error::from)
         .map(|i| i.services)
-        .unwrap_or_default()
+        .unwrap_or_else(|e| {
+            eprintln!("inspect: {e:#}");
+            Vec::new()
+        })
 }
 
 /// `PROXY_SKSLOT_V1`, the TCP sockets' reverse NAT.

@@ -98,6 +98,26 @@ pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count
     )
 }
 
+/// Like [`run`] (`unhooked`: like [`run_unhooked`]) with more client flags.
+pub fn run_with(
+    cluster: &Cluster,
+    bin: &Path,
+    unhooked: bool,
+    mode: &str,
+    addr: &str,
+    count: u32,
+    extra: &[&str],
+) -> Report {
+    let mut a = args(mode, addr, count);
+    a.extend(extra.iter().map(std::string::ToString::to_string));
+    let out = if unhooked {
+        cluster.run_client_unhooked(bin, &a)
+    } else {
+        cluster.run_client(bin, &a)
+    };
+    parse(out.expect("client runs"))
+}
+
 /// Starts a client without waiting (e.g. a long loop): as the cluster's client pod in the
 /// hooked cgroup, or `unhooked`, outside it. Its stdin is a pipe (`tcp-hold` waits on it).
 pub fn spawn(

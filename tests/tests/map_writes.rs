@@ -64,6 +64,8 @@ fn a_full_sync_through_the_pinned_maps_reads_back_as_its_mirror() {
                 service: ServiceRef::new(Some("bench"), &format!("s{i}")),
                 backends,
                 no_local_endpoints: false,
+                affinity_timeout_s: 0,
+                algorithm: None,
             },
         );
     }
@@ -151,6 +153,8 @@ fn cleanup_forgets_the_flows_of_removed_backends_only() {
             service: ServiceRef::new(Some("default"), "dns"),
             backends: vec![again],
             no_local_endpoints: false,
+            affinity_timeout_s: 0,
+            algorithm: None,
         },
     );
     let maps = PinnedMaps::open(&pins.path).unwrap();
@@ -344,4 +348,88 @@ fn flows_of_the_previous_conntrack_layout_are_carried_over() {
     assert_eq!(get(17, 12), at(CT_DIR_FORWARD, CT_UDP, udp));
     assert!(!get(6, 10).expired(now + tcp - 1, &t) && get(6, 10).expired(now + tcp + 1, &t));
     assert_eq!(get(6, 13), newer, "what the new programs wrote is kept");
+}
+
+/// Maglev tables written through the agent's mapping are what the kernel's own lookup reads
+/// (`bpf(BPF_MAP_LOOKUP_ELEM)`: entry i in element i / 2, half i % 2), each names only its
+/// frontend's backends, affinity matches are in the kernel, and a restarted writer with the
+/// same Services writes nothing, tables included.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn maglev_tables_and_affinity_read_back_through_the_kernel() {
+    use aya::maps::{Array, Map};
+    use proxy_agent::{
+        model::Algorithm,
+        sync::{ChoiceConfig, maglev_table},
+    };
+    use proxy_common::{MAGLEV_MAP, MaglevPair, maglev_index};
+    require_root();
+    let pins = BpffsDir::new(&unique("mg"));
+    let settings = loader::Settings {
+        maglev_size: 251,
+        maglev_tables: 8,
+        ..loader::Settings::default()
+    };
+    let _ebpf = loader::load_with(&pins.path, &settings).expect("object loads");
+    let choice = ChoiceConfig {
+        algorithm: Algorithm::Maglev,
+        maglev_size: 251,
+        maglev_tables: 8,
+    };
+    let mut desired = Desired::default();
+    for i in 0..5u32 {
+        let backends: Vec<BackendAddr> = (0..3 + i)
+            .map(|j| BackendAddr {
+                ip: Ipv4Addr::new(10, 1, i as u8, j as u8 + 1),
+                port: 8080,
+            })
+            .collect();
+        desired.frontends.insert(
+            Frontend {
+                vip: Ipv4Addr::new(10, 96, 1, i as u8),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            FrontendSpec {
+                service: ServiceRef::new(Some("mg"), &format!("s{i}")),
+                backends,
+                no_local_endpoints: false,
+                affinity_timeout_s: if i % 2 == 0 { 30 } else { 0 },
+                algorithm: None,
+            },
+        );
+    }
+    let maps = PinnedMaps::open(&pins.path).unwrap();
+    let state = maps.dump().unwrap();
+    let mut syncer = Syncer::with_choice(maps, state, choice);
+    let report = syncer.sync(&desired);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let kernel = PinnedMaps::open(&pins.path).unwrap().dump().unwrap();
+    assert_eq!(&kernel, syncer.state());
+    assert_eq!(
+        kernel.affinity_match.len(),
+        3 + 5 + 7,
+        "frontends 0, 2 and 4"
+    );
+
+    let path = pins.path.join(MAGLEV_MAP);
+    let array: Array<MapData, MaglevPair> =
+        Array::try_from(Map::Array(MapData::from_pin(&path).unwrap())).unwrap();
+    let entry = |i: u32| array.get(&(i / 2), 0).unwrap().backend_id[(i % 2) as usize];
+    for (k, m) in kernel.services.iter().filter(|(k, _)| k.slot == 0) {
+        assert_ne!(m.maglev_table, 0, "{k:?}");
+        let ids: Vec<u32> = (1..=m.count)
+            .map(|slot| kernel.services[&k.with_slot(slot)].backend_id)
+            .collect();
+        let members: Vec<_> = ids.iter().map(|id| kernel.backends[id]).collect();
+        let want = maglev_table(&ids, &members, 251, &[]);
+        let got: Vec<u32> = (0..251)
+            .map(|h| entry(maglev_index(m.maglev_table, 251, h)))
+            .collect();
+        assert_eq!(got, want, "table {} as the kernel reads it", m.maglev_table);
+    }
+
+    let mut again = Syncer::with_choice(PinnedMaps::open(&pins.path).unwrap(), kernel, choice);
+    let report = again.sync(&desired);
+    assert_eq!((report.updates, report.deletes), (0, 0));
 }

@@ -117,6 +117,8 @@ impl Harness {
                     service: svc.clone(),
                     backends,
                     no_local_endpoints: false,
+                    affinity_timeout_s: 0,
+                    algorithm: None,
                 },
             );
         }

@@ -31,6 +31,33 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// Per-Service choice of algorithm (`random` or `maglev`), over the node's `--lb-algorithm`.
+pub const ANNOTATION_LB_ALGORITHM: &str = "service.ebpf-proxy.io/lb-algorithm";
+
+pub use service::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S};
+
+/// How a frontend chooses a backend for a new connection (after affinity).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// A random backend per connection (kube-proxy's).
+    #[default]
+    Random,
+    /// Maglev consistent hashing: a connection's hash picks its backend from a lookup table,
+    /// and a backend change moves few connections' choice.
+    Maglev,
+}
+
+impl Algorithm {
+    /// The annotation's value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "random" => Some(Algorithm::Random),
+            "maglev" => Some(Algorithm::Maglev),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Proto {
@@ -94,6 +121,10 @@ pub struct FrontendSpec {
     pub backends: Vec<BackendAddr>,
     /// Endpoints exist but none this node may use (iTP=Local): fail with EHOSTUNREACH.
     pub no_local_endpoints: bool,
+    /// ClientIP session affinity's timeout; 0: no affinity.
+    pub affinity_timeout_s: u32,
+    /// The Service's own algorithm (its annotation); None: the node's.
+    pub algorithm: Option<Algorithm>,
 }
 
 /// A Service's namespace and name. Shared strings: every frontend, claim and map owner

@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    BackendAddr, Frontend, FrontendSpec, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, Problem,
-    ProblemReason, Proto, ServiceRef, Sourced,
+    ANNOTATION_LB_ALGORITHM, Algorithm, BackendAddr, Frontend, FrontendSpec, LABEL_HEADLESS,
+    LABEL_SERVICE_PROXY_NAME, Problem, ProblemReason, Proto, ServiceRef, Sourced,
     endpointslice_cache::EndpointsByPort,
     problem::problem,
     topology::{self, TrafficPolicy},
@@ -118,6 +118,39 @@ pub(super) fn service_frontends(
         }
     };
 
+    let affinity_timeout_s = match session_affinity(spec) {
+        Ok(t) => t,
+        Err((field, detail)) => {
+            problems.push(problem(
+                src,
+                "Service",
+                field,
+                ProblemReason::InvalidValue,
+                detail,
+            ));
+            invalid = true;
+            0
+        }
+    };
+    let annotations = svc.metadata.annotations.as_ref();
+    let algorithm = match annotations.and_then(|a| a.get(ANNOTATION_LB_ALGORITHM)) {
+        None => None,
+        Some(v) => match Algorithm::parse(v) {
+            Some(a) => Some(a),
+            None => {
+                problems.push(problem(
+                    src,
+                    "Service",
+                    format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM:?}]"),
+                    ProblemReason::InvalidValue,
+                    format!("{v:?} is neither \"random\" nor \"maglev\""),
+                ));
+                invalid = true;
+                None
+            }
+        },
+    };
+
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let proto = match p.protocol.as_deref() {
@@ -212,9 +245,44 @@ pub(super) fn service_frontends(
                     service: service.clone(),
                     backends: backends.clone(),
                     no_local_endpoints,
+                    affinity_timeout_s,
+                    algorithm,
                 },
             ));
         }
     }
     ServiceOutcome::Frontends { vips, frontends }
+}
+
+/// Default of `sessionAffinityConfig.clientIP.timeoutSeconds` (kube-proxy's and the API's).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Largest valid `timeoutSeconds` (the API server's validation: one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// The ClientIP affinity timeout (0: no affinity), or the field that is invalid and why.
+fn session_affinity(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<u32, (&'static str, String)> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(0),
+        Some("ClientIP") => {
+            let timeout = (spec.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=i64::from(MAX_AFFINITY_TIMEOUT_S)).contains(&i64::from(t)) => {
+                    Ok(t as u32)
+                }
+                Some(t) => Err((
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("{t} is not in 1..={MAX_AFFINITY_TIMEOUT_S}"),
+                )),
+            }
+        }
+        Some(other) => Err((
+            "spec.sessionAffinity",
+            format!("{other:?} is neither \"None\" nor \"ClientIP\""),
+        )),
+    }
 }

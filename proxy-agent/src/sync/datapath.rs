@@ -1,7 +1,7 @@
 //! Where the sync writes: the pinned BPF maps ([`crate::maps::PinnedMaps`]), or a fake in
 //! tests.
 
-use proxy_common::{Backend, RevNat, ServiceKey, ServiceValue};
+use proxy_common::{AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -60,4 +60,11 @@ pub trait Datapath {
     fn delete_rev_nat(&mut self, id: u16) -> Result<(), DatapathError>;
     fn update_vip(&mut self, vip_be: u32, frontends: u32) -> Result<(), DatapathError>;
     fn delete_vip(&mut self, vip_be: u32) -> Result<(), DatapathError>;
+    fn update_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError>;
+    fn delete_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError>;
+    /// Makes Maglev table `table` (1-based) equal to `entries` (one per table entry; all 0
+    /// clears it), writing only the entries that differ; returns how many did.
+    fn write_maglev_table(&mut self, table: u16, entries: &[u32]) -> Result<usize, DatapathError>;
+    /// Maglev table `table` of `size` entries as the programs read it (empty if unknown).
+    fn maglev_table(&self, table: u16, size: u32) -> Vec<u32>;
 }

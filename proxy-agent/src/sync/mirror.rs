@@ -9,7 +9,7 @@ use std::{
 };
 
 use foldhash::HashMap;
-use proxy_common::{Backend, RevNat, ServiceKey, ServiceValue};
+use proxy_common::{AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue};
 
 use crate::model::{BackendAddr, Frontend, Proto, ServiceRef};
 
@@ -21,6 +21,8 @@ pub struct MapState {
     pub rev_nat: BTreeMap<u16, RevNat>,
     /// ClusterIP (network order) -> number of frontends (masters) on it.
     pub vips: BTreeMap<u32, u32>,
+    /// The usable backends of frontends with session affinity.
+    pub affinity_match: BTreeSet<AffinityMatchKey>,
 }
 
 impl MapState {
@@ -30,6 +32,7 @@ impl MapState {
             && self.backends.is_empty()
             && self.rev_nat.is_empty()
             && self.vips.is_empty()
+            && self.affinity_match.is_empty()
     }
 }
 
@@ -65,14 +68,74 @@ pub struct Mirror {
     owners: HashMap<Frontend, ServiceRef>,
     /// The inverse of `owners`: a scoped sync visits only its Services' frontends.
     by_owner: HashMap<ServiceRef, BTreeSet<Frontend>>,
+    /// Maglev tables named by masters, and how many masters name each (one, unless the maps
+    /// were written by something else).
+    tables: HashMap<u16, u32>,
+    /// Frontends whose Maglev table this writer has written (or found equal) for their
+    /// current slots: unknown for all at start, so the first sync compares every table.
+    tables_written: HashMap<Frontend, u16>,
 }
 
 impl Mirror {
     pub fn new(state: MapState) -> Self {
+        let mut tables: HashMap<u16, u32> = HashMap::default();
+        for (k, v) in &state.services {
+            if k.slot == 0 && v.maglev_table != 0 {
+                *tables.entry(v.maglev_table).or_default() += 1;
+            }
+        }
         Mirror {
             masters: state.services.keys().filter(|k| k.slot == 0).count(),
             state,
+            tables,
             ..Mirror::default()
+        }
+    }
+
+    /// Whether a master names Maglev table `id`.
+    pub fn table_in_use(&self, id: u16) -> bool {
+        self.tables.contains_key(&id)
+    }
+
+    /// The table this writer last wrote for `f`'s current slots.
+    pub fn table_written(&self, f: &Frontend) -> Option<u16> {
+        self.tables_written.get(f).copied()
+    }
+
+    pub fn set_table_written(&mut self, f: Frontend, table: Option<u16>) {
+        match table {
+            Some(t) => self.tables_written.insert(f, t),
+            None => self.tables_written.remove(&f),
+        };
+    }
+
+    fn count_table(&mut self, master: Option<ServiceValue>, add: bool) {
+        let Some(t) = master.map(|m| m.maglev_table).filter(|t| *t != 0) else {
+            return;
+        };
+        if add {
+            *self.tables.entry(t).or_default() += 1;
+        } else if let Some(n) = self.tables.get_mut(&t) {
+            *n -= 1;
+            if *n == 0 {
+                self.tables.remove(&t);
+            }
+        }
+    }
+
+    pub fn affinity_matches(&self, rev_nat_id: u16) -> impl Iterator<Item = &AffinityMatchKey> {
+        (self.state.affinity_match.iter()).filter(move |k| k.rev_nat_id == rev_nat_id)
+    }
+
+    pub fn has_affinity_match(&self, key: &AffinityMatchKey) -> bool {
+        self.state.affinity_match.contains(key)
+    }
+
+    pub fn set_affinity_match(&mut self, key: AffinityMatchKey, present: bool) {
+        if present {
+            self.state.affinity_match.insert(key);
+        } else {
+            self.state.affinity_match.remove(&key);
         }
     }
 
@@ -112,8 +175,12 @@ impl Mirror {
 
     pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Option<ServiceValue> {
         let old = self.state.services.insert(key, value);
-        if key.slot == 0 && old.is_none() {
-            self.masters += 1;
+        if key.slot == 0 {
+            if old.is_none() {
+                self.masters += 1;
+            }
+            self.count_table(old, false);
+            self.count_table(Some(value), true);
         }
         old
     }
@@ -122,6 +189,7 @@ impl Mirror {
         let old = self.state.services.remove(key);
         if key.slot == 0 && old.is_some() {
             self.masters -= 1;
+            self.count_table(old, false);
         }
         old
     }

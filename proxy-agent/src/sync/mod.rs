@@ -6,6 +6,7 @@
 //! batch syscall on the pinned maps). A frontend that cannot be written (map full, syscall
 //! error) keeps its previous state, and the next sync retries it.
 
+mod choice;
 mod datapath;
 mod ids;
 mod mirror;
@@ -16,13 +17,15 @@ use std::collections::BTreeSet;
 
 use proxy_common::Backend;
 
-pub use self::{
-    datapath::{Datapath, DatapathError, Partial},
-    mirror::{MapState, Mirror, backend_value, frontend_of, rev_nat_value, service_key},
-};
 use self::{
+    choice::TableIds,
     ids::{BackendIds, RevNatIds},
     writer::Writer,
+};
+pub use self::{
+    choice::{ChoiceConfig, maglev_table},
+    datapath::{Datapath, DatapathError, Partial},
+    mirror::{MapState, Mirror, backend_value, frontend_of, rev_nat_value, service_key},
 };
 use crate::model::{Desired, Frontend, ServiceRef};
 
@@ -38,6 +41,9 @@ pub struct SyncReport {
     pub removed_backends: Vec<Backend>,
     /// Services whose frontends this sync wrote (for network programming latency).
     pub written_services: BTreeSet<ServiceRef>,
+    /// Frontends that asked for Maglev and got random choice: every table was taken
+    /// (`--maglev-tables`). The next sync tries again.
+    pub tables_full: Vec<Frontend>,
 }
 
 pub struct Syncer<D: Datapath> {
@@ -45,15 +51,24 @@ pub struct Syncer<D: Datapath> {
     mirror: Mirror,
     backend_ids: BackendIds,
     rev_nat_ids: RevNatIds,
+    table_ids: TableIds,
+    choice: ChoiceConfig,
 }
 
 impl<D: Datapath> Syncer<D> {
-    /// Starts from what the maps hold now (empty maps for a fresh datapath).
+    /// Starts from what the maps hold now (empty maps for a fresh datapath), with the default
+    /// [`ChoiceConfig`].
     pub fn new(dp: D, state: MapState) -> Self {
+        Self::with_choice(dp, state, ChoiceConfig::default())
+    }
+
+    pub fn with_choice(dp: D, state: MapState, choice: ChoiceConfig) -> Self {
         Syncer {
             dp,
             backend_ids: BackendIds::new(&state),
             rev_nat_ids: RevNatIds::default(),
+            table_ids: TableIds::default(),
+            choice,
             mirror: Mirror::new(state),
         }
     }
@@ -154,6 +169,7 @@ impl<D: Datapath> Syncer<D> {
             dp: &mut self.dp,
             mirror: &mut self.mirror,
             ids: &mut self.backend_ids,
+            choice: &self.choice,
             report,
         }
     }

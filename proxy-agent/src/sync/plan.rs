@@ -10,7 +10,7 @@ use super::{
     Datapath, DatapathError, Syncer,
     mirror::{backend_value, rev_nat_value},
 };
-use crate::model::{Frontend, FrontendSpec};
+use crate::model::{Algorithm, Frontend, FrontendSpec};
 
 /// One frontend's update, with its ids already allocated. The ids of `new_ids` are taken
 /// from the moment the plan is made until the writer has written them (or released those it
@@ -24,6 +24,13 @@ pub(super) struct Plan {
     pub new_backends: Vec<Backend>,
     pub rev_nat: RevNatPlan,
     pub flags: u16,
+    /// The backends of `slots`, in order (Maglev hashes their addresses).
+    pub members: Vec<Backend>,
+    pub affinity_timeout_s: u32,
+    /// The frontend's Maglev table (1-based), 0 for random choice.
+    pub maglev_table: u16,
+    /// Maglev was asked for and every table is taken: written with random choice.
+    pub tables_full: bool,
 }
 
 /// The rev-NAT entry a frontend's master will name.
@@ -87,7 +94,7 @@ impl<D: Datapath> Syncer<D> {
             }
         };
         let (mut new_ids, mut new_backends) = (Vec::new(), Vec::new());
-        let slots = (values.iter())
+        let slots: Vec<u32> = (values.iter())
             .map(|b| match self.backend_ids.get(b) {
                 Some(id) => id,
                 None => {
@@ -98,8 +105,13 @@ impl<D: Datapath> Syncer<D> {
                 }
             })
             .collect();
+        let (maglev_table, tables_full) = self.plan_table(old_master, spec, values.len());
         Ok(Plan {
             frontend: *f,
+            members: values,
+            affinity_timeout_s: spec.affinity_timeout_s,
+            maglev_table,
+            tables_full,
             slots,
             new_ids,
             new_backends,
@@ -110,5 +122,34 @@ impl<D: Datapath> Syncer<D> {
                 0
             },
         })
+    }
+}
+
+impl<D: Datapath> Syncer<D> {
+    /// The Maglev table of a frontend with `backends` backends (0: random choice; no table
+    /// for none) and whether one was wanted and none was free. A frontend keeps its table.
+    fn plan_table(
+        &mut self,
+        old_master: Option<proxy_common::ServiceValue>,
+        spec: &FrontendSpec,
+        backends: usize,
+    ) -> (u16, bool) {
+        if self.choice.algorithm_of(spec) != Algorithm::Maglev || backends == 0 {
+            return (0, false);
+        }
+        let tables = self.choice.maglev_tables;
+        if let Some(t) = old_master.map(|m| m.maglev_table)
+            && (1..=tables).contains(&t)
+        {
+            return (t, false);
+        }
+        let mirror = &self.mirror;
+        match self
+            .table_ids
+            .allocate(tables, |id| mirror.table_in_use(id))
+        {
+            Some(t) => (t, false),
+            None => (0, true),
+        }
     }
 }

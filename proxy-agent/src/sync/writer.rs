@@ -1,20 +1,22 @@
 //! The commit order: how one frontend's entries are written so that a reader (the eBPF
 //! programs) never sees a master whose slots or backends are missing.
 //!
-//! update: new backends -> slots 1..n -> rev-NAT (and the VIP of a new frontend) -> master
-//!         (the commit point, one atomic update) -> delete slots n+1..old_n -> release the
-//!         old rev-NAT entry -> delete unreferenced backends;
-//! delete: master first -> slots -> rev-NAT -> unreferenced backends.
+//! update: new backends -> slots 1..n -> rev-NAT -> affinity matches (the usable backends)
+//!         -> Maglev table -> the VIP of a new frontend -> master (the commit point, one
+//!         atomic update) -> delete slots n+1..old_n, matches no longer usable, a table no
+//!         longer named -> release the old rev-NAT entry -> delete unreferenced backends;
+//! delete: master first -> slots -> matches -> table -> rev-NAT -> unreferenced backends.
 //!
 //! Every write that succeeds is recorded in the [`Mirror`] as it happens, so a failure part
 //! way leaves the mirror equal to the maps, and the next sync takes it from there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue};
 
 use super::{
     Datapath, DatapathError, SyncReport,
+    choice::{ChoiceConfig, maglev_table},
     ids::BackendIds,
     mirror::{Mirror, rev_nat_value, service_key},
     plan::{Plan, RevNatPlan},
@@ -25,6 +27,7 @@ pub(super) struct Writer<'a, D: Datapath> {
     pub dp: &'a mut D,
     pub mirror: &'a mut Mirror,
     pub ids: &'a mut BackendIds,
+    pub choice: &'a ChoiceConfig,
     pub report: &'a mut SyncReport,
 }
 
@@ -34,10 +37,14 @@ impl<D: Datapath> Writer<'_, D> {
         let f = &plan.frontend;
         let old_master = self.mirror.master(f);
         let old_slots = self.mirror.slot_count(f);
+        if plan.tables_full {
+            self.report.tables_full.push(*f);
+        }
         // 1. backends (new ones, as one run)
         self.write_backends(&plan.new_ids, &plan.new_backends)?;
         // 2. slots 1..n (those that differ, as one run)
-        self.write_slots(f, &plan.slots, old_slots)?;
+        let slots_changed =
+            self.write_slots(f, &plan.slots, old_slots)? > 0 || old_slots != plan.slots.len();
         // 3. rev-NAT
         let rev_nat_id = match plan.rev_nat {
             RevNatPlan::Keep(id) => id,
@@ -49,21 +56,55 @@ impl<D: Datapath> Writer<'_, D> {
                 id
             }
         };
+        // 4. affinity: the backends a remembered choice may go on using.
+        let usable: &[u32] = if plan.affinity_timeout_s != 0 {
+            &plan.slots
+        } else {
+            &[]
+        };
+        self.add_affinity_matches(rev_nat_id, usable)?;
+        // 5. Maglev: the table, before the master that names it.
+        if plan.maglev_table != 0
+            && (slots_changed || self.mirror.table_written(f) != Some(plan.maglev_table))
+        {
+            self.mirror.set_table_written(*f, None);
+            let size = self.choice.maglev_size;
+            let previous = self.dp.maglev_table(plan.maglev_table, size);
+            let table = maglev_table(&plan.slots, &plan.members, size, &previous);
+            if self.dp.write_maglev_table(plan.maglev_table, &table)? > 0 {
+                self.report.updates += 1;
+            }
+            self.mirror.set_table_written(*f, Some(plan.maglev_table));
+        }
         // A new frontend's VIP is known to the packet path before its master exists.
         if old_master.is_none() {
             self.add_vip(f)?;
         }
-        // 4. master: the commit point.
-        let master = ServiceValue::master(plan.slots.len() as u16, rev_nat_id, plan.flags);
+        // 6. master: the commit point.
+        let master = ServiceValue::master(plan.slots.len() as u16, rev_nat_id, plan.flags)
+            .with_choice(plan.maglev_table, plan.affinity_timeout_s);
         if old_master != Some(master) {
             let key = service_key(f, 0);
             self.dp.update_service(key, master)?;
             self.mirror.set_service(key, master);
             self.report.updates += 1;
         }
-        // 5. slots past the new count, then what nothing references any more.
+        // 7. slots past the new count, then what nothing references any more.
         for slot in plan.slots.len() + 1..=old_slots {
             self.remove_slot(service_key(f, slot as u16))?;
+        }
+        let old_rev_nat = old_master.map(|m| m.rev_nat_id);
+        for id in old_rev_nat.into_iter().chain([rev_nat_id]) {
+            let keep = if id == rev_nat_id { usable } else { &[] };
+            self.remove_affinity_matches(id, keep)?;
+        }
+        if plan.maglev_table == 0 {
+            self.mirror.set_table_written(*f, None);
+        }
+        if let Some(m) = old_master
+            && m.maglev_table != plan.maglev_table
+        {
+            self.release_table(m.maglev_table)?;
         }
         if let Some(m) = old_master
             && m.rev_nat_id != rev_nat_id
@@ -85,10 +126,58 @@ impl<D: Datapath> Writer<'_, D> {
         for slot in 1..=self.mirror.slot_count(f) {
             self.remove_slot(service_key(f, slot as u16))?;
         }
+        self.mirror.set_table_written(*f, None);
         if let Some(m) = old_master {
+            self.remove_affinity_matches(m.rev_nat_id, &[])?;
+            self.release_table(m.maglev_table)?;
             self.release_rev_nat(m.rev_nat_id, f)?;
         }
         self.collect_backends()
+    }
+
+    /// Makes backends `ids` usable by remembered choices of frontend `rev_nat_id`.
+    fn add_affinity_matches(&mut self, rev_nat_id: u16, ids: &[u32]) -> Result<(), DatapathError> {
+        for id in ids {
+            let key = AffinityMatchKey::new(*id, rev_nat_id);
+            if !self.mirror.has_affinity_match(&key) {
+                self.dp.update_affinity_match(key)?;
+                self.mirror.set_affinity_match(key, true);
+                self.report.updates += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the matches of frontend `rev_nat_id` for backends not in `keep`.
+    fn remove_affinity_matches(
+        &mut self,
+        rev_nat_id: u16,
+        keep: &[u32],
+    ) -> Result<(), DatapathError> {
+        let keep: BTreeSet<u32> = keep.iter().copied().collect();
+        let stale: Vec<AffinityMatchKey> = (self.mirror.affinity_matches(rev_nat_id))
+            .filter(|k| !keep.contains(&k.backend_id))
+            .copied()
+            .collect();
+        for key in stale {
+            self.dp.delete_affinity_match(key)?;
+            self.mirror.set_affinity_match(key, false);
+            self.report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Clears Maglev table `table` once no master names it (0: none), so a table read
+    /// through a stale master has no backend to give, and a dump shows only live tables.
+    fn release_table(&mut self, table: u16) -> Result<(), DatapathError> {
+        if table == 0 || self.mirror.table_in_use(table) {
+            return Ok(());
+        }
+        let zeros = vec![0; self.choice.maglev_size as usize];
+        if self.dp.write_maglev_table(table, &zeros)? > 0 {
+            self.report.deletes += 1;
+        }
+        Ok(())
     }
 
     /// Leftovers of a writer that died mid-update (found in the maps at start): backends and
@@ -111,6 +200,15 @@ impl<D: Datapath> Writer<'_, D> {
             .filter(|v| !want.contains_key(v))
             .copied()
             .collect();
+        // Matches of frontends without affinity (or gone).
+        let with_affinity: std::collections::BTreeSet<u16> = (masters())
+            .filter(|(_, v)| v.affinity_timeout_s != 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
+        let stale_matches: Vec<AffinityMatchKey> = (state.affinity_match.iter())
+            .filter(|k| !with_affinity.contains(&k.rev_nat_id))
+            .copied()
+            .collect();
         for id in orphans {
             self.dp.delete_rev_nat(id)?;
             self.mirror.remove_rev_nat(id);
@@ -119,6 +217,12 @@ impl<D: Datapath> Writer<'_, D> {
         for vip in stale {
             self.dp.delete_vip(vip)?;
             self.mirror.remove_vip(vip);
+            self.report.deletes += 1;
+        }
+
+        for key in stale_matches {
+            self.dp.delete_affinity_match(key)?;
+            self.mirror.set_affinity_match(key, false);
             self.report.deletes += 1;
         }
         for (vip, n) in want {
@@ -152,7 +256,7 @@ impl<D: Datapath> Writer<'_, D> {
         f: &Frontend,
         slots: &[u32],
         old_slots: usize,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<usize, DatapathError> {
         let (mut keys, mut values) = (Vec::with_capacity(slots.len()), Vec::new());
         for (i, id) in slots.iter().enumerate() {
             let key = service_key(f, i as u16 + 1);
@@ -173,7 +277,7 @@ impl<D: Datapath> Writer<'_, D> {
             }
             self.report.updates += 1;
         }
-        result.map_err(|p| p.error)
+        result.map(|()| written).map_err(|p| p.error)
     }
 
     fn remove_slot(&mut self, key: ServiceKey) -> Result<(), DatapathError> {

@@ -9,7 +9,7 @@
 //! and a client's direct SYN to the pod on a reused tuple removes the entries of the flow it
 //! replaces.
 
-use aya_ebpf::{Global, bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{Global, bindings::BPF_ANY};
 use proxy_common::{
     CT_CLOSING, CT_DIR_FORWARD, CT_DIR_REPLY, CT_ESTABLISHED, CT_FIN_FORWARD, CT_FIN_REPLY, CT_SYN,
     CT_UDP, Counter, CtKey, CtTimeouts, CtValue,
@@ -25,12 +25,7 @@ use crate::{
 #[unsafe(no_mangle)]
 static PROXY_CT_TIMEOUTS: Global<CtTimeouts> = Global::new(CtTimeouts::DEFAULT);
 
-/// The datapath's clock: `CLOCK_MONOTONIC` in seconds (the agent collects by the same).
-#[inline(always)]
-pub fn now_s() -> u32 {
-    // SAFETY: plain helper call.
-    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
-}
+pub use crate::clock::now_s;
 
 /// A packet's addresses and ports, as on the wire.
 #[derive(Clone, Copy)]

@@ -15,7 +15,7 @@ mod parse;
 mod reject;
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{CT_DIR_REPLY, Counter, CtValue, ServiceKey};
+use proxy_common::{AFFINITY_CLIENT_IP, CT_DIR_REPLY, Counter, CtValue, ServiceKey, tuple_hash};
 
 use self::{
     conntrack::{Tracked, Tuple},
@@ -24,7 +24,7 @@ use self::{
     parse::{Ipv4, L4, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
 use crate::{
-    lb::{self, NoBackend, Selection},
+    lb::{self, Flow, NoBackend, Selection},
     maps::count,
 };
 
@@ -81,7 +81,13 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
         conntrack::forget_replaced(&tuple, l4.flags);
         return Ok(PASS);
     };
-    let target = match lb::select_backend(svc, &master) {
+    // The client is the source address.
+    let flow = Flow {
+        client_kind: AFFINITY_CLIENT_IP,
+        client: u64::from(ip.saddr),
+        hash: tuple_hash(ip.saddr, l4.sport, ip.daddr, l4.dport, ip.proto),
+    };
+    let target = match lb::select_backend(svc, &master, &flow) {
         Selection::Backend(chosen) => {
             conntrack::create(&tuple, l4.flags, &chosen, master.rev_nat_id, now)
         }

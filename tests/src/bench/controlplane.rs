@@ -213,6 +213,32 @@ fn sync_phases(line: &str) -> Option<SyncPhases> {
 }
 
 pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
+    agent_with("this project (agent, manifests)", n, m, count, &[])
+}
+
+/// [`agent`] with every Service on Maglev: a table per frontend, built and written by the
+/// agent (`--maglev-tables` sized to hold them all).
+pub fn agent_maglev(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
+    let frontends: usize = (workload::services(n, m, None).iter())
+        .map(|s| s.ports().len())
+        .sum();
+    let tables = (frontends + 1).min(usize::from(u16::MAX)).to_string();
+    agent_with(
+        "this project (agent, manifests, Maglev)",
+        n,
+        m,
+        count,
+        &["--lb-algorithm", "maglev", "--maglev-tables", &tables],
+    )
+}
+
+fn agent_with(
+    name: &'static str,
+    n: usize,
+    m: usize,
+    count: usize,
+    extra: &[&str],
+) -> anyhow::Result<Programmer> {
     let mut svcs = workload::services(n, m, None);
     let manifests = Manifests::new()?;
     for s in &svcs {
@@ -227,7 +253,9 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
         let cgroup = Cgroup::new(&unique("cp"))?;
         let pins = BpffsDir::new(&unique("cp"));
         let started = Instant::now();
-        let agent = Agent::start(&manifests.dir, &cgroup.path, &pins)?;
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--manifests".as_ref(), manifests.dir.as_ref()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        let agent = Agent::start_with(&args, &cgroup.path, &pins)?;
         let seconds = started.elapsed().as_secs_f64();
         runs.push((seconds, syncs(&agent.log_text(), "full").into_iter().next()));
         last = Some((agent, pins, cgroup));
@@ -248,7 +276,7 @@ pub fn agent(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer> {
     let agent_change = median_phases(&syncs(&agent.log_text(), "partial"));
     Ok(Programmer {
         agent_change,
-        name: "this project (agent, manifests)",
+        name,
         full_seconds,
         full_range,
         agent_sync,

@@ -3,6 +3,7 @@
 //! machine. Prints tables and writes a JSON result and an SVG plot. Never a timed test: the
 //! numbers are reported, not asserted.
 
+pub mod choice_cost;
 pub mod controlplane;
 pub mod dataplane;
 pub mod kernel_cost;

@@ -61,6 +61,8 @@ pub fn measure(flows: u16) -> anyhow::Result<Vec<PacketCost>> {
                 port: 8080,
             }],
             no_local_endpoints: false,
+            affinity_timeout_s: 0,
+            algorithm: None,
         },
     );
     let maps = PinnedMaps::open(&pins.path)?;

@@ -30,6 +30,9 @@ pub struct Results {
     pub interleaved: Vec<Interleaved>,
     /// The packet path's run time per kind of packet (`BPF_PROG_TEST_RUN`).
     pub packet_cost: Vec<super::packet_cost::PacketCost>,
+    /// What each way of choosing a backend costs per new connection, on both paths.
+    #[serde(default)]
+    pub choice_cost: Vec<super::choice_cost::ChoiceCost>,
     pub controlplane: Option<ControlPlane>,
 }
 
@@ -151,6 +154,24 @@ pub fn tables(r: &Results) -> String {
         let _ = writeln!(out, "|---|---|---:|");
         for c in &r.packet_cost {
             let _ = writeln!(out, "| {} | {} | {:.0} |", c.packet, c.work, c.ns_per_run);
+        }
+    }
+    if !r.choice_cost.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nBackend choice per new connection (socket path: connect4's run time over real connects; packet path: the TC program on a new flow's SYN, BPF_PROG_TEST_RUN):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| choice | socket path ns/connect | packet path ns/new flow |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|");
+        for c in &r.choice_cost {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.0} |",
+                c.choice, c.socket_ns_per_connect, c.packet_ns_per_new_flow
+            );
         }
     }
     if let Some(cp) = &r.controlplane {

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use proxy_tests::{
     bench::{
+        choice_cost,
         controlplane::{self, ControlPlane, Shape},
         dataplane::{self, Row, Settings},
         packet_cost,
@@ -45,6 +46,10 @@ struct Args {
     /// Data plane rounds instead of the default (more rounds: a steadier median).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Only the backend-choice costs (random, ClientIP affinity, Maglev) and the control plane
+    /// with and without Maglev (no data-plane load, no kube-proxy loaders).
+    #[arg(long)]
+    choice_only: bool,
     /// In the control plane, measure only the agent (kube-proxy's loaders take minutes at
     /// 10,000 Services).
     #[arg(long)]
@@ -135,10 +140,12 @@ fn main() -> anyhow::Result<()> {
         dataplane: vec![],
         interleaved: vec![],
         packet_cost: vec![],
+        choice_cost: vec![],
         controlplane: None,
     };
 
-    for &n in sizes.iter().filter(|_| !args.skip_dataplane) {
+    let skip_load = args.skip_dataplane || args.choice_only;
+    for &n in sizes.iter().filter(|_| !skip_load) {
         let mut by_row: Vec<Vec<_>> = Row::ALL.iter().map(|_| Vec::new()).collect();
         for round in 1..=rounds {
             for (i, row) in Row::ALL.into_iter().enumerate() {
@@ -171,17 +178,34 @@ fn main() -> anyhow::Result<()> {
     if !args.skip_dataplane {
         eprintln!("bench: packet path per kind of packet (BPF_PROG_TEST_RUN) ...");
         let flows = if args.quick { 2_000 } else { 20_000 };
-        results.packet_cost = packet_cost::measure(flows).context("packet path per packet")?;
+        if !args.choice_only {
+            results.packet_cost = packet_cost::measure(flows).context("packet path per packet")?;
+        }
+        eprintln!("bench: backend choice per new connection (random, ClientIP, Maglev) ...");
+        let connects = if args.quick { 500 } else { 5_000 };
+        results.choice_cost =
+            choice_cost::measure(connects, flows).context("backend choice per connection")?;
     }
 
     if !args.skip_controlplane {
         eprintln!("bench: control plane, {cp_n} x {cp_m}, agent ...");
         let agent = controlplane::agent(cp_n, cp_m, cp_changes).context("control plane: agent")?;
-        eprintln!("bench: control plane, {cp_n} x {cp_m}, agent through the Kubernetes API ...");
-        let kube = controlplane::agent_kube(cp_n, cp_m, cp_changes)
-            .context("control plane: agent, Kubernetes API")?;
-        let mut programmers = vec![agent, kube];
-        if !args.skip_kube_proxy {
+        let mut programmers = vec![agent];
+        eprintln!("bench: control plane, {cp_n} x {cp_m}, agent with Maglev ...");
+        programmers.push(
+            controlplane::agent_maglev(cp_n, cp_m, cp_changes)
+                .context("control plane: agent, Maglev")?,
+        );
+        if !args.choice_only {
+            eprintln!(
+                "bench: control plane, {cp_n} x {cp_m}, agent through the Kubernetes API ..."
+            );
+            programmers.push(
+                controlplane::agent_kube(cp_n, cp_m, cp_changes)
+                    .context("control plane: agent, Kubernetes API")?,
+            );
+        }
+        if !args.skip_kube_proxy && !args.choice_only {
             eprintln!("bench: control plane, iptables-restore ...");
             programmers.push(
                 controlplane::kube_proxy_shape(Shape::Iptables, cp_n, cp_m, cp_changes)

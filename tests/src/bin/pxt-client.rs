@@ -21,6 +21,9 @@ struct Args {
     count: u32,
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// `udp`/`udp-connected`: send from this source port (0: any), so runs repeat a 5-tuple.
+    #[arg(long, default_value_t = 0)]
+    source_port: u16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,7 +62,13 @@ fn errno_name(e: &std::io::Error) -> String {
     }
 }
 
-fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::io::Result<()> {
+fn one(
+    mode: Mode,
+    addr: SocketAddr,
+    source_port: u16,
+    timeout: Duration,
+    r: &mut Report,
+) -> std::io::Result<()> {
     let mut buf = [0u8; 256];
     match mode {
         Mode::Tcp => {
@@ -75,7 +84,7 @@ fn one(mode: Mode, addr: SocketAddr, timeout: Duration, r: &mut Report) -> std::
             unreachable!("handled in main")
         }
         Mode::Udp | Mode::UdpConnected => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(("0.0.0.0", source_port))?;
             s.set_read_timeout(Some(timeout))?;
             let (n, from) = if matches!(mode, Mode::UdpConnected) {
                 s.connect(addr)?;
@@ -234,7 +243,7 @@ fn main() {
     let mut r = Report::default();
     for _ in 0..args.count {
         let start = Instant::now();
-        if let Err(e) = one(args.mode, args.addr, timeout, &mut r) {
+        if let Err(e) = one(args.mode, args.addr, args.source_port, timeout, &mut r) {
             *r.errors.entry(errno_name(&e)).or_default() += 1;
             r.max_error_us = r.max_error_us.max(start.elapsed().as_micros() as u64);
         }

@@ -132,6 +132,7 @@ fn http_slice_port() -> Value {
     json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
 }
 
+mod choice;
 mod incremental;
 mod invalid;
 mod translation;

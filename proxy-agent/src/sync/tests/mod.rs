@@ -22,11 +22,17 @@ enum Op {
     DelRevNat(u16),
     Vip(u32),
     DelVip,
+    Match(u32),
+    DelMatch(u32),
+    /// A Maglev table written (its id, and whether it was cleared).
+    Table(u16, bool),
 }
 
 #[derive(Default)]
 struct Fake {
     maps: MapState,
+    /// Maglev tables by id (all entries, as the programs read them).
+    tables: BTreeMap<u16, Vec<u32>>,
     ops: Vec<Op>,
     /// Fail the operation with this index (0-based, counted over the fake's lifetime).
     fail_at: Option<usize>,
@@ -74,6 +80,28 @@ impl Fake {
                 .get(&v.rev_nat_id)
                 .expect("torn: rev-NAT missing");
             assert_eq!((rn.vip_be, rn.port_be), (k.vip_be, k.port_be));
+            // A Maglev table names only backends that exist (between the table and the master
+            // it may still name the old master's, which exist until after the commit).
+            if v.maglev_table != 0 {
+                let table = (self.tables.get(&v.maglev_table))
+                    .unwrap_or_else(|| panic!("torn: table {} missing", v.maglev_table));
+                assert!(
+                    table.iter().all(|id| self.maps.backends.contains_key(id)),
+                    "torn: table {} names a missing backend",
+                    v.maglev_table
+                );
+            }
+            // Affinity: every usable backend is known usable, and every match names a backend.
+            if v.affinity_timeout_s != 0 {
+                for slot in 1..=v.count {
+                    let id = self.maps.services[&ServiceKey { slot, ..*k }].backend_id;
+                    let m = proxy_common::AffinityMatchKey::new(id, v.rev_nat_id);
+                    assert!(self.maps.affinity_match.contains(&m), "torn: {m:?} missing");
+                }
+            }
+        }
+        for m in &self.maps.affinity_match {
+            assert!(self.maps.backends.contains_key(&m.backend_id), "{m:?}");
         }
     }
 }
@@ -135,6 +163,46 @@ impl Datapath for Fake {
         self.check_reader_view();
         Ok(())
     }
+    fn update_affinity_match(
+        &mut self,
+        key: proxy_common::AffinityMatchKey,
+    ) -> Result<(), DatapathError> {
+        self.step(Op::Match(key.backend_id))?;
+        self.maps.affinity_match.insert(key);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn delete_affinity_match(
+        &mut self,
+        key: proxy_common::AffinityMatchKey,
+    ) -> Result<(), DatapathError> {
+        self.step(Op::DelMatch(key.backend_id))?;
+        self.maps.affinity_match.remove(&key);
+        self.check_reader_view();
+        Ok(())
+    }
+    fn write_maglev_table(&mut self, table: u16, entries: &[u32]) -> Result<usize, DatapathError> {
+        let old = self.tables.get(&table).cloned().unwrap_or_default();
+        let changed = if old.len() == entries.len() {
+            old.iter().zip(entries).filter(|(a, b)| a != b).count()
+        } else {
+            entries.iter().filter(|e| **e != 0).count()
+        };
+        if changed == 0 {
+            return Ok(0);
+        }
+        self.step(Op::Table(table, entries.iter().all(|e| *e == 0)))?;
+        if entries.iter().all(|e| *e == 0) {
+            self.tables.remove(&table);
+        } else {
+            self.tables.insert(table, entries.to_vec());
+        }
+        self.check_reader_view();
+        Ok(changed)
+    }
+    fn maglev_table(&self, table: u16, size: u32) -> Vec<u32> {
+        (self.tables.get(&table).cloned()).unwrap_or_else(|| vec![0; size as usize])
+    }
 }
 
 fn fe(vip: &str, port: u16) -> Frontend {
@@ -163,13 +231,31 @@ fn desired(entries: &[(Frontend, &[(&str, u16)])]) -> Desired {
                     })
                     .collect(),
                 no_local_endpoints: false,
+                affinity_timeout_s: 0,
+                algorithm: None,
             },
         );
     }
     d
 }
 
+/// Once a sync is done, each Maglev table names exactly its frontend's backends.
+fn assert_tables_settled(s: &Syncer<Fake>) {
+    for (k, v) in &s.dp.maps.services {
+        if k.slot != 0 || v.maglev_table == 0 {
+            continue;
+        }
+        let slots: std::collections::BTreeSet<u32> = (1..=v.count)
+            .map(|slot| s.dp.maps.services[&ServiceKey { slot, ..*k }].backend_id)
+            .collect();
+        let named: std::collections::BTreeSet<u32> =
+            s.dp.tables[&v.maglev_table].iter().copied().collect();
+        assert_eq!(named, slots, "table {} of {k:?}", v.maglev_table);
+    }
+}
+
 fn ops(s: &mut Syncer<Fake>) -> Vec<Op> {
+    assert_tables_settled(s);
     std::mem::take(&mut s.dp.ops)
 }
 
@@ -187,6 +273,7 @@ fn view(m: &MapState) -> BTreeMap<ServiceKey, (u16, Vec<Backend>)> {
         .collect()
 }
 
+mod choice;
 mod commit_order;
 mod failures;
 mod scope_and_churn;

@@ -36,6 +36,8 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
                     },
                     backends: backends.into_iter().collect(),
                     no_local_endpoints: false,
+                    affinity_timeout_s: 0,
+                    algorithm: None,
                 },
             );
         }
@@ -77,6 +79,8 @@ fn a_scoped_sync_touches_only_the_named_services() {
                     port: 80,
                 }],
                 no_local_endpoints: false,
+                affinity_timeout_s: 0,
+                algorithm: None,
             },
         );
     }
