@@ -7,6 +7,7 @@ pub mod features;
 pub mod inspect;
 pub mod loader;
 pub mod maglev;
+pub mod maglev_map;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -225,20 +225,33 @@ pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
 pub fn load_with(dir: &Path, settings: &Settings) -> Result<Ebpf, LoaderError> {
     check_object(EBPF_OBJECT)?;
     ensure_bpffs_dir(dir)?;
+    if crate::maglev_map::retire_if_resized(dir, settings.maglev_entries())? {
+        tracing::info!("the Maglev table geometry changed: a new map replaces the old one");
+    }
     maps::check_layouts(dir, maps::layouts(settings.maglev_entries()), false)?;
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (m.name, dir.join(m.name))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    loader
+    let ebpf = loader
         .map_max_entries(MAGLEV_MAP, settings.maglev_entries())
         .override_global(CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true)
         .override_global(REJECT_MODE_GLOBAL, &(settings.reject as u32), true)
         .override_global(MAGLEV_SIZE_GLOBAL, &settings.maglev_size, true)
         .override_global(NETNS_COOKIE_GLOBAL, &u32::from(settings.netns_cookie), true)
         .load(EBPF_OBJECT)
-        .map_err(|e| LoaderError::Load(Box::new(e)))
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
+    // Before any program of this load is attached: entries written for another table size
+    // are cleared.
+    let mut tables = crate::maglev_map::MaglevTables::open(dir)?;
+    if tables.prepare(settings.maglev_size) {
+        tracing::info!(
+            size = settings.maglev_size,
+            "the Maglev table size changed: tables cleared, rewritten by the first sync"
+        );
+    }
+    Ok(ebpf)
 }
 
 /// Pins `link` at `dir/links/name`, replacing (and so detaching) what was pinned there, with

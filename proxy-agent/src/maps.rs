@@ -18,6 +18,7 @@ use proxy_common::{
     SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
+use crate::maglev_map::MaglevTables;
 use crate::sync::{Datapath, DatapathError, MapState, Partial};
 
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +134,9 @@ pub struct PinnedMaps {
     vips: HashMap<MapData, u32, u32>,
     counters: PerCpuArray<MapData, u64>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
-    maglev: MaglevTables,
+    /// Mapped at its first use: only the writer needs it, not a metrics scrape.
+    maglev: std::cell::OnceCell<MaglevTables>,
+    dir: PathBuf,
 }
 
 /// Opens the map pinned as `dir/name`, as aya's `wrap` kind, typed as `T`.
@@ -160,8 +163,17 @@ impl PinnedMaps {
             vips: open_pinned(dir, VIP_MAP, Map::HashMap)?,
             counters: open_pinned(dir, COUNTERS_MAP, Map::PerCpuArray)?,
             affinity_match: open_pinned(dir, AFFINITY_MATCH_MAP, Map::HashMap)?,
-            maglev: MaglevTables::open(dir)?,
+            maglev: std::cell::OnceCell::new(),
+            dir: dir.to_path_buf(),
         })
+    }
+
+    fn maglev(&self) -> Result<&MaglevTables, MapsError> {
+        if let Some(m) = self.maglev.get() {
+            return Ok(m);
+        }
+        let m = MaglevTables::open(&self.dir)?;
+        Ok(self.maglev.get_or_init(|| m))
     }
 
     /// Everything the writer owns, as it is in the kernel now.
@@ -386,121 +398,22 @@ impl Datapath for PinnedMaps {
         absent_ok(self.affinity_match.remove(&key), AFFINITY_MATCH_MAP)
     }
     fn write_maglev_table(&mut self, table: u16, entries: &[u32]) -> Result<usize, DatapathError> {
-        self.maglev.write(table, entries)
+        self.maglev().map_err(|e| DatapathError::Map {
+            map: MAGLEV_MAP,
+            op: "mmap",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let m = self.maglev.get_mut().expect("mapped above");
+        m.write(table, entries)
     }
     fn maglev_table(&self, table: u16, size: u32) -> Vec<u32> {
-        self.maglev
-            .table(table, size as usize)
-            .map(<[u32]>::to_vec)
-            .unwrap_or_default()
-    }
-}
-
-/// The Maglev map, mapped into the agent's memory (`BPF_F_MMAPABLE`): a table is written as
-/// memory, not an entry per syscall, which would make a table of 16k entries cost as much as
-/// a thousand Services' other writes.
-struct MaglevTables {
-    ptr: std::ptr::NonNull<u32>,
-    entries: usize,
-    /// Keeps the map open while it is mapped.
-    _fd: std::os::fd::OwnedFd,
-}
-
-// SAFETY: the mapping is owned by this value; only `&mut self` writes through it.
-unsafe impl Send for MaglevTables {}
-
-impl MaglevTables {
-    fn open(dir: &Path) -> Result<Self, MapsError> {
-        let path = dir.join(MAGLEV_MAP);
-        let md = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        let info = md.info().map_err(|source| MapsError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        // Two u32 entries per element (`MaglevPair`), packed: the mapping is a u32 array.
-        let entries = info.max_entries() as usize * 2;
-        let fd = md
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| MapsError::Syscall {
-                map: MAGLEV_MAP,
-                op: "dup",
-                source,
-            })?;
-        // SAFETY: a shared mapping of the map's value area (entries * 4 bytes, which the
-        // kernel rounds up to pages), valid while `fd` is open; nothing else in this process
-        // maps it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                entries * 4,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MapsError::Syscall {
-                map: MAGLEV_MAP,
-                op: "mmap",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(MaglevTables {
-            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap returned a pointer"),
-            entries,
-            _fd: fd,
-        })
-    }
-
-    fn range(&self, table: u16, size: usize) -> Option<std::ops::Range<usize>> {
-        let start = usize::from(table).checked_sub(1)? * size;
-        (start + size <= self.entries).then_some(start..start + size)
-    }
-
-    fn table(&self, table: u16, size: usize) -> Option<&[u32]> {
-        let r = self.range(table, size)?;
-        // SAFETY: within the mapping; u32 entries, aligned (page-aligned base).
-        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(r.start), size) })
-    }
-
-    fn write(&mut self, table: u16, entries: &[u32]) -> Result<usize, DatapathError> {
-        let r = self
-            .range(table, entries.len())
-            .ok_or_else(|| DatapathError::Full {
-                map: MAGLEV_MAP,
-                capacity: self.entries as u32,
-                what: format!("table {table} of {} entries does not fit", entries.len()),
-            })?;
-        // SAFETY: within the mapping, and `&mut self` is its only writer. The programs read
-        // entries concurrently: each is an aligned u32, written whole (volatile, so every
-        // store happens and none is torn or merged).
-        let table = unsafe { self.ptr.as_ptr().add(r.start) };
-        let mut changed = 0;
-        for (i, want) in entries.iter().enumerate() {
-            // SAFETY: as above.
-            unsafe {
-                let e = table.add(i);
-                if e.read_volatile() != *want {
-                    e.write_volatile(*want);
-                    changed += 1;
-                }
+        match self.maglev() {
+            Ok(m) => m.table(table, size as usize).map(<[u32]>::to_vec),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the Maglev tables");
+                None
             }
         }
-        // The table is complete before the master that names it is written.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        Ok(changed)
-    }
-}
-
-impl Drop for MaglevTables {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open`, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * 4) };
+        .unwrap_or_default()
     }
 }

@@ -98,14 +98,25 @@ pub struct MaglevPair {
 }
 const _: () = assert!(size_of::<MaglevPair>() == 8);
 
-/// Elements of [`crate::MAGLEV_MAP`] for `tables` tables of `size` entries.
+/// Elements of [`crate::MAGLEV_MAP`] for `tables` tables of `size` entries: a header element
+/// (`[size, MAGLEV_HEADER_MAGIC]`: the size its entries were written for), then the tables.
 pub const fn maglev_map_entries(tables: u32, size: u32) -> u32 {
-    (tables * size).div_ceil(2)
+    1 + (tables * size).div_ceil(2)
+}
+
+/// The second word of [`crate::MAGLEV_MAP`]'s header element.
+pub const MAGLEV_HEADER_MAGIC: u32 = 0x4d47_4c56;
+
+/// The element of [`crate::MAGLEV_MAP`] that holds entry `index` (see [`maglev_index`]), and
+/// which of its two.
+#[inline(always)]
+pub const fn maglev_element(index: u32) -> (u32, usize) {
+    (index / 2 + 1, (index & 1) as usize)
 }
 
 /// Entry `hash % size` of table `table` (1-based, as [`crate::ServiceValue::maglev_table`]
 /// holds it), counted over all tables end to end (Katran's `ch_rings`): a change writes
-/// entries, never a map-in-map slot. Its element is the index / 2, its half the index % 2.
+/// entries, never a map-in-map slot. Its element: [`maglev_element`].
 #[inline(always)]
 pub const fn maglev_index(table: u16, size: u32, hash: u32) -> u32 {
     (table as u32 - 1) * size + hash % size
@@ -122,8 +133,8 @@ const fn fmix32(mut h: u32) -> u32 {
     h
 }
 
-/// Maglev's hash of a packet's 5-tuple (packet path): the same on every node, so a flow
-/// that moves to another node's packet path lands on the same backend.
+/// Maglev's hash of a packet's 5-tuple (packet path): the same 5-tuple always picks the
+/// same entry of its frontend's table.
 #[inline(always)]
 pub const fn tuple_hash(saddr: u32, sport: u16, daddr: u32, dport: u16, proto: u8) -> u32 {
     let ports = ((sport as u32) << 16) | dport as u32;

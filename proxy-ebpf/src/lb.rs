@@ -7,7 +7,7 @@
 use aya_ebpf::{Global, bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Counter, SVC_FLAG_NO_LOCAL_ENDPOINTS,
-    ServiceKey, ServiceValue, maglev_index,
+    ServiceKey, ServiceValue, maglev_element, maglev_index,
 };
 
 use crate::{
@@ -156,8 +156,8 @@ fn maglev_backend_id(table: u16, hash: u32) -> Option<u32> {
     if size == 0 {
         return None;
     }
-    let i = maglev_index(table, size, hash);
-    let id = PROXY_MAGLEV_V1.get(i / 2)?.backend_id[(i & 1) as usize];
+    let (element, half) = maglev_element(maglev_index(table, size, hash));
+    let id = PROXY_MAGLEV_V1.get(element)?.backend_id[half];
     (id != 0).then_some(id)
 }
 

@@ -362,19 +362,19 @@ fn maglev_tables_and_affinity_read_back_through_the_kernel() {
         model::Algorithm,
         sync::{ChoiceConfig, maglev_table},
     };
-    use proxy_common::{MAGLEV_MAP, MaglevPair, maglev_index};
+    use proxy_common::{MAGLEV_MAP, MaglevPair, maglev_element, maglev_index};
     require_root();
     let pins = BpffsDir::new(&unique("mg"));
     let settings = loader::Settings {
         maglev_size: 251,
-        maglev_tables: 8,
+        maglev_tables: 14,
         ..loader::Settings::default()
     };
     let _ebpf = loader::load_with(&pins.path, &settings).expect("object loads");
     let choice = ChoiceConfig {
         algorithm: Algorithm::Maglev,
         maglev_size: 251,
-        maglev_tables: 8,
+        maglev_tables: 14,
     };
     let mut desired = Desired::default();
     for i in 0..5u32 {
@@ -415,7 +415,10 @@ fn maglev_tables_and_affinity_read_back_through_the_kernel() {
     let path = pins.path.join(MAGLEV_MAP);
     let array: Array<MapData, MaglevPair> =
         Array::try_from(Map::Array(MapData::from_pin(&path).unwrap())).unwrap();
-    let entry = |i: u32| array.get(&(i / 2), 0).unwrap().backend_id[(i % 2) as usize];
+    let entry = |i: u32| {
+        let (element, half) = maglev_element(i);
+        array.get(&element, 0).unwrap().backend_id[half]
+    };
     for (k, m) in kernel.services.iter().filter(|(k, _)| k.slot == 0) {
         assert_ne!(m.maglev_table, 0, "{k:?}");
         let ids: Vec<u32> = (1..=m.count)
@@ -429,7 +432,51 @@ fn maglev_tables_and_affinity_read_back_through_the_kernel() {
         assert_eq!(got, want, "table {} as the kernel reads it", m.maglev_table);
     }
 
-    let mut again = Syncer::with_choice(PinnedMaps::open(&pins.path).unwrap(), kernel, choice);
+    let mut again = Syncer::with_choice(
+        PinnedMaps::open(&pins.path).unwrap(),
+        kernel.clone(),
+        choice,
+    );
     let report = again.sync(&desired);
     assert_eq!((report.updates, report.deletes), (0, 0));
+    drop((again, array));
+
+    // Loaded again with the same geometry: the tables stay.
+    let table_1 = |pins: &BpffsDir| {
+        let a: Array<MapData, MaglevPair> = Array::try_from(Map::Array(
+            MapData::from_pin(pins.path.join(MAGLEV_MAP)).unwrap(),
+        ))
+        .unwrap();
+        let (e, h) = maglev_element(maglev_index(1, 251, 0));
+        a.get(&e, 0).unwrap().backend_id[h]
+    };
+    drop(loader::load_with(&pins.path, &settings).unwrap());
+    assert_ne!(table_1(&pins), 0, "same geometry: the tables stay");
+    // Another table size with the same capacity (502 x 7 = 14 x 251 entries): cleared in
+    // place before the new programs could read them at the wrong offsets.
+    let other = loader::Settings {
+        maglev_size: 7,
+        maglev_tables: 502,
+        ..settings
+    };
+    assert_eq!(other.maglev_entries(), settings.maglev_entries());
+    let id = |pins: &BpffsDir| {
+        let m = MapData::from_pin(pins.path.join(MAGLEV_MAP)).unwrap();
+        m.info().unwrap().id()
+    };
+    let before = id(&pins);
+    drop(loader::load_with(&pins.path, &other).unwrap());
+    assert_eq!(id(&pins), before, "the same map");
+    assert_eq!(table_1(&pins), 0, "another size: cleared");
+    // Another capacity: a new map replaces the pin instead of the load being refused.
+    let bigger = loader::Settings {
+        maglev_tables: 16,
+        ..settings
+    };
+    drop(loader::load_with(&pins.path, &bigger).expect("a resized map is replaced"));
+    let info = MapData::from_pin(pins.path.join(MAGLEV_MAP))
+        .unwrap()
+        .info()
+        .unwrap();
+    assert_eq!(info.max_entries(), bigger.maglev_entries());
 }

@@ -88,9 +88,12 @@ impl Cached {
 
 /// A Service object's problems that still let it program its frontends.
 pub(super) fn valid(problems: &[Problem]) -> bool {
-    problems
-        .iter()
-        .all(|p| p.reason == ProblemReason::UnsupportedProtocol)
+    problems.iter().all(|p| {
+        matches!(
+            p.reason,
+            ProblemReason::UnsupportedProtocol | ProblemReason::IgnoredAnnotation
+        )
+    })
 }
 
 /// Which Services changed since the model's previous pass, as the source knows it.

@@ -17,6 +17,8 @@ pub enum ProblemReason {
     UnsupportedProtocol,
     DuplicateFrontend,
     TooManyBackends,
+    /// An annotation with a value this proxy does not know: reported, the default applies.
+    IgnoredAnnotation,
 }
 
 impl ProblemReason {
@@ -30,6 +32,7 @@ impl ProblemReason {
             ProblemReason::UnsupportedProtocol => "unsupported_protocol",
             ProblemReason::DuplicateFrontend => "duplicate_frontend",
             ProblemReason::TooManyBackends => "too_many_backends",
+            ProblemReason::IgnoredAnnotation => "ignored_annotation",
         }
     }
 }

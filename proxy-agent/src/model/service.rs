@@ -142,10 +142,12 @@ pub(super) fn service_frontends(
                     src,
                     "Service",
                     format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM:?}]"),
-                    ProblemReason::InvalidValue,
-                    format!("{v:?} is neither \"random\" nor \"maglev\""),
+                    ProblemReason::IgnoredAnnotation,
+                    format!(
+                        "{v:?} is neither \"random\" nor \"maglev\": the node's algorithm is used"
+                    ),
                 ));
-                invalid = true;
+                // A typo in an optional hint must not stop the Service being proxied.
                 None
             }
         },

@@ -26,13 +26,17 @@ pub struct BackendIds {
 }
 
 impl BackendIds {
-    /// The ids of what the maps hold now.
-    pub fn new(state: &MapState) -> Self {
+    /// The ids of what the maps hold now; `others`: the references that are not slots
+    /// (Maglev tables' and affinity matches' backend ids).
+    pub fn new(state: &MapState, others: impl Iterator<Item = u32>) -> Self {
         let mut refs: HashMap<u32, u32> = HashMap::default();
         for (k, v) in &state.services {
             if k.slot != 0 {
                 *refs.entry(v.backend_id).or_insert(0) += 1;
             }
+        }
+        for id in others {
+            *refs.entry(id).or_insert(0) += 1;
         }
         BackendIds {
             ids: state.backends.iter().map(|(id, b)| (*b, *id)).collect(),
@@ -81,7 +85,7 @@ impl BackendIds {
         }
     }
 
-    /// A slot now references `id`.
+    /// A slot (or a table, or an affinity match) now references `id`.
     pub fn reference(&mut self, id: u32) {
         *self.refs.entry(id).or_insert(0) += 1;
         self.unreferenced.remove(&id);

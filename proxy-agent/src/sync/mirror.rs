@@ -71,9 +71,28 @@ pub struct Mirror {
     /// Maglev tables named by masters, and how many masters name each (one, unless the maps
     /// were written by something else).
     tables: HashMap<u16, u32>,
-    /// Frontends whose Maglev table this writer has written (or found equal) for their
-    /// current slots: unknown for all at start, so the first sync compares every table.
-    tables_written: HashMap<Frontend, u16>,
+    /// What each Maglev table holds, as far as the writer knows: the backend ids in it (they
+    /// count as references: a table's backends are not deleted while it names them) and the
+    /// slots it was built from (unknown for tables found at start, so the first sync
+    /// compares every table).
+    table_content: HashMap<u16, TableContent>,
+}
+
+/// See [`Mirror`]'s `table_content`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableContent {
+    pub built_from: Option<Vec<u32>>,
+    /// Distinct, sorted; no 0.
+    pub ids: Vec<u32>,
+}
+
+impl TableContent {
+    pub fn of(entries: &[u32], built_from: Option<Vec<u32>>) -> Self {
+        let mut ids: Vec<u32> = entries.iter().copied().filter(|id| *id != 0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        TableContent { built_from, ids }
+    }
 }
 
 impl Mirror {
@@ -97,16 +116,41 @@ impl Mirror {
         self.tables.contains_key(&id)
     }
 
-    /// The table this writer last wrote for `f`'s current slots.
-    pub fn table_written(&self, f: &Frontend) -> Option<u16> {
-        self.tables_written.get(f).copied()
+    /// How many masters name Maglev table `id`.
+    pub fn table_users(&self, id: u16) -> u32 {
+        self.tables.get(&id).copied().unwrap_or(0)
     }
 
-    pub fn set_table_written(&mut self, f: Frontend, table: Option<u16>) {
-        match table {
-            Some(t) => self.tables_written.insert(f, t),
-            None => self.tables_written.remove(&f),
-        };
+    pub fn table_content(&self, id: u16) -> Option<&TableContent> {
+        self.table_content.get(&id)
+    }
+
+    /// Records what table `id` holds now (None: nothing, it was cleared); returns what it
+    /// held.
+    pub fn set_table_content(
+        &mut self,
+        id: u16,
+        content: Option<TableContent>,
+    ) -> Option<TableContent> {
+        match content {
+            Some(c) => self.table_content.insert(id, c),
+            None => self.table_content.remove(&id),
+        }
+    }
+
+    /// Tables that hold backends and that no master names (left by a failed update).
+    pub fn unnamed_tables(&self) -> Vec<u16> {
+        (self.table_content.keys())
+            .filter(|t| !self.tables.contains_key(t))
+            .copied()
+            .collect()
+    }
+
+    /// Backend ids that tables and affinity matches reference (as slots do).
+    pub fn non_slot_references(&self) -> impl Iterator<Item = u32> + '_ {
+        (self.table_content.values())
+            .flat_map(|c| c.ids.iter().copied())
+            .chain(self.state.affinity_match.iter().map(|k| k.backend_id))
     }
 
     fn count_table(&mut self, master: Option<ServiceValue>, add: bool) {

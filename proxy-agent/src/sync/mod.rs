@@ -25,7 +25,9 @@ use self::{
 pub use self::{
     choice::{ChoiceConfig, maglev_table},
     datapath::{Datapath, DatapathError, Partial},
-    mirror::{MapState, Mirror, backend_value, frontend_of, rev_nat_value, service_key},
+    mirror::{
+        MapState, Mirror, TableContent, backend_value, frontend_of, rev_nat_value, service_key,
+    },
 };
 use crate::model::{Desired, Frontend, ServiceRef};
 
@@ -63,13 +65,24 @@ impl<D: Datapath> Syncer<D> {
     }
 
     pub fn with_choice(dp: D, state: MapState, choice: ChoiceConfig) -> Self {
+        let mut mirror = Mirror::new(state);
+        // The backends of the tables masters name are referenced until the tables change:
+        // read them (a crash may have left a table naming backends no slot has any more).
+        let named: BTreeSet<u16> = (mirror.state().services.iter())
+            .filter(|(k, v)| k.slot == 0 && v.maglev_table != 0)
+            .map(|(_, v)| v.maglev_table)
+            .collect();
+        for t in named {
+            let entries = dp.maglev_table(t, choice.maglev_size);
+            mirror.set_table_content(t, Some(TableContent::of(&entries, None)));
+        }
         Syncer {
             dp,
-            backend_ids: BackendIds::new(&state),
+            backend_ids: BackendIds::new(mirror.state(), mirror.non_slot_references()),
             rev_nat_ids: RevNatIds::default(),
             table_ids: TableIds::default(),
             choice,
-            mirror: Mirror::new(state),
+            mirror,
         }
     }
 

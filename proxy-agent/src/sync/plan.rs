@@ -138,8 +138,11 @@ impl<D: Datapath> Syncer<D> {
             return (0, false);
         }
         let tables = self.choice.maglev_tables;
+        // Kept while it is this frontend's alone (two masters naming one table can only be
+        // a leftover of another writer: one of them gets a table of its own).
         if let Some(t) = old_master.map(|m| m.maglev_table)
             && (1..=tables).contains(&t)
+            && self.mirror.table_users(t) == 1
         {
             return (t, false);
         }

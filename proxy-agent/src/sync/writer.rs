@@ -1,7 +1,7 @@
 //! The commit order: how one frontend's entries are written so that a reader (the eBPF
 //! programs) never sees a master whose slots or backends are missing.
 //!
-//! update: new backends -> slots 1..n -> rev-NAT -> affinity matches (the usable backends)
+//! update: new backends -> affinity matches (the usable backends) -> slots 1..n -> rev-NAT
 //!         -> Maglev table -> the VIP of a new frontend -> master (the commit point, one
 //!         atomic update) -> delete slots n+1..old_n, matches no longer usable, a table no
 //!         longer named -> release the old rev-NAT entry -> delete unreferenced backends;
@@ -18,6 +18,7 @@ use super::{
     Datapath, DatapathError, SyncReport,
     choice::{ChoiceConfig, maglev_table},
     ids::BackendIds,
+    mirror::TableContent,
     mirror::{Mirror, rev_nat_value, service_key},
     plan::{Plan, RevNatPlan},
 };
@@ -42,39 +43,41 @@ impl<D: Datapath> Writer<'_, D> {
         }
         // 1. backends (new ones, as one run)
         self.write_backends(&plan.new_ids, &plan.new_backends)?;
-        // 2. slots 1..n (those that differ, as one run)
-        let slots_changed =
-            self.write_slots(f, &plan.slots, old_slots)? > 0 || old_slots != plan.slots.len();
-        // 3. rev-NAT
+        // 2. affinity: the backends a remembered choice may go on using, before any slot
+        // names them (under the rev-NAT id the master will name).
         let rev_nat_id = match plan.rev_nat {
-            RevNatPlan::Keep(id) => id,
-            RevNatPlan::New(id) => {
-                let rn = rev_nat_value(f);
-                self.dp.update_rev_nat(id, rn)?;
-                self.mirror.set_rev_nat(id, rn);
-                self.report.updates += 1;
-                id
-            }
+            RevNatPlan::Keep(id) | RevNatPlan::New(id) => id,
         };
-        // 4. affinity: the backends a remembered choice may go on using.
         let usable: &[u32] = if plan.affinity_timeout_s != 0 {
             &plan.slots
         } else {
             &[]
         };
+        if let RevNatPlan::New(id) = plan.rev_nat {
+            // Left by a failed update of a frontend that had this id: never this one's.
+            self.remove_affinity_matches(id, &[])?;
+        }
         self.add_affinity_matches(rev_nat_id, usable)?;
-        // 5. Maglev: the table, before the master that names it.
-        if plan.maglev_table != 0
-            && (slots_changed || self.mirror.table_written(f) != Some(plan.maglev_table))
-        {
-            self.mirror.set_table_written(*f, None);
+        // 3. slots 1..n (those that differ, as one run)
+        self.write_slots(f, &plan.slots, old_slots)?;
+        // 4. rev-NAT
+        if let RevNatPlan::New(id) = plan.rev_nat {
+            let rn = rev_nat_value(f);
+            self.dp.update_rev_nat(id, rn)?;
+            self.mirror.set_rev_nat(id, rn);
+            self.report.updates += 1;
+        }
+        // 5. Maglev: the table, before the master that names it; unless the master already
+        // names it and it was built from these very slots.
+        let t = plan.maglev_table;
+        let current = old_master.is_some_and(|m| m.maglev_table == t)
+            && (self.mirror.table_content(t))
+                .is_some_and(|c| c.built_from == Some(plan.slots.clone()));
+        if t != 0 && !current {
             let size = self.choice.maglev_size;
-            let previous = self.dp.maglev_table(plan.maglev_table, size);
+            let previous = self.dp.maglev_table(t, size);
             let table = maglev_table(&plan.slots, &plan.members, size, &previous);
-            if self.dp.write_maglev_table(plan.maglev_table, &table)? > 0 {
-                self.report.updates += 1;
-            }
-            self.mirror.set_table_written(*f, Some(plan.maglev_table));
+            self.write_table(t, &table, Some(plan.slots.clone()))?;
         }
         // A new frontend's VIP is known to the packet path before its master exists.
         if old_master.is_none() {
@@ -97,9 +100,6 @@ impl<D: Datapath> Writer<'_, D> {
         for id in old_rev_nat.into_iter().chain([rev_nat_id]) {
             let keep = if id == rev_nat_id { usable } else { &[] };
             self.remove_affinity_matches(id, keep)?;
-        }
-        if plan.maglev_table == 0 {
-            self.mirror.set_table_written(*f, None);
         }
         if let Some(m) = old_master
             && m.maglev_table != plan.maglev_table
@@ -126,7 +126,6 @@ impl<D: Datapath> Writer<'_, D> {
         for slot in 1..=self.mirror.slot_count(f) {
             self.remove_slot(service_key(f, slot as u16))?;
         }
-        self.mirror.set_table_written(*f, None);
         if let Some(m) = old_master {
             self.remove_affinity_matches(m.rev_nat_id, &[])?;
             self.release_table(m.maglev_table)?;
@@ -142,6 +141,9 @@ impl<D: Datapath> Writer<'_, D> {
             if !self.mirror.has_affinity_match(&key) {
                 self.dp.update_affinity_match(key)?;
                 self.mirror.set_affinity_match(key, true);
+                // A match keeps its backend (whose id could otherwise be reused by another
+                // frontend's backend, which a remembered choice would then reach).
+                self.ids.reference(*id);
                 self.report.updates += 1;
             }
         }
@@ -162,7 +164,36 @@ impl<D: Datapath> Writer<'_, D> {
         for key in stale {
             self.dp.delete_affinity_match(key)?;
             self.mirror.set_affinity_match(key, false);
+            self.ids.unreference(key.backend_id);
             self.report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes Maglev table `table` (the entries that differ) and moves the references of its
+    /// backends from what it held to what it holds.
+    fn write_table(
+        &mut self,
+        table: u16,
+        entries: &[u32],
+        built_from: Option<Vec<u32>>,
+    ) -> Result<(), DatapathError> {
+        assert_eq!(
+            entries.len(),
+            self.choice.maglev_size as usize,
+            "a whole table"
+        );
+        if self.dp.write_maglev_table(table, entries)? > 0 {
+            self.report.updates += 1;
+        }
+        let content = TableContent::of(entries, built_from);
+        for id in &content.ids {
+            self.ids.reference(*id);
+        }
+        let cleared = content.ids.is_empty();
+        let old = (self.mirror).set_table_content(table, (!cleared).then_some(content));
+        for id in old.into_iter().flat_map(|c| c.ids) {
+            self.ids.unreference(id);
         }
         Ok(())
     }
@@ -174,10 +205,7 @@ impl<D: Datapath> Writer<'_, D> {
             return Ok(());
         }
         let zeros = vec![0; self.choice.maglev_size as usize];
-        if self.dp.write_maglev_table(table, &zeros)? > 0 {
-            self.report.deletes += 1;
-        }
-        Ok(())
+        self.write_table(table, &zeros, None)
     }
 
     /// Leftovers of a writer that died mid-update (found in the maps at start): backends and
@@ -223,8 +251,14 @@ impl<D: Datapath> Writer<'_, D> {
         for key in stale_matches {
             self.dp.delete_affinity_match(key)?;
             self.mirror.set_affinity_match(key, false);
+            self.ids.unreference(key.backend_id);
             self.report.deletes += 1;
         }
+        // Tables a failed update wrote or left that no master names.
+        for t in self.mirror.unnamed_tables() {
+            self.release_table(t)?;
+        }
+        self.collect_backends()?;
         for (vip, n) in want {
             if self.mirror.vip_frontends(vip) != Some(n) {
                 self.dp.update_vip(vip, n)?;

@@ -124,11 +124,28 @@ fn the_algorithm_annotation() {
         choice_of(annotated("random")),
         Ok((0, Some(Algorithm::Random)))
     );
+    // An unknown value is reported, and the Service is proxied with the node's algorithm.
+    let objects = Objects {
+        services: vec![sourced(annotated("Maglev"))],
+        slices: vec![sourced(slice(
+            "s-1",
+            "s",
+            http_slice_port(),
+            json!([ep("10.0.1.1")]),
+        ))],
+        nodes: vec![],
+    };
+    let d = build(&objects, "node-a");
     let field = format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM:?}]");
-    assert_eq!(
-        choice_of(annotated("Maglev")),
-        Err(vec![(field, ProblemReason::InvalidValue)])
-    );
+    let problems: Vec<_> = d
+        .problems
+        .iter()
+        .map(|p| (p.field.clone(), p.reason))
+        .collect();
+    assert_eq!(problems, vec![(field, ProblemReason::IgnoredAnnotation)]);
+    assert!(d.held_services.is_empty());
+    let spec = d.frontends.values().next().expect("still proxied");
+    assert_eq!(spec.algorithm, None);
 }
 
 /// A Service turning invalid keeps its programmed frontends: its state is held, not dropped.

@@ -194,38 +194,80 @@ fn without_a_free_table_a_frontend_chooses_at_random() {
     assert_eq!(master(&s, g).maglev_table, 1);
 }
 
-/// Each write of an update that turns on affinity and Maglev fails in turn: the view stays
-/// valid (the fake checks it after every operation), and a retry converges to a fresh write.
+/// Each write of an update fails in turn, for an update that turns affinity and Maglev on and
+/// for one that changes a Maglev frontend's backends while another frontend's writes collect
+/// backends: the view stays valid (the fake checks it after every operation: a table never
+/// names a deleted backend), a failure leaves the mirror equal to the maps, and a retry
+/// converges to what a fresh writer writes.
 #[test]
 fn a_failure_anywhere_keeps_a_valid_view_and_converges() {
-    let f = fe("10.96.0.10", 80);
-    let before = desired_n(f, &backends(2));
-    let mut after = with_affinity(desired_n(f, &backends(4)[1..]), 30);
-    after.frontends.get_mut(&f).unwrap().algorithm = Some(Algorithm::Maglev);
-    for fail in 0..12 {
-        let mut s = Syncer::with_choice(
-            Fake::default(),
-            MapState::default(),
-            ChoiceConfig {
-                algorithm: Algorithm::Random,
-                ..MAGLEV
-            },
-        );
-        s.sync(&before);
-        s.dp.fail_at = Some(s.dp.calls + fail);
-        s.sync(&after);
-        assert_eq!(s.state(), &s.dp.maps, "fail at {fail}");
-        s.dp.fail_at = None;
-        assert!(s.sync(&after).errors.is_empty());
-        let m = s.dp.maps.services[&service_key(&f, 0)];
-        assert_eq!((m.count, m.affinity_timeout_s), (3, 30), "fail at {fail}");
-        assert_ne!(m.maglev_table, 0);
-        let table = &s.dp.tables[&m.maglev_table];
-        let mut named: Vec<u32> = table.clone();
-        named.sort_unstable();
-        named.dedup();
-        assert_eq!(named.len(), 3, "fail at {fail}: every backend in the table");
-        assert_eq!(s.dp.maps.affinity_match.len(), 3, "fail at {fail}");
-        assert_tables_settled(&s);
+    let (f, g) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    let random = ChoiceConfig {
+        algorithm: Algorithm::Random,
+        ..MAGLEV
+    };
+    let both = |fb: &[(String, u16)], gb: &[(String, u16)], maglev: bool, affinity: u32| {
+        let mut d = with_affinity(desired_n(f, fb), affinity);
+        d.frontends.extend(desired_n(g, gb).frontends);
+        if maglev {
+            for spec in d.frontends.values_mut() {
+                spec.algorithm = Some(Algorithm::Maglev);
+            }
+        }
+        d
+    };
+    let bs = backends(6);
+    let cases = [
+        // random, no affinity on f -> Maglev and affinity, f's backends changing
+        (desired_n(f, &bs[..2]), both(&bs[1..4], &bs[4..5], true, 30)),
+        // Maglev both: f drops two backends and takes one; g's change collects its old one
+        // (with affinity, f's matches keep its old backends; without, only its table does)
+        (
+            both(&bs[..3], &bs[3..5], true, 30),
+            both(&bs[2..4], &bs[4..6], true, 30),
+        ),
+        (
+            both(&bs[..3], &bs[3..5], true, 0),
+            both(&bs[2..4], &bs[4..6], true, 0),
+        ),
+    ];
+    for (case, (before, after)) in cases.iter().enumerate() {
+        let mut failed = 0;
+        for fail in 0..40 {
+            let mut s = Syncer::with_choice(Fake::default(), MapState::default(), random);
+            s.sync(before);
+            s.dp.fail_at = Some(s.dp.calls + fail);
+            let r = s.sync(after);
+            assert_eq!(s.state(), &s.dp.maps, "case {case} fail at {fail}");
+            if r.errors.is_empty() {
+                continue;
+            }
+            failed += 1;
+            s.dp.fail_at = None;
+            assert!(s.sync(after).errors.is_empty());
+            assert_tables_settled(&s);
+            let mut fresh = Syncer::with_choice(Fake::default(), MapState::default(), random);
+            fresh.sync(after);
+            assert_eq!(
+                view(&s.dp.maps),
+                view(&fresh.dp.maps),
+                "case {case} fail at {fail}"
+            );
+            let m = s.dp.maps.services[&service_key(&f, 0)];
+            let want = after.frontends[&f].affinity_timeout_s;
+            assert_eq!(m.affinity_timeout_s, want, "case {case} fail at {fail}");
+            assert_ne!(m.maglev_table, 0);
+            let matches = (s.dp.maps.affinity_match.iter())
+                .filter(|k| k.rev_nat_id == m.rev_nat_id)
+                .count();
+            let want = if want == 0 { 0 } else { m.count as usize };
+            assert_eq!(matches, want, "case {case} fail at {fail}");
+            assert_eq!(
+                s.dp.maps.backends.len(),
+                fresh.dp.maps.backends.len(),
+                "case {case} fail at {fail}: nothing left behind"
+            );
+        }
+        assert!(failed >= 10, "case {case}: only {failed} failures injected");
     }
 }

@@ -252,6 +252,15 @@ fn assert_tables_settled(s: &Syncer<Fake>) {
             s.dp.tables[&v.maglev_table].iter().copied().collect();
         assert_eq!(named, slots, "table {} of {k:?}", v.maglev_table);
     }
+    // The mirror knows what every table holds (its backends are kept while it does).
+    for (t, entries) in &s.dp.tables {
+        let content = s.mirror.table_content(*t).map(|c| c.ids.clone());
+        assert_eq!(
+            content,
+            Some(mirror::TableContent::of(entries, None).ids),
+            "table {t}"
+        );
+    }
 }
 
 fn ops(s: &mut Syncer<Fake>) -> Vec<Op> {
