@@ -186,7 +186,12 @@ impl<D: Datapath> Writer<'_, D> {
         if self.dp.write_maglev_table(table, entries)? > 0 {
             self.report.updates += 1;
         }
-        let content = TableContent::of(entries, built_from);
+        // A table built from slots names only (and, but for more backends than entries, all
+        // of) their backends: no need to walk its entries.
+        let content = match built_from {
+            Some(slots) => TableContent::of(&slots, Some(slots.clone())),
+            None => TableContent::of(entries, None),
+        };
         for id in &content.ids {
             self.ids.reference(*id);
         }
