@@ -335,3 +335,28 @@ fn socket_path_maglev_keeps_a_socket_on_its_backend() {
     );
     assert!(r.errors.values().sum::<u32>() <= 2, "{r:?}");
 }
+
+/// Affinity and Maglev compose, affinity first: under Maglev alone a pod's TCP connections
+/// (each its own socket, so its own hash) spread; with ClientIP on as well, all 16 go to the
+/// backend the first one was given, reused from the affinity entry.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn socket_path_affinity_wins_over_maglev() {
+    let f = Fixture::new(Datapath::Socket, "", MAGLEV);
+    f.wait(3, "maglev", 0);
+    assert!(
+        f.connects(30).len() >= 2,
+        "Maglev by socket spreads connections"
+    );
+
+    f.write(CLIENT_IP, MAGLEV, &[0, 1, 2]);
+    f.wait(3, "maglev", 10_800);
+    let reused = |f: &Fixture| {
+        proxy_agent::inspect::inspect(&f.pins.path)
+            .unwrap()
+            .counters["affinity_reused"]
+    };
+    let before = reused(&f);
+    only(&f.connects(16));
+    assert!(reused(&f) - before >= 15, "the affinity entry chose them");
+}

@@ -10,16 +10,14 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use proxy_agent::{
-    loader,
     maps::PinnedMaps,
     model::{Algorithm, BackendAddr, Desired, Frontend, FrontendSpec, Proto, ServiceRef},
     sync::{ChoiceConfig, Syncer},
 };
 use serde::Serialize;
 
-use super::kernel_cost;
+use super::{kernel_cost, packet_cost};
 use crate::{
     agent::{Agent, Manifests},
     client,
@@ -106,12 +104,7 @@ fn socket_path(connects: u32) -> anyhow::Result<Vec<f64>> {
 fn packet_path(flows: u16) -> anyhow::Result<Vec<f64>> {
     const CLIENT: [u8; 4] = [10, 1, 0, 2];
     let pins = BpffsDir::new(&unique("choicepkt"));
-    let mut ebpf = loader::load(&pins.path)?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(loader::TC_PROGRAM)
-        .context("TC program")?
-        .try_into()?;
-    prog.load()?;
+    let ebpf = packet_cost::load_tc(&pins)?;
     let mut desired = Desired::default();
     for (i, (_, spec, annotations)) in CHOICES.iter().enumerate() {
         desired.frontends.insert(
@@ -138,18 +131,10 @@ fn packet_path(flows: u16) -> anyhow::Result<Vec<f64>> {
     let state = maps.dump()?;
     let mut syncer = Syncer::with_choice(maps, state, ChoiceConfig::default());
     anyhow::ensure!(syncer.sync(&desired).errors.is_empty());
-    let prog: &SchedClassifier = ebpf.program(loader::TC_PROGRAM).context("TC")?.try_into()?;
-    let run = |vip: Ipv4Addr, first_port: u16| -> anyhow::Result<f64> {
-        let mut total = 0u128;
-        for i in 0..flows {
-            let input = packet(6, CLIENT, first_port + i, vip.octets(), 80, 0, 0, true);
-            let mut out = vec![0u8; input.len() + 64];
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&input);
-            opts.data_out = Some(&mut out);
-            total += prog.test_run(opts)?.duration.as_nanos();
-        }
-        Ok(total as f64 / f64::from(flows))
-    };
-    (0..CHOICES.len()).map(|i| run(vip(i), 10_000)).collect()
+    (0..CHOICES.len())
+        .map(|i| {
+            let make = |port| packet(6, CLIENT, port, vip(i).octets(), 80, 0, 0, true);
+            packet_cost::mean_run_ns(&ebpf, flows, &make)
+        })
+        .collect()
 }

@@ -41,12 +41,7 @@ type Kind<'a> = (&'static str, &'static str, &'a dyn Fn(u16) -> Vec<u8>);
 /// Runs each kind of packet `flows` times (one flow each) and reports the mean run time.
 pub fn measure(flows: u16) -> anyhow::Result<Vec<PacketCost>> {
     let pins = BpffsDir::new(&unique("pcost"));
-    let mut ebpf = loader::load(&pins.path)?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(loader::TC_PROGRAM)
-        .context("TC program")?
-        .try_into()?;
-    prog.load()?;
+    let ebpf = load_tc(&pins)?;
     let mut desired = Desired::default();
     desired.frontends.insert(
         Frontend {
@@ -68,19 +63,7 @@ pub fn measure(flows: u16) -> anyhow::Result<Vec<PacketCost>> {
     let maps = PinnedMaps::open(&pins.path)?;
     let state = maps.dump()?;
     anyhow::ensure!(Syncer::new(maps, state).sync(&desired).errors.is_empty());
-    let prog: &SchedClassifier = ebpf.program(loader::TC_PROGRAM).context("TC")?.try_into()?;
-    let run = |make: &dyn Fn(u16) -> Vec<u8>| -> anyhow::Result<f64> {
-        let mut total = 0u128;
-        for i in 0..flows {
-            let input = make(10_000 + i);
-            let mut out = vec![0u8; input.len() + 64];
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&input);
-            opts.data_out = Some(&mut out);
-            total += prog.test_run(opts)?.duration.as_nanos();
-        }
-        Ok(total as f64 / f64::from(flows))
-    };
+    let run = |make: &dyn Fn(u16) -> Vec<u8>| mean_run_ns(&ebpf, flows, make);
     let client = |port, flags| with_flags(packet(6, CLIENT, port, VIP, 80, 0, 0, true), flags);
     let reply = |port, flags| with_flags(packet(6, BACKEND, 8080, CLIENT, port, 0, 0, true), flags);
     // In a connection's order: each kind runs once per flow, after the kinds before it.
@@ -136,4 +119,34 @@ pub fn measure(flows: u16) -> anyhow::Result<Vec<PacketCost>> {
             })
         })
         .collect()
+}
+
+/// The object loaded with its maps pinned in `pins`, and its TC program loaded (not attached).
+pub(crate) fn load_tc(pins: &BpffsDir) -> anyhow::Result<aya::Ebpf> {
+    let mut ebpf = loader::load(&pins.path)?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(loader::TC_PROGRAM)
+        .context("TC program")?
+        .try_into()?;
+    prog.load()?;
+    Ok(ebpf)
+}
+
+/// The TC program's mean run time over `flows` runs, run `i` on the packet `make(10_000 + i)`.
+pub(crate) fn mean_run_ns(
+    ebpf: &aya::Ebpf,
+    flows: u16,
+    make: &dyn Fn(u16) -> Vec<u8>,
+) -> anyhow::Result<f64> {
+    let prog: &SchedClassifier = ebpf.program(loader::TC_PROGRAM).context("TC")?.try_into()?;
+    let mut total = 0u128;
+    for i in 0..flows {
+        let input = make(10_000 + i);
+        let mut out = vec![0u8; input.len() + 64];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&input);
+        opts.data_out = Some(&mut out);
+        total += prog.test_run(opts)?.duration.as_nanos();
+    }
+    Ok(total as f64 / f64::from(flows))
 }
