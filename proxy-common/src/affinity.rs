@@ -64,9 +64,10 @@ impl AffinityValue {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct AffinityMatchKey {
-    pub backend_id: u32,
+    /// First, so the keys of one frontend sort together (the agent reads them as a range).
     pub rev_nat_id: u16,
     pub _pad: u16,
+    pub backend_id: u32,
 }
 const _: () = assert!(size_of::<AffinityMatchKey>() == 8);
 
@@ -74,9 +75,9 @@ impl AffinityMatchKey {
     #[inline(always)]
     pub const fn new(backend_id: u32, rev_nat_id: u16) -> Self {
         AffinityMatchKey {
-            backend_id,
             rev_nat_id,
             _pad: 0,
+            backend_id,
         }
     }
 }

@@ -82,20 +82,12 @@ fn parse(out: std::process::Output) -> Report {
 /// Runs `pxt-client MODE ADDR --count N` as the cluster's client pod, in the hooked cgroup
 /// (the socket path translates), with 1 s timeouts.
 pub fn run(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) -> Report {
-    parse(
-        cluster
-            .run_client(bin, &args(mode, addr, count))
-            .expect("client runs"),
-    )
+    run_with(cluster, bin, false, mode, addr, count, &[])
 }
 
 /// Like [`run`], outside the hooked cgroup: only the node's packet path can translate.
 pub fn run_unhooked(cluster: &Cluster, bin: &Path, mode: &str, addr: &str, count: u32) -> Report {
-    parse(
-        cluster
-            .run_client_unhooked(bin, &args(mode, addr, count))
-            .expect("client runs"),
-    )
+    run_with(cluster, bin, true, mode, addr, count, &[])
 }
 
 /// Like [`run`] (`unhooked`: like [`run_unhooked`]) with more client flags.

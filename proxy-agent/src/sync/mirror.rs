@@ -167,8 +167,11 @@ impl Mirror {
         }
     }
 
+    /// The matches of frontend `rev_nat_id` (its keys sort together).
     pub fn affinity_matches(&self, rev_nat_id: u16) -> impl Iterator<Item = &AffinityMatchKey> {
-        (self.state.affinity_match.iter()).filter(move |k| k.rev_nat_id == rev_nat_id)
+        let lo = AffinityMatchKey::new(0, rev_nat_id);
+        let hi = AffinityMatchKey::new(u32::MAX, rev_nat_id);
+        self.state.affinity_match.range(lo..=hi)
     }
 
     pub fn has_affinity_match(&self, key: &AffinityMatchKey) -> bool {

@@ -72,7 +72,7 @@ impl<D: Datapath> Writer<'_, D> {
         let t = plan.maglev_table;
         let current = old_master.is_some_and(|m| m.maglev_table == t)
             && (self.mirror.table_content(t))
-                .is_some_and(|c| c.built_from == Some(plan.slots.clone()));
+                .is_some_and(|c| c.built_from.as_deref() == Some(&plan.slots[..]));
         if t != 0 && !current {
             let size = self.choice.maglev_size;
             let previous = self.dp.maglev_table(t, size);

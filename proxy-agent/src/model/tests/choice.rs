@@ -5,8 +5,8 @@ use super::*;
 /// A frontend's affinity timeout and algorithm, or the problems (field, reason) that hold it.
 type Choice = Result<(u32, Option<Algorithm>), Vec<(String, ProblemReason)>>;
 
-/// The affinity timeout and algorithm the model gives `svc`'s frontend, or its problems.
-fn choice_of(service: Value) -> Choice {
+/// The model of `service` with one endpoint.
+fn model_of(service: Value) -> Desired {
     let objects = Objects {
         services: vec![sourced(service)],
         slices: vec![sourced(slice(
@@ -17,7 +17,12 @@ fn choice_of(service: Value) -> Choice {
         ))],
         nodes: vec![],
     };
-    let d = build(&objects, "node-a");
+    build(&objects, "node-a")
+}
+
+/// The affinity timeout and algorithm the model gives `svc`'s frontend, or its problems.
+fn choice_of(service: Value) -> Choice {
+    let d = model_of(service);
     if !d.problems.is_empty() {
         assert!(d.frontends.is_empty(), "an invalid Service writes nothing");
         assert_eq!(d.held_services.len(), 1, "and keeps what is programmed");
@@ -125,17 +130,7 @@ fn the_algorithm_annotation() {
         Ok((0, Some(Algorithm::Random)))
     );
     // An unknown value is reported, and the Service is proxied with the node's algorithm.
-    let objects = Objects {
-        services: vec![sourced(annotated("Maglev"))],
-        slices: vec![sourced(slice(
-            "s-1",
-            "s",
-            http_slice_port(),
-            json!([ep("10.0.1.1")]),
-        ))],
-        nodes: vec![],
-    };
-    let d = build(&objects, "node-a");
+    let d = model_of(annotated("Maglev"));
     let field = format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM:?}]");
     let problems: Vec<_> = d
         .problems
