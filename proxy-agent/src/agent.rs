@@ -207,6 +207,7 @@ impl Agent {
         self.metrics
             .record_state(self.syncer.state(), self.syncer.frontend_count());
         self.record_programming(&p.report);
+        self.health.set_node_deleting(self.source.node_deleting());
         if errors == 0 {
             self.health.synced();
         }

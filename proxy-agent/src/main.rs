@@ -70,6 +70,12 @@ struct RunArgs {
     /// Kubeconfig of the cluster to watch (neither flag: in-cluster config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// How the Kubernetes API source gets its lists: `streaming` (a watch with
+    /// sendInitialEvents, from the API server's watch cache, programmed as objects arrive;
+    /// falls back to `list` where the server refuses it) or `list` (resourceVersion=0 lists,
+    /// from the watch cache).
+    #[arg(long, value_enum, default_value = "streaming")]
+    kube_initial_list: proxy_agent::source::kube::watch::InitialList,
     /// This node's name, for internalTrafficPolicy: Local and topology hints.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -203,6 +209,7 @@ fn main() -> anyhow::Result<()> {
             let RunArgs {
                 manifests,
                 kubeconfig,
+                kube_initial_list,
                 node_name,
                 cgroup,
                 bpffs_dir,
@@ -254,6 +261,7 @@ fn main() -> anyhow::Result<()> {
                     maglev_size: choice.maglev_table_size,
                     maglev_tables: choice.maglev_tables,
                 },
+                kube_initial_list,
             }))
         }
         Command::Services { bpffs_dir, output } => {

@@ -77,6 +77,11 @@ pub struct CtState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FeatureName {
     pub name: &'static str,
 }
@@ -94,6 +99,8 @@ pub struct Metrics {
     pub maglev_table_fallbacks: Counter,
     pub conntrack_entries: Family<CtState, Gauge>,
     pub conntrack_collected: Counter,
+    pub kube_relists: Family<ResourceLabel, Counter>,
+    pub kube_watch_errors: Family<ResourceLabel, Counter>,
 }
 
 /// Reads the datapath's per-CPU counters at scrape time.
@@ -196,6 +203,18 @@ impl Metrics {
             "Whether the kernel offers a feature the datapath uses (1) or does without it (0), probed at start",
             datapath_feature.clone(),
         );
+        let kube_relists = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "kube_relists",
+            "Lists of a resource after the first one (a watch that could not resume, e.g. 410 Gone), Kubernetes API source",
+            kube_relists.clone(),
+        );
+        let kube_watch_errors = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "kube_watch_errors",
+            "Failed lists and watches of a resource (each retried after a backoff with jitter), Kubernetes API source",
+            kube_watch_errors.clone(),
+        );
         registry.register_collector(Box::new(DatapathCounters { bpffs_dir }));
         Metrics {
             registry,
@@ -210,6 +229,8 @@ impl Metrics {
             maglev_table_fallbacks,
             conntrack_entries,
             conntrack_collected,
+            kube_relists,
+            kube_watch_errors,
         }
     }
 
@@ -278,6 +299,8 @@ impl Metrics {
 /// What /healthz and /livez answer from.
 pub struct Health {
     synced: AtomicBool,
+    /// This node's Node has a deletion timestamp (the Kubernetes API source).
+    node_deleting: AtomicBool,
     last_sync: Mutex<Instant>,
     max_age: Duration,
 }
@@ -286,6 +309,7 @@ impl Health {
     pub fn new(max_age: Duration) -> Self {
         Health {
             synced: AtomicBool::new(false),
+            node_deleting: AtomicBool::new(false),
             last_sync: Mutex::new(Instant::now()),
             max_age,
         }
@@ -294,6 +318,16 @@ impl Health {
     pub fn synced(&self) {
         *self.last_sync.lock().expect("not poisoned") = Instant::now();
         self.synced.store(true, Ordering::Release);
+    }
+
+    pub fn set_node_deleting(&self, deleting: bool) {
+        self.node_deleting.store(deleting, Ordering::Release);
+    }
+
+    /// Whether /healthz sends traffic here: not while the node is being deleted
+    /// (kube-proxy's `nodeEligible`). /livez ignores it.
+    pub fn node_eligible(&self) -> bool {
+        !self.node_deleting.load(Ordering::Acquire)
     }
 
     /// Healthy once the first full sync is done and the last sync is recent enough.
@@ -307,9 +341,20 @@ impl Health {
 }
 
 async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    let (ok, age) = h.healthy();
+    answer(&h, true)
+}
+
+async fn livez(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    answer(&h, false)
+}
+
+/// /healthz (`node_rule`) and /livez: in sync, and for /healthz the node not being deleted.
+fn answer(h: &Health, node_rule: bool) -> impl IntoResponse + use<> {
+    let (synced, age) = h.healthy();
+    let eligible = h.node_eligible();
+    let ok = synced && (eligible || !node_rule);
     let body = format!(
-        "{{\"healthy\":{ok},\"lastSyncAgeSeconds\":{:.3}}}\n",
+        "{{\"healthy\":{ok},\"lastSyncAgeSeconds\":{:.3},\"nodeEligible\":{eligible}}}\n",
         age.as_secs_f64()
     );
     (
@@ -342,7 +387,7 @@ pub async fn serve(
     use anyhow::Context as _;
     let health_app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/livez", get(healthz))
+        .route("/livez", get(livez))
         .with_state(health);
     let metrics_app = Router::new().route("/metrics", get(metrics)).with_state(m);
     let hl = tokio::net::TcpListener::bind(health_addr)

@@ -22,7 +22,7 @@ use crate::{
     loader,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
-    source::SourceConfig,
+    source::{SourceConfig, kube::watch::InitialList},
     sync::{ChoiceConfig, Syncer},
     tc::{self, TcAttacher},
 };
@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub ct_gc_interval: Duration,
     /// Backend choice: the node's algorithm and Maglev tables.
     pub choice: ChoiceConfig,
+    /// How the Kubernetes API source lists (streaming lists, or lists).
+    pub kube_initial_list: InitialList,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -64,7 +66,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     // The first read begins now (the manifests are parsed on worker threads while the
     // datapath loads); the first sync takes it.
-    let source = source.start(&cfg.node_name, &wake).await?;
+    let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()));
+    let source = source.start(&cfg.node_name, cfg.kube_initial_list, &wake, &metrics);
     let settings = loader::Settings {
         ct_timeouts: cfg.ct_timeouts,
         reject: plan.reject,
@@ -114,7 +117,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),
           frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(), "datapath attached");
 
-    let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()));
     metrics.record_features(&features);
     let health = Arc::new(Health::new(cfg.healthz_max_age));
     metrics::serve(

@@ -5,6 +5,12 @@
 //! with a `Status`) for a compacted one, label and field selectors, discovery for kubectl.
 //! Fault hooks: drop every watch, answer 500 for a while, compact the history.
 //!
+//! Streaming lists (`sendInitialEvents=true` on a watch: the current objects as ADDED events,
+//! then a BOOKMARK annotated `k8s.io/initial-events-end`), or a 422 for them as a server
+//! without the WatchList feature answers. Every write gets `managedFields`, as the API
+//! server's field manager adds them. Requests are counted by verb and resource. Objects are
+//! serialized once, when written, so serving a list or a watch is copying bytes.
+//!
 //! It runs on its own thread and tokio runtime, on 127.0.0.1, and stops on drop.
 
 use std::{
@@ -46,6 +52,13 @@ impl Kind {
             Kind::Node => "Node",
         }
     }
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+            Kind::Node => "nodes",
+        }
+    }
     fn of(v: &Value) -> Option<Kind> {
         match v.get("kind")?.as_str()? {
             "Service" => Some(Kind::Service),
@@ -58,18 +71,48 @@ impl Kind {
 
 type Key = (Kind, String, String);
 
+/// An object as written: its value (for selectors) and its JSON, with and without
+/// kind/apiVersion (list items carry none, as the API server sends them).
+struct Stored {
+    value: Value,
+    json: String,
+    item: String,
+}
+
+impl Stored {
+    fn new(value: Value) -> Arc<Stored> {
+        let json = value.to_string();
+        let mut bare = value.clone();
+        if let Some(o) = bare.as_object_mut() {
+            o.remove("kind");
+            o.remove("apiVersion");
+        }
+        Arc::new(Stored {
+            item: bare.to_string(),
+            json,
+            value,
+        })
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
-    /// (resourceVersion, event type, kind, object) in order.
-    log: Vec<(u64, &'static str, Kind, Value)>,
+    objects: BTreeMap<Key, Arc<Stored>>,
+    /// (resourceVersion, event type, kind, object) in resourceVersion order.
+    log: Vec<(u64, &'static str, Kind, Arc<Stored>)>,
     /// Watches from a resourceVersion older than this get 410 Gone.
     compacted_rv: u64,
     fail_until: Option<Instant>,
     /// Bumped to end every open watch.
     watch_epoch: u64,
     requests: u64,
+    /// Requests by "verb resource" ("list endpointslices", "watch services", "get", ...).
+    by_verb: BTreeMap<String, u64>,
+    /// Refuse `sendInitialEvents` (a server without the WatchList feature).
+    refuse_streaming: bool,
+    /// Time spent storing writes and building responses (not the HTTP layer's).
+    busy: Duration,
 }
 
 struct Shared {
@@ -164,6 +207,7 @@ impl FakeApiServer {
     /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
     pub fn apply(&self, mut obj: Value) {
         let kind = Kind::of(&obj).expect("a Service, EndpointSlice or Node");
+        let started = Instant::now();
         let mut g = self.shared.inner.lock().unwrap();
         g.rv += 1;
         let rv = g.rv;
@@ -179,7 +223,7 @@ impl FakeApiServer {
         }
         let old = g.objects.get(&key);
         let uid = old
-            .and_then(|o| o.pointer("/metadata/uid").cloned())
+            .and_then(|o| o.value.pointer("/metadata/uid").cloned())
             .unwrap_or_else(|| json!(format!("uid-{rv}")));
         meta["uid"] = uid;
         meta.as_object_mut()
@@ -187,8 +231,13 @@ impl FakeApiServer {
             .entry("creationTimestamp")
             .or_insert(json!("2026-01-01T00:00:00Z"));
         let ty = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        g.objects.insert(key, obj.clone());
-        g.log.push((rv, ty, kind, obj));
+        if obj["metadata"].get("managedFields").is_none() {
+            obj["metadata"]["managedFields"] = managed_fields(kind, &obj);
+        }
+        let stored = Stored::new(obj);
+        g.objects.insert(key, stored.clone());
+        g.log.push((rv, ty, kind, stored));
+        g.busy += started.elapsed();
         drop(g);
         self.shared.changed.notify_waiters();
     }
@@ -200,13 +249,14 @@ impl FakeApiServer {
         } else {
             namespace.to_string()
         };
-        let Some(mut obj) = g.objects.remove(&(kind, ns, name.to_string())) else {
+        let Some(stored) = g.objects.remove(&(kind, ns, name.to_string())) else {
             return;
         };
         g.rv += 1;
         let rv = g.rv;
+        let mut obj = stored.value.clone();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        g.log.push((rv, "DELETED", kind, obj));
+        g.log.push((rv, "DELETED", kind, Stored::new(obj)));
         drop(g);
         self.shared.changed.notify_waiters();
     }
@@ -236,6 +286,23 @@ impl FakeApiServer {
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
         self.shared.inner.lock().unwrap().requests
+    }
+
+    /// Requests so far by "verb resource": "list services", "watch endpointslices" (a watch
+    /// with `sendInitialEvents` is "watch-list ..."), "get", "discovery".
+    pub fn requests_by_verb(&self) -> BTreeMap<String, u64> {
+        self.shared.inner.lock().unwrap().by_verb.clone()
+    }
+
+    /// Time the server spent storing writes and building responses so far (its share of a
+    /// measurement; the HTTP layer's is not in it).
+    pub fn busy(&self) -> Duration {
+        self.shared.inner.lock().unwrap().busy
+    }
+
+    /// Answers `sendInitialEvents` with 422, as a server without the WatchList feature does.
+    pub fn refuse_streaming_lists(&self, refuse: bool) {
+        self.shared.inner.lock().unwrap().refuse_streaming = refuse;
     }
 }
 
@@ -295,6 +362,7 @@ fn matches_fields(obj: &Value, selector: &str) -> bool {
 
 struct Query {
     watch: bool,
+    send_initial_events: bool,
     rv: Option<u64>,
     bookmarks: bool,
     labels: String,
@@ -305,6 +373,7 @@ struct Query {
 fn parse_query(q: &str) -> Query {
     let mut out = Query {
         watch: false,
+        send_initial_events: false,
         rv: None,
         bookmarks: false,
         labels: String::new(),
@@ -317,6 +386,7 @@ fn parse_query(q: &str) -> Query {
             "watch" => out.watch = v == "1" || v == "true",
             "resourceVersion" => out.rv = v.parse().ok(),
             "allowWatchBookmarks" => out.bookmarks = v == "true",
+            "sendInitialEvents" => out.send_initial_events = v == "true",
             "labelSelector" => out.labels = v,
             "fieldSelector" => out.fields = v,
             "timeoutSeconds" => out.timeout = Duration::from_secs(v.parse().unwrap_or(290)),
@@ -438,9 +508,22 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1")
         .to_string();
+    let verb = if discovery(&path, &host).is_some() {
+        "discovery".to_string()
+    } else if object_path(&path).is_some() {
+        "get".to_string()
+    } else {
+        let plural = resource(&path).map_or("unknown", |(k, _)| k.plural());
+        match (q.watch, q.send_initial_events) {
+            (false, _) => format!("list {plural}"),
+            (true, false) => format!("watch {plural}"),
+            (true, true) => format!("watch-list {plural}"),
+        }
+    };
     {
         let mut g = s.inner.lock().unwrap();
         g.requests += 1;
+        *g.by_verb.entry(verb).or_default() += 1;
         if g.fail_until.is_some_and(|t| Instant::now() < t) {
             return json_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -454,7 +537,12 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     if let Some(key) = object_path(&path) {
         let g = s.inner.lock().unwrap();
         return match g.objects.get(&key) {
-            Some(o) => json_response(StatusCode::OK, o),
+            Some(o) => (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                o.json.clone(),
+            )
+                .into_response(),
             None => json_response(
                 StatusCode::NOT_FOUND,
                 &status(
@@ -482,29 +570,53 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             && matches_fields(obj, &q.fields)
     };
     if !q.watch {
-        let g = s.inner.lock().unwrap();
-        let items: Vec<Value> = g
-            .objects
-            .iter()
-            .filter(|((k, _, _), o)| *k == kind && selected(o))
-            .map(|(_, o)| {
-                // List items carry no kind/apiVersion, as the API server sends them.
-                let mut o = o.clone();
-                o.as_object_mut().unwrap().remove("kind");
-                o.as_object_mut().unwrap().remove("apiVersion");
-                o
-            })
-            .collect();
-        let list = json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
-                          "metadata": {"resourceVersion": g.rv.to_string()}, "items": items});
-        return json_response(StatusCode::OK, &list);
+        let started = Instant::now();
+        let mut g = s.inner.lock().unwrap();
+        let mut body = format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{}\"}},\"items\":[",
+            kind.name(),
+            kind.api_version(),
+            g.rv
+        );
+        let mut first = true;
+        for o in (g.objects.range((kind, String::new(), String::new())..))
+            .take_while(|((k, _, _), _)| *k == kind)
+            .map(|(_, o)| o)
+            .filter(|o| selected(&o.value))
+        {
+            if !first {
+                body.push(',');
+            }
+            first = false;
+            body.push_str(&o.item);
+        }
+        body.push_str("]}");
+        g.busy += started.elapsed();
+        return (StatusCode::OK, [("content-type", "application/json")], body).into_response();
     }
 
-    // A watch: events after `rv`, then live ones, bookmarks each second, until the timeout, a
+    // A watch: events after `rv` (or, for a streaming list, the current objects and the
+    // bookmark that ends them), then live ones, bookmarks each second, until the timeout, a
     // fault hook, or the client going away.
-    let (start_rv, epoch) = {
-        let g = s.inner.lock().unwrap();
-        let rv = q.rv.unwrap_or(g.rv);
+    let (start_rv, epoch, initial) = {
+        let started = Instant::now();
+        let mut g = s.inner.lock().unwrap();
+        if q.send_initial_events && g.refuse_streaming {
+            // What ValidateListOptions answers when the WatchList feature is off.
+            return json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &status(
+                    422,
+                    "Invalid",
+                    "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+                ),
+            );
+        }
+        let rv = match (q.send_initial_events, q.rv) {
+            // The watch cache's state now ("0", or unset: not older than now).
+            (true, _) | (false, None | Some(0)) => g.rv,
+            (false, Some(rv)) => rv,
+        };
         if rv < g.compacted_rv {
             let ev = json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {rv} ({})", g.compacted_rv))});
             return (
@@ -514,7 +626,24 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             )
                 .into_response();
         }
-        (rv, g.watch_epoch)
+        let mut initial = String::new();
+        if q.send_initial_events {
+            for o in (g.objects.range((kind, String::new(), String::new())..))
+                .take_while(|((k, _, _), _)| *k == kind)
+                .map(|(_, o)| o)
+                .filter(|o| selected(&o.value))
+            {
+                initial.push_str("{\"type\":\"ADDED\",\"object\":");
+                initial.push_str(&o.json);
+                initial.push_str("}\n");
+            }
+            let end = json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": rv.to_string(),
+                             "annotations": {"k8s.io/initial-events-end": "true"}}}});
+            initial.push_str(&format!("{end}\n"));
+        }
+        g.busy += started.elapsed();
+        (rv, g.watch_epoch, initial)
     };
     struct W {
         s: Arc<Shared>,
@@ -523,7 +652,7 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         deadline: Instant,
         next_bookmark: Instant,
         bookmarks: bool,
-        pending: Vec<String>,
+        pending: Option<String>,
     }
     let w = W {
         s,
@@ -532,12 +661,12 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         deadline: Instant::now() + q.timeout,
         next_bookmark: Instant::now() + Duration::from_secs(1),
         bookmarks: q.bookmarks,
-        pending: vec![],
+        pending: (!initial.is_empty()).then_some(initial),
     };
     let stream = futures::stream::unfold((w, selected), move |(mut w, selected)| async move {
         loop {
-            if let Some(line) = w.pending.pop() {
-                return Some((Ok::<_, Infallible>(Bytes::from(line)), (w, selected)));
+            if let Some(chunk) = w.pending.take() {
+                return Some((Ok::<_, Infallible>(Bytes::from(chunk)), (w, selected)));
             }
             let now = Instant::now();
             if now >= w.deadline {
@@ -545,24 +674,29 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             }
             let notified = w.s.changed.notified();
             {
-                let g = w.s.inner.lock().unwrap();
+                let started = Instant::now();
+                let mut g = w.s.inner.lock().unwrap();
                 if g.watch_epoch != w.epoch {
                     return None;
                 }
-                let mut lines: Vec<String> = g
-                    .log
-                    .iter()
-                    .filter(|(rv, _, k, o)| *rv > w.last && *k == kind && selected(o))
-                    .map(|(_, ty, _, o)| format!("{}\n", json!({"type": ty, "object": o})))
-                    .collect();
+                let from = g.log.partition_point(|(rv, ..)| *rv <= w.last);
+                let mut chunk = String::new();
+                for (_, ty, _, o) in
+                    (g.log[from..].iter()).filter(|(_, _, k, o)| *k == kind && selected(&o.value))
+                {
+                    chunk.push_str(&format!("{{\"type\":\"{ty}\",\"object\":{}}}\n", o.json));
+                }
                 w.last = w.last.max(g.rv);
-                if lines.is_empty() && w.bookmarks && now >= w.next_bookmark {
-                    lines.push(format!("{}\n", json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": g.rv.to_string()}}})));
+                g.busy += started.elapsed();
+                if chunk.is_empty() && w.bookmarks && now >= w.next_bookmark {
+                    chunk = format!(
+                        "{}\n",
+                        json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": g.rv.to_string()}}})
+                    );
                     w.next_bookmark = now + Duration::from_secs(1);
                 }
-                if !lines.is_empty() {
-                    lines.reverse();
-                    w.pending = lines;
+                if !chunk.is_empty() {
+                    w.pending = Some(chunk);
                     continue;
                 }
             }
@@ -578,6 +712,40 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
         .expect("valid response")
+}
+
+/// The `managedFields` the API server's field manager records for a write: one entry naming
+/// the fields set (as `kubectl` or a controller writes them), of about the real size.
+fn managed_fields(kind: Kind, obj: &Value) -> Value {
+    fn fields(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| (format!("f:{k}"), fields(v)))
+                    .collect(),
+            ),
+            _ => json!({}),
+        }
+    }
+    let mut set = serde_json::Map::new();
+    for (k, v) in obj.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "kind" | "apiVersion" | "status" => {}
+            "metadata" => {
+                let labels = v.get("labels").map(fields).unwrap_or(json!({}));
+                set.insert("f:metadata".into(), json!({"f:labels": labels}));
+            }
+            _ => {
+                set.insert(format!("f:{k}"), fields(v));
+            }
+        }
+    }
+    let manager = match kind {
+        Kind::EndpointSlice => "endpointslice-controller",
+        _ => "kubectl-client-side-apply",
+    };
+    json!([{"manager": manager, "operation": "Update", "apiVersion": kind.api_version(),
+            "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": set}])
 }
 
 #[cfg(test)]

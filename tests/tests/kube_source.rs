@@ -375,3 +375,162 @@ fn health_and_metrics_report_the_agent_and_the_datapath() {
         );
     }
 }
+
+/// A slice for `service` whose endpoints each hint one zone.
+fn zoned_slice(service: &str, ips: &[(String, &str)]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .map(|(ip, zone)| {
+            json!({"addresses": [ip], "conditions": {"ready": true},
+                                 "nodeName": "node-b", "zone": zone,
+                                 "hints": {"forZones": [{"name": zone}]}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-abc"), "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+fn node(zone: &str, deleting: bool) -> Value {
+    let mut n = json!({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": zone}}});
+    if deleting {
+        n["metadata"]["deletionTimestamp"] = json!("2026-12-02T00:00:00Z");
+    }
+    n
+}
+
+fn metric(f: &Fixture, name: &str) -> f64 {
+    let (_, text) = http_get(&f.agent.metrics_addr, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Deletes made while the watches were down reach the datapath: the watch that resumes gets
+/// 410 Gone, the relist is compared with what the agent holds, and what it no longer names
+/// is removed. Endpoint changes keep coming during the relist; the last one wins.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_relist_after_410_loses_no_delete_and_converges_while_endpoints_change() {
+    let f = Fixture::new(BpffsDir::new(&unique("bpf")), |api, c| {
+        web(api, c);
+        api.apply(service("other", "10.96.0.20"));
+        api.apply(slice("other", &[c.pods[1].ip.to_string()]));
+    });
+    f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(5));
+    f.wait_backends("10.96.0.20", &f.ips(&[1]), Duration::from_secs(5));
+
+    // The gap: every request fails; meanwhile "other" is deleted and web changes; then the
+    // history is compacted, so resuming is a 410 and a relist.
+    f.api.fail_for(Duration::from_secs(2));
+    f.api.delete(Kind::Service, "default", "other");
+    f.api.delete(Kind::EndpointSlice, "default", "other-abc");
+    f.api.apply(slice("web", &f.ips(&[0])));
+    f.api.expire_history();
+    // Endpoint changes during the relist.
+    for i in 0..20 {
+        f.api.apply(slice("web", &f.ips(&[i % 3])));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.api.apply(slice("web", &f.ips(&[1, 2])));
+    wait_for(Duration::from_secs(30), || {
+        f.backends("10.96.0.20").is_none().then_some(())
+    })
+    .unwrap_or_else(|| panic!("a delete during the gap was lost:\n{}", f.agent.log_text()));
+    f.wait_backends(VIP, &f.ips(&[1, 2]), Duration::from_secs(30));
+    f.serves(2);
+    assert!(metric(&f, "proxy_kube_relists_total{resource=\"services\"}") >= 1.0);
+    assert!(
+        metric(
+            &f,
+            "proxy_kube_watch_errors_total{resource=\"endpointslices\"}"
+        ) >= 1.0
+    );
+}
+
+/// This Node's zone label is followed: topology hints are evaluated again when it changes.
+/// Its deletion timestamp makes /healthz answer 503 (kube-proxy's rule: load balancers stop
+/// sending here), while /livez stays 200 (the kubelet must not restart the agent for it).
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_node_zone_and_deletion_are_followed() {
+    let f = Fixture::new(BpffsDir::new(&unique("bpf")), |api, c| {
+        api.apply(node("z1", false));
+        api.apply(service("web", VIP));
+        let ips: Vec<String> = c.pods.iter().map(|p| p.ip.to_string()).collect();
+        api.apply(zoned_slice(
+            "web",
+            &[
+                (ips[0].clone(), "z1"),
+                (ips[1].clone(), "z2"),
+                (ips[2].clone(), "z2"),
+            ],
+        ));
+    });
+    f.wait_backends(VIP, &f.ips(&[0]), Duration::from_secs(5));
+    f.api.apply(node("z2", false));
+    f.wait_backends(VIP, &f.ips(&[1, 2]), Duration::from_secs(5));
+    f.serves(2);
+    assert_eq!(http_get(&f.agent.health_addr, "/healthz").0, 200);
+
+    f.api.apply(node("z2", true));
+    let (code, body) = wait_for(Duration::from_secs(5), || {
+        let (code, body) = http_get(&f.agent.health_addr, "/healthz");
+        (code == 503).then_some((code, body))
+    })
+    .map(|(r, _)| r)
+    .unwrap_or_else(|| panic!("/healthz never failed:\n{}", f.agent.log_text()));
+    assert_eq!(code, 503);
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    assert_eq!(http_get(&f.agent.health_addr, "/livez").0, 200);
+    f.serves(2);
+}
+
+/// What one agent costs the API server: at start, one streaming-list watch per resource
+/// (served from the watch cache), and nothing more while nothing changes (bookmarks arrive
+/// on the open watches). A server without streaming lists gets one resourceVersion=0 list and
+/// one watch per resource after the refused attempt.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn requests_per_start() {
+    for refuse in [false, true] {
+        let f = Fixture::new(BpffsDir::new(&unique("bpf")), |api, c| {
+            api.refuse_streaming_lists(refuse);
+            api.apply(node("z1", false));
+            web(api, c);
+            for i in 0..300 {
+                let name = format!("s{i}");
+                api.apply(service(
+                    &name,
+                    &format!("10.97.{}.{}", i / 200, i % 200 + 1),
+                ));
+                api.apply(slice(&name, &[c.pods[i % 3].ip.to_string()]));
+            }
+        });
+        f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(10));
+        f.wait_backends("10.97.1.100", &f.ips(&[299 % 3]), Duration::from_secs(10));
+        std::thread::sleep(Duration::from_secs(3));
+        let counts = f.api.requests_by_verb();
+        let want: std::collections::BTreeMap<String, u64> = ["services", "endpointslices", "nodes"]
+            .iter()
+            .flat_map(|r| {
+                if refuse {
+                    vec![
+                        (format!("watch-list {r}"), 1),
+                        (format!("list {r}"), 1),
+                        (format!("watch {r}"), 1),
+                    ]
+                } else {
+                    vec![(format!("watch-list {r}"), 1)]
+                }
+            })
+            .collect();
+        assert_eq!(counts, want, "refuse streaming lists: {refuse}");
+        f.serves(3);
+    }
+}

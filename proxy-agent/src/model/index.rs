@@ -294,6 +294,13 @@ impl Index {
         self.groups.contains_key(service)
     }
 
+    /// Whether some EndpointSlice of this Service is indexed.
+    pub fn has_slices(&self, service: &ServiceRef) -> bool {
+        self.groups
+            .get(service)
+            .is_some_and(|g| !g.slices.is_empty())
+    }
+
     /// Number of Services (names) indexed.
     pub fn len(&self) -> usize {
         self.groups.len()
@@ -304,7 +311,8 @@ impl Index {
     }
 }
 
-pub(super) fn service_ref(svc: &Service) -> Option<ServiceRef> {
+/// A Service's namespace/name; None without a name.
+pub fn service_ref(svc: &Service) -> Option<ServiceRef> {
     let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty())?;
     Some(ServiceRef::new(svc.metadata.namespace.as_deref(), name))
 }

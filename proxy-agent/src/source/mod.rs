@@ -61,6 +61,12 @@ pub trait Source {
     fn trigger_time(&self, _service: &ServiceRef) -> Option<SystemTime> {
         None
     }
+
+    /// This node's Node is being deleted (it has a deletion timestamp): /healthz fails so
+    /// that load balancers stop sending to the node, as kube-proxy's does.
+    fn node_deleting(&self) -> bool {
+        false
+    }
 }
 
 /// Which source `proxy-agent run` was given.
@@ -101,24 +107,26 @@ impl SourceConfig {
 }
 
 impl Checked {
-    /// Begins the first read: the manifests are parsed on worker threads while the caller
-    /// goes on (the first [`Source::read`] takes the result); the API's first lists are
-    /// awaited. `wake` is notified of changes the API's watches deliver.
-    pub async fn start(
+    /// Begins the first read while the caller goes on (loading the datapath): the manifests
+    /// are parsed on worker threads, the API's watchers begin their lists; the first
+    /// [`Source::read`] takes what they have and waits for the rest. `wake` is notified of
+    /// changes the API's watches deliver.
+    pub fn start(
         self,
         node_name: &str,
+        initial_list: kube::watch::InitialList,
         wake: &Arc<Notify>,
-    ) -> anyhow::Result<Box<dyn Source>> {
-        Ok(match self {
+        metrics: &Arc<crate::metrics::Metrics>,
+    ) -> Box<dyn Source> {
+        match self {
             Checked::Manifests(dir) => Box::new(manifests::ManifestSource::start(dir)),
-            Checked::Kube(client) => {
-                let k = kube::KubeSource::start(client, node_name, wake.clone());
-                tracing::info!(
-                    "waiting for the first list of Services, EndpointSlices and this Node"
-                );
-                k.wait_ready().await?;
-                Box::new(k)
-            }
-        })
+            Checked::Kube(client) => Box::new(kube::KubeSource::start(
+                client,
+                node_name,
+                initial_list,
+                wake.clone(),
+                metrics.clone(),
+            )),
+        }
     }
 }

@@ -66,6 +66,9 @@ pub struct Programmer {
     pub agent_change: Option<SyncPhases>,
     pub peak_rss_mib: Option<f64>,
     pub kernel_memory_mib: Option<f64>,
+    /// Through the fake API server: its own time (storing writes, building responses) in
+    /// the full programming (s) and per change (µs, the mean over the changes).
+    pub server: Option<(f64, f64)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -283,6 +286,7 @@ fn agent_with(
         change: Percentiles::of(samples),
         peak_rss_mib,
         kernel_memory_mib: Some(maps_memlock_mib(&pins.path)?),
+        server: None,
     })
 }
 
@@ -349,12 +353,15 @@ pub fn agent_kube(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer
     let cgroup = Cgroup::new(&unique("cpk"))?;
     let pins = BpffsDir::new(&unique("cpk"));
     let started = Instant::now();
+    let busy_before = api.busy();
     let agent = Agent::start_with(
         &["--kubeconfig".as_ref(), path.as_os_str()],
         &cgroup.path,
         &pins,
     )?;
     let full_seconds = started.elapsed().as_secs_f64();
+    let busy_full = api.busy() - busy_before;
+    let busy_before = api.busy();
     let agent_sync = syncs(&agent.log_text(), "full").into_iter().next();
     let maps = MapReader::open(&pins.path)?;
     if !maps.has_backend(&svcs[n - 1], svcs[n - 1].endpoints[0]) {
@@ -366,6 +373,8 @@ pub fn agent_kube(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer
         api.apply(slice);
         Ok(())
     })?;
+    let server_per_change_us =
+        (api.busy() - busy_before).as_secs_f64() * 1e6 / samples.len().max(1) as f64;
     let peak_rss_mib = agent.pid().and_then(vm_hwm_mib);
     let agent_change = median_phases(&syncs(&agent.log_text(), "partial"));
     let kernel_memory_mib = Some(maps_memlock_mib(&pins.path)?);
@@ -379,6 +388,7 @@ pub fn agent_kube(n: usize, m: usize, count: usize) -> anyhow::Result<Programmer
         change: Percentiles::of(samples),
         peak_rss_mib,
         kernel_memory_mib,
+        server: Some((busy_full.as_secs_f64(), server_per_change_us)),
     })
 }
 
@@ -464,6 +474,7 @@ pub fn kube_proxy_shape(
         change: Percentiles::of(samples),
         peak_rss_mib: None,
         kernel_memory_mib: None,
+        server: None,
     })
 }
 

@@ -50,6 +50,10 @@ struct Args {
     /// with and without Maglev (no data-plane load, no kube-proxy loaders).
     #[arg(long)]
     choice_only: bool,
+    /// Only the control plane's two sources: the agent through the manifests and through the
+    /// Kubernetes API, in one run (no data plane, no Maglev, no kube-proxy loaders).
+    #[arg(long)]
+    kube_only: bool,
     /// In the control plane, measure only the agent (kube-proxy's loaders take minutes at
     /// 10,000 Services).
     #[arg(long)]
@@ -90,7 +94,7 @@ fn machine() -> Machine {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     require_root();
     // SAFETY: set before any thread starts; the test harness's Agent reads it.
     unsafe { std::env::set_var("PROXY_AGENT_BIN", &args.agent) };
@@ -144,6 +148,10 @@ fn main() -> anyhow::Result<()> {
         controlplane: None,
     };
 
+    if args.kube_only {
+        args.skip_dataplane = true;
+        args.skip_kube_proxy = true;
+    }
     let skip_load = args.skip_dataplane || args.choice_only;
     for &n in sizes.iter().filter(|_| !skip_load) {
         let mut by_row: Vec<Vec<_>> = Row::ALL.iter().map(|_| Vec::new()).collect();
@@ -191,11 +199,13 @@ fn main() -> anyhow::Result<()> {
         eprintln!("bench: control plane, {cp_n} x {cp_m}, agent ...");
         let agent = controlplane::agent(cp_n, cp_m, cp_changes).context("control plane: agent")?;
         let mut programmers = vec![agent];
-        eprintln!("bench: control plane, {cp_n} x {cp_m}, agent with Maglev ...");
-        programmers.push(
-            controlplane::agent_maglev(cp_n, cp_m, cp_changes)
-                .context("control plane: agent, Maglev")?,
-        );
+        if !args.kube_only {
+            eprintln!("bench: control plane, {cp_n} x {cp_m}, agent with Maglev ...");
+            programmers.push(
+                controlplane::agent_maglev(cp_n, cp_m, cp_changes)
+                    .context("control plane: agent, Maglev")?,
+            );
+        }
         if !args.choice_only {
             eprintln!(
                 "bench: control plane, {cp_n} x {cp_m}, agent through the Kubernetes API ..."
