@@ -141,13 +141,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cleaner,
     );
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
 
     // Level-triggered start: one full sync against what the pinned maps already hold, then ready.
     agent.first_sync();
+    // Handled only from here: until the first sync is done (it can wait on the API server's
+    // lists) SIGTERM and SIGINT keep their default action and end the agent at once; the
+    // pinned datapath stays either way.
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     agent.source.follow(&wake)?;
     info!(node = %cfg.node_name, health = %cfg.health_addr, metrics = %cfg.metrics_addr, "ready");
     loop {

@@ -101,6 +101,18 @@ impl Agent {
         cgroup: &Path,
         pins: &BpffsDir,
     ) -> anyhow::Result<Self> {
+        let mut agent = Self::spawn_in(netns, args, cgroup, pins)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Like [`Self::start_in`], without waiting until the agent is ready.
+    pub fn spawn_in(
+        netns: Option<&Path>,
+        args: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pins: &BpffsDir,
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let out = fs::File::create(&log)?;
         let health_addr = format!("127.0.0.1:{}", free_port());
@@ -143,14 +155,12 @@ impl Agent {
                     agent_bin().display()
                 )
             })?;
-        let mut agent = Agent {
+        Ok(Agent {
             child: Some(child),
             log,
             health_addr,
             metrics_addr,
-        };
-        agent.wait_ready()?;
-        Ok(agent)
+        })
     }
 
     /// Up to 60 s: a bound, not a measure (under emulation, as in `cargo xtask vm-test`, an
@@ -192,20 +202,26 @@ impl Agent {
 
     /// Stops the agent as an operator would (SIGTERM), bounded; SIGKILL after 5 s.
     pub fn stop(&mut self) {
+        self.terminate_within(Duration::from_secs(5));
+    }
+
+    /// Sends SIGTERM; whether the agent exited within `bound` (it is killed if not).
+    pub fn terminate_within(&mut self, bound: Duration) -> bool {
         let Some(mut child) = self.child.take() else {
-            return;
+            return true;
         };
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
             if child.try_wait().ok().flatten().is_some() {
-                return;
+                return true;
             }
             sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
+        false
     }
 }
 

@@ -489,6 +489,55 @@ fn the_node_zone_and_deletion_are_followed() {
     assert!(body.contains("\"nodeEligible\":false"), "{body}");
     assert_eq!(http_get(&f.agent.health_addr, "/livez").0, 200);
     f.serves(2);
+
+    // The deletion cancelled, then the Node deleted outright: eligible, then not.
+    let healthz_is = |want: u16| {
+        wait_for(Duration::from_secs(5), || {
+            (http_get(&f.agent.health_addr, "/healthz").0 == want).then_some(())
+        })
+        .unwrap_or_else(|| panic!("/healthz never {want}:\n{}", f.agent.log_text()));
+    };
+    f.api.apply(node("z2", false));
+    healthz_is(200);
+    f.api.delete(Kind::Node, "", "node-a");
+    healthz_is(503);
+    assert_eq!(http_get(&f.agent.health_addr, "/livez").0, 200);
+    // Its zone gone with it, hints no longer apply: every endpoint serves.
+    f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(5));
+    f.serves(3);
+}
+
+/// An agent still waiting for its first lists (the API server failing) stops at once on
+/// SIGTERM, as a pod being deleted must.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn sigterm_during_the_first_lists_stops_the_agent() {
+    require_root();
+    let cluster = Cluster::new(1, &[]).expect("mini cluster");
+    let pins = BpffsDir::new(&unique("bpf"));
+    let api = FakeApiServer::start().unwrap();
+    api.fail_for(Duration::from_secs(60));
+    let kubeconfig = Manifests::new().unwrap();
+    kubeconfig.write("kubeconfig", &api.kubeconfig()).unwrap();
+    let path = kubeconfig.dir.join("kubeconfig");
+    let mut agent = Agent::spawn_in(
+        None,
+        &["--kubeconfig".as_ref(), path.as_os_str()],
+        &cluster.cgroup_path(),
+        &pins,
+    )
+    .expect("agent starts");
+    wait_for(Duration::from_secs(30), || {
+        agent.log_text().contains("datapath attached").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the agent never attached:\n{}", agent.log_text()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!agent.log_text().contains(" ready"), "{}", agent.log_text());
+    assert!(
+        agent.terminate_within(Duration::from_secs(3)),
+        "SIGTERM ignored while waiting for the lists:\n{}",
+        agent.log_text()
+    );
 }
 
 /// What one agent costs the API server: at start, one streaming-list watch per resource

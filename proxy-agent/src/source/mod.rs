@@ -62,7 +62,7 @@ pub trait Source {
         None
     }
 
-    /// This node's Node is being deleted (it has a deletion timestamp): /healthz fails so
+    /// This node's Node is being deleted (it has a deletion timestamp, or is gone): /healthz fails so
     /// that load balancers stop sending to the node, as kube-proxy's does.
     fn node_deleting(&self) -> bool {
         false

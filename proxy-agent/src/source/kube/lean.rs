@@ -1,7 +1,8 @@
 //! What the agent decodes of the API's objects: only the fields the model reads. The watcher
 //! decodes these instead of k8s-openapi's types, so `managedFields`, `status`, the
 //! `last-applied-configuration` annotation and other objects' fields are skipped as the JSON
-//! is read (never allocated), and what is kept is what the manifests source keeps: the typed
+//! is read (their values are never built; of an ignored label or annotation only the key is
+//! read, and dropped), and what is kept is what the manifests source keeps: the typed
 //! Service and Node with their metadata cut down, and the slim [`Slice`].
 //!
 //! Fields the model validates are lenient here (defaults for missing ones): an odd object is
@@ -333,6 +334,7 @@ struct WireHints {
 
 #[derive(Deserialize)]
 struct WireName {
+    #[serde(default)]
     name: String,
 }
 

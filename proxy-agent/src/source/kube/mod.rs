@@ -139,6 +139,9 @@ pub struct KubeSource {
     waiting: HashMap<ServiceRef, Vec<Key>>,
     /// The newest `last-change-trigger-time` among each Service's slices as they arrived.
     triggers: HashMap<ServiceRef, SystemTime>,
+    /// This node's Node was deleted (a delete event, or a relist without it) and has not
+    /// come back.
+    node_gone: bool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -164,37 +167,26 @@ impl KubeSource {
         let (tx, rx) = mpsc::channel();
         let selected = || watcher::Config::default().labels(&not_ours());
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+        let out = watch::Outlet {
+            initial,
+            tx,
+            wake,
+            metrics,
+        };
         let tasks = vec![
             watch::spawn(
                 Resource3::Service,
                 Api::<LeanService>::all(client.clone()),
                 selected(),
-                initial,
-                Decoded::from,
-                tx.clone(),
-                wake.clone(),
-                metrics.clone(),
+                out.clone(),
             ),
             watch::spawn(
                 Resource3::Slice,
                 Api::<LeanSlice>::all(client.clone()),
                 selected(),
-                initial,
-                Decoded::from,
-                tx.clone(),
-                wake.clone(),
-                metrics.clone(),
+                out.clone(),
             ),
-            watch::spawn(
-                Resource3::Node,
-                Api::<LeanNode>::all(client),
-                node_cfg,
-                initial,
-                Decoded::from,
-                tx,
-                wake,
-                metrics,
-            ),
+            watch::spawn(Resource3::Node, Api::<LeanNode>::all(client), node_cfg, out),
         ];
         let mut source = KubeSource::with_channel(rx, node_name);
         source.tasks = tasks;
@@ -211,6 +203,7 @@ impl KubeSource {
             node_name: node_name.to_string(),
             waiting: HashMap::new(),
             triggers: HashMap::new(),
+            node_gone: false,
             tasks: vec![],
         }
     }
@@ -308,6 +301,9 @@ impl KubeSource {
 
     fn upsert(&mut self, resource: Resource3, o: Decoded) {
         let r = resource as usize;
+        if resource == Resource3::Node {
+            self.node_gone = false;
+        }
         if let (Object::Slice(s), Some(t)) = (&o.object, o.trigger)
             && let Some(svc) = slice_service(s)
         {
@@ -372,6 +368,10 @@ impl KubeSource {
         let Some(held) = self.kinds[resource as usize].held.remove(key) else {
             return;
         };
+        if resource == Resource3::Node {
+            // The watch selects this node's Node by name: any Node deleted is this one.
+            self.node_gone = true;
+        }
         if held.indexed {
             (self.index).remove_one(&(self.origin.clone(), held.pos), held.object.as_ref());
         } else if let Object::Service(s) = &held.object
@@ -390,15 +390,17 @@ impl KubeSource {
         }
     }
 
-    /// This node's Node has a deletion timestamp.
+    /// This node's Node has a deletion timestamp, or was deleted. (A Node never seen, as
+    /// when the agent runs with a name no Node has, does not count: nothing says it goes.)
     fn node_deleting(&self) -> bool {
-        self.kinds[Resource3::Node as usize]
-            .held
-            .get(&(String::new(), self.node_name.clone()))
-            .is_some_and(|h| match &h.object {
-                Object::Node(n) => n.metadata.deletion_timestamp.is_some(),
-                _ => false,
-            })
+        self.node_gone
+            || self.kinds[Resource3::Node as usize]
+                .held
+                .get(&(String::new(), self.node_name.clone()))
+                .is_some_and(|h| match &h.object {
+                    Object::Node(n) => n.metadata.deletion_timestamp.is_some(),
+                    _ => false,
+                })
     }
 }
 

@@ -336,6 +336,18 @@ fn the_node_is_followed() {
     f.source.drain();
     assert_eq!(zone(&f.source), "z2");
     assert!(f.source.node_deleting());
+    // Back without a deletion timestamp (the deletion was cancelled): eligible again; then
+    // deleted outright (a Node has no finalizers): not eligible, until it is back.
+    let steps = [
+        (watcher::Event::Apply(node(json!({}), false)), false),
+        (watcher::Event::Delete(node(json!({}), false)), true),
+        (watcher::Event::Apply(node(json!({}), false)), false),
+    ];
+    for (event, deleting) in steps {
+        f.send(Resource3::Node, event);
+        f.source.drain();
+        assert_eq!(f.source.node_deleting(), deleting);
+    }
 }
 
 /// The lean decode keeps exactly what the model reads: the model's output from lean objects

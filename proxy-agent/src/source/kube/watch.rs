@@ -56,21 +56,44 @@ pub struct Delivery<T> {
     pub event: watcher::Event<T>,
 }
 
-/// Starts a watcher of `K` whose events, mapped by `map`, go to `tx` (and wake the agent).
+/// What every watcher shares: how it lists, where its events go, whom they wake, and the
+/// metrics it counts in.
+pub struct Outlet<T> {
+    pub initial: InitialList,
+    pub tx: Sender<Delivery<T>>,
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<T> Clone for Outlet<T> {
+    fn clone(&self) -> Self {
+        Outlet {
+            initial: self.initial,
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Starts a watcher of `K` whose events, as `T`, go out through `out`.
 pub fn spawn<K, T>(
     resource: Resource3,
     api: Api<K>,
     config: watcher::Config,
-    initial: InitialList,
-    map: fn(K) -> T,
-    tx: Sender<Delivery<T>>,
-    wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
+    out: Outlet<T>,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    T: Send + 'static,
+    T: From<K> + Send + 'static,
 {
+    let Outlet {
+        initial,
+        tx,
+        wake,
+        metrics,
+    } = out;
+    let map = T::from;
     let label = ResourceLabel {
         resource: resource.as_str(),
     };
