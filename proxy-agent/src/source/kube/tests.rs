@@ -419,3 +419,145 @@ fn lean_objects_build_what_full_objects_build() {
         )
     );
 }
+
+/// Random event sequences, as the watchers can deliver them (updates, deletes, relists, a
+/// relist cut short by another failure), over a small set of objects: after every step the
+/// event-driven index builds what the objects the API server holds build from scratch.
+mod random_sequences {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SERVICES: usize = 3;
+    const SLICES: usize = 5;
+
+    /// Object `i` of `resource`, in its `variant`.
+    fn object(resource: Resource3, i: usize, variant: usize) -> Value {
+        match resource {
+            Resource3::Service => service(&format!("s{i}"), &format!("10.96.{variant}.{}", i + 1)),
+            Resource3::Slice => slice(
+                &format!("sl{i}"),
+                &format!("s{}", i % SERVICES),
+                &format!("10.1.{i}.{}", variant + 1),
+            ),
+            Resource3::Node => node(
+                json!({"topology.kubernetes.io/zone": format!("z{variant}")}),
+                false,
+            ),
+        }
+    }
+
+    fn count(resource: Resource3) -> usize {
+        match resource {
+            Resource3::Service => SERVICES,
+            Resource3::Slice => SLICES,
+            Resource3::Node => 1,
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Apply(Resource3, usize, usize),
+        Delete(Resource3, usize),
+        /// A complete relist naming these objects (in these variants).
+        Relist(Resource3, Vec<(usize, usize)>),
+        /// A relist that fails after its first `n` objects, then a complete one.
+        CutRelist(Resource3, Vec<(usize, usize)>, usize, Vec<(usize, usize)>),
+    }
+
+    fn resource() -> impl Strategy<Value = Resource3> {
+        prop_oneof![
+            3 => Just(Resource3::Service),
+            4 => Just(Resource3::Slice),
+            1 => Just(Resource3::Node),
+        ]
+    }
+
+    fn listing(r: Resource3) -> impl Strategy<Value = Vec<(usize, usize)>> {
+        proptest::collection::btree_map(0..count(r), 0..2usize, 0..=count(r))
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        resource().prop_flat_map(|r| {
+            prop_oneof![
+                4 => (0..count(r), 0..2usize).prop_map(move |(i, v)| Step::Apply(r, i, v)),
+                2 => (0..count(r)).prop_map(move |i| Step::Delete(r, i)),
+                1 => listing(r).prop_map(move |l| Step::Relist(r, l)),
+                1 => (listing(r), 0..4usize, listing(r))
+                    .prop_map(move |(a, n, b)| Step::CutRelist(r, a, n, b)),
+            ]
+        })
+    }
+
+    /// What the API server holds: (resource, object) -> variant.
+    type Held = BTreeMap<(usize, usize), usize>;
+
+    fn relist(f: &Feed, held: &mut Held, r: Resource3, objects: &[(usize, usize)]) {
+        f.list(r, objects.iter().map(|&(i, v)| object(r, i, v)).collect());
+        held.retain(|(res, _), _| *res != r as usize);
+        held.extend(objects.iter().map(|&(i, v)| ((r as usize, i), v)));
+    }
+
+    fn from_held(held: &Held) -> Desired {
+        let of = |r: Resource3| -> Vec<Value> {
+            (held.iter())
+                .filter(|((res, _), _)| *res == r as usize)
+                .map(|(&(_, i), &v)| object(r, i, v))
+                .collect()
+        };
+        from_scratch(
+            &of(Resource3::Service),
+            &of(Resource3::Slice),
+            &of(Resource3::Node),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #[test]
+        fn the_index_builds_what_the_objects_build(
+            first in (listing(Resource3::Service), listing(Resource3::Slice), listing(Resource3::Node)),
+            order in Just(Resource3::ALL).prop_shuffle(),
+            steps in proptest::collection::vec(step(), 0..25),
+        ) {
+            let mut f = Feed::new();
+            let mut held = Held::new();
+            for r in order {
+                let objects = match r {
+                    Resource3::Service => &first.0,
+                    Resource3::Slice => &first.1,
+                    Resource3::Node => &first.2,
+                };
+                relist(&f, &mut held, r, objects);
+            }
+            prop_assert_eq!(f.built(), from_held(&held), "after the first lists");
+            for (n, step) in steps.iter().enumerate() {
+                match step {
+                    Step::Apply(r, i, v) => {
+                        f.send(*r, watcher::Event::Apply(object(*r, *i, *v)));
+                        held.insert((*r as usize, *i), *v);
+                    }
+                    Step::Delete(r, i) => {
+                        let v = held.remove(&(*r as usize, *i)).unwrap_or(0);
+                        f.send(*r, watcher::Event::Delete(object(*r, *i, v)));
+                    }
+                    Step::Relist(r, objects) => relist(&f, &mut held, *r, objects),
+                    Step::CutRelist(r, cut, k, objects) => {
+                        f.send(*r, watcher::Event::Init);
+                        for &(i, v) in cut.iter().take(*k) {
+                            f.send(*r, watcher::Event::InitApply(object(*r, i, v)));
+                            // Applied as it came: the server held it then.
+                            held.insert((*r as usize, i), v);
+                        }
+                        prop_assert_eq!(f.built(), from_held(&held), "step {}: mid-relist", n);
+                        relist(&f, &mut held, *r, objects);
+                    }
+                }
+                prop_assert_eq!(f.built(), from_held(&held), "step {}: {:?}", n, step);
+            }
+        }
+    }
+}
