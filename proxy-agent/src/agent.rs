@@ -9,7 +9,7 @@ use std::{
 };
 
 use proxy_common::Backend;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cleanup::Cleaner,
@@ -17,7 +17,7 @@ use crate::{
     metrics::{Health, Metrics, SyncKind, SyncLabels},
     model::{Built, Changes, Index, Model, Problem, ProblemReason, ServiceRef},
     source::Source,
-    sync::{SyncReport, Syncer},
+    sync::{DatapathError, SyncReport, Syncer},
 };
 
 /// How one sync reads and writes.
@@ -59,6 +59,8 @@ struct Passes {
     updates: usize,
     deletes: usize,
     errors: usize,
+    /// Some pass failed to write for another reason than a full map.
+    out_of_sync: bool,
     removed_backends: Vec<Backend>,
 }
 
@@ -70,6 +72,7 @@ impl Passes {
         self.updates += p.report.updates;
         self.deletes += p.report.deletes;
         self.errors += p.report.errors.len();
+        self.out_of_sync |= !p.report.in_sync();
         self.removed_backends
             .extend_from_slice(&p.report.removed_backends);
     }
@@ -97,17 +100,36 @@ fn program(
     let built = model.build(index, changes, node_name, full);
     let modeled = started.elapsed();
     let report = syncer.sync_scoped(&built.desired, built.changed.as_ref());
-    for (frontend, err) in &report.errors {
-        warn!(%frontend, error = %err, "frontend not programmed; its previous state is kept");
-    }
-    for frontend in &report.tables_full {
-        warn!(%frontend, "no Maglev table free (--maglev-tables): this frontend chooses at random");
-    }
+    log_writes(&report);
     Programmed {
         built,
         report,
         model: modeled,
         write: started.elapsed() - modeled,
+    }
+}
+
+/// Write failures, each refusal once (until it is programmed, or refused with another spec).
+fn log_writes(report: &SyncReport) {
+    for (frontend, err) in &report.errors {
+        match err {
+            DatapathError::Full { .. } if report.newly_refused.contains(frontend) => warn!(
+                %frontend, error = %err,
+                "frontend refused: a map is full; its previous state is kept, and it is \
+                 programmed as soon as there is room"
+            ),
+            DatapathError::Full { .. } => debug!(%frontend, error = %err, "frontend still refused"),
+            DatapathError::Map { .. } => warn!(
+                %frontend, error = %err,
+                "frontend not programmed; its previous state is kept, and the next sync retries"
+            ),
+        }
+    }
+    for frontend in &report.no_longer_refused {
+        info!(%frontend, "frontend programmed: there is room for it now");
+    }
+    for frontend in &report.tables_full {
+        warn!(%frontend, "no Maglev table free (--maglev-tables): this frontend chooses at random");
     }
 }
 
@@ -152,6 +174,25 @@ impl Agent {
         self.run(if full { Pass::Full } else { Pass::Partial });
     }
 
+    /// When refused frontends are due to be tried again (see [`Self::retry_refused`]).
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.syncer.next_retry()
+    }
+
+    /// Tries again the frontends refused for want of room whose retry is due. On its own,
+    /// not inside a sync: a full map never delays other changes, and a retry costs what is
+    /// refused only.
+    pub fn retry_refused(&mut self) {
+        let report = self.syncer.retry_refused(Instant::now());
+        log_writes(&report);
+        self.metrics.sync_errors.inc_by(report.errors.len() as u64);
+        (self.metrics.frontends_refused).set(self.syncer.refused_count() as i64);
+        self.cleaner.removed(&report.removed_backends);
+        self.metrics
+            .record_state(self.syncer.state(), self.syncer.frontend_count());
+        self.record_programming(&report);
+    }
+
     fn run(&mut self, pass: Pass) {
         let started = Instant::now();
         let mut before = Passes::default();
@@ -191,6 +232,7 @@ impl Agent {
         );
         let errors = before.errors + p.report.errors.len();
         self.metrics.sync_errors.inc_by(errors as u64);
+        (self.metrics.frontends_refused).set(self.syncer.refused_count() as i64);
         (self.metrics.maglev_table_fallbacks).inc_by(p.report.tables_full.len() as u64);
         before.removed_backends.extend(&p.report.removed_backends);
         self.cleaner.removed(&before.removed_backends);
@@ -208,7 +250,9 @@ impl Agent {
             .record_state(self.syncer.state(), self.syncer.frontend_count());
         self.record_programming(&p.report);
         self.health.set_node_deleting(self.source.node_deleting());
-        if errors == 0 {
+        // A full map is a data problem a restart cannot fix: the agent is still keeping
+        // the datapath in sync, as far as the maps hold it.
+        if !before.out_of_sync && p.report.in_sync() {
             self.health.synced();
         }
         let (updates, deletes) = (
@@ -228,6 +272,7 @@ impl Agent {
                 updates,
                 deletes,
                 errors,
+                refused = self.syncer.refused_count(),
                 // model and write passes (more than one: programmed while reading)
                 passes = before.count + 1,
                 read_us = read.as_micros() as u64,

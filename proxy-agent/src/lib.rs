@@ -6,6 +6,8 @@ pub mod conntrack;
 pub mod features;
 pub mod inspect;
 pub mod loader;
+pub mod lock;
+pub mod logging;
 pub mod maglev;
 pub mod maglev_map;
 pub mod maps;

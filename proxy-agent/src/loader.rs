@@ -168,6 +168,14 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoaderError> {
             });
         }
     }
+    // Checked before anything is created: a path off bpffs must not leave directories behind.
+    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(root);
+    if statfs_type(existing).ok() != Some(BPF_FS_MAGIC) {
+        return Err(LoaderError::Bpffs {
+            path: dir.to_path_buf(),
+            detail: "not on a bpf filesystem".into(),
+        });
+    }
     fs::create_dir_all(dir.join("links")).map_err(io_err(dir))?;
     match statfs_type(dir) {
         Ok(BPF_FS_MAGIC) => Ok(()),
@@ -352,6 +360,18 @@ mod tests {
     use proxy_common::MAPS;
 
     use super::*;
+
+    /// A --bpffs-dir off bpffs is refused before anything is created.
+    #[test]
+    fn a_directory_off_bpffs_is_refused_without_creating_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/pins");
+        assert!(matches!(
+            ensure_bpffs_dir(&dir),
+            Err(LoaderError::Bpffs { .. })
+        ));
+        assert!(!tmp.path().join("a").exists());
+    }
 
     /// The built object's maps have exactly the layout proxy-common declares.
     #[test]

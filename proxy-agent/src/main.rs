@@ -67,6 +67,10 @@ struct RunArgs {
     /// Directory of Service / EndpointSlice / Node manifests (YAML or JSON).
     #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// Manifest files larger than this many bytes are refused (reported; their last good
+    /// objects stay): parsing one costs several times its size in memory.
+    #[arg(long, default_value_t = proxy_agent::source::manifests::DEFAULT_MAX_FILE_BYTES)]
+    max_manifest_bytes: u64,
     /// Kubeconfig of the cluster to watch (neither flag: in-cluster config).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -197,17 +201,12 @@ fn hostname() -> String {
 
 fn main() -> anyhow::Result<()> {
     tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    proxy_agent::logging::init();
     match Cli::parse().command {
         Command::Run(args) => {
             let RunArgs {
                 manifests,
+                max_manifest_bytes,
                 kubeconfig,
                 kube_initial_list,
                 node_name,
@@ -231,7 +230,9 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let source = match (manifests, kubeconfig) {
-                (Some(dir), _) => proxy_agent::source::SourceConfig::Manifests(dir),
+                (Some(dir), _) => {
+                    proxy_agent::source::SourceConfig::Manifests(dir, max_manifest_bytes)
+                }
                 (None, Some(path)) => proxy_agent::source::SourceConfig::Kubeconfig(path),
                 (None, None) => proxy_agent::source::SourceConfig::InCluster,
             };

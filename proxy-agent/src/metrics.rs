@@ -96,6 +96,7 @@ pub struct Metrics {
     pub rejected: Family<Reason, Counter>,
     pub map_fill: Family<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub sync_errors: Counter,
+    pub frontends_refused: Gauge,
     pub maglev_table_fallbacks: Counter,
     pub conntrack_entries: Family<CtState, Gauge>,
     pub conntrack_collected: Counter,
@@ -179,6 +180,12 @@ impl Metrics {
             "Frontends a sync could not write (kept their old state)",
             sync_errors.clone(),
         );
+        let frontends_refused = Gauge::default();
+        registry.register(
+            "frontends_refused",
+            "Frontends refused as a whole because a map is full, waiting for room (retried with backoff, and as soon as a delete makes room)",
+            frontends_refused.clone(),
+        );
         let maglev_table_fallbacks = Counter::default();
         registry.register(
             "maglev_table_fallbacks",
@@ -226,6 +233,7 @@ impl Metrics {
             rejected,
             map_fill,
             sync_errors,
+            frontends_refused,
             maglev_table_fallbacks,
             conntrack_entries,
             conntrack_collected,

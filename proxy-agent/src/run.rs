@@ -19,7 +19,7 @@ use crate::{
     cleanup::{Cleaner, Gc},
     conntrack,
     features::{self, Feature, Features},
-    loader,
+    loader, lock,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
     source::{SourceConfig, kube::watch::InitialList},
@@ -62,6 +62,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         );
     }
     let mut tc = TcAttacher::new(&cfg.tc_interfaces, &cfg.bpffs_dir, plan.tc_attach)?;
+    // Once the arguments are known good, before anything in the directory is touched; held
+    // until the agent exits.
+    loader::ensure_bpffs_dir(&cfg.bpffs_dir)?;
+    let _lock = lock::lock(&cfg.bpffs_dir)?;
 
     let wake = Arc::new(Notify::new());
     // The first read begins now (the manifests are parsed on worker threads while the
@@ -160,6 +164,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = wake.notified() => agent.sync(false),
             _ = tokio::time::sleep_until(agent.source.next_read().unwrap_or_else(Instant::now).into()),
                 if agent.source.next_read().is_some() => agent.sync(false),
+            _ = tokio::time::sleep_until(agent.next_retry().unwrap_or_else(Instant::now).into()),
+                if agent.next_retry().is_some() => agent.retry_refused(),
             _ = links_changed.notified() => {
                 tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
             }

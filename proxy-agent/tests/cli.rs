@@ -66,6 +66,10 @@ fn a_bad_tc_interface_glob_is_named_before_anything_is_loaded() {
     ]);
     assert!(!ok);
     assert!(err.contains("--tc-interface \"veth[\""), "{err}");
+    assert!(
+        !std::path::Path::new("/nonexistent").exists(),
+        "a refused run left a directory behind"
+    );
 }
 
 #[test]

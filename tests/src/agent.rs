@@ -2,6 +2,7 @@
 
 use std::{
     fs,
+    io::{Read as _, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread::sleep,
@@ -59,6 +60,17 @@ impl Drop for Manifests {
     }
 }
 
+/// The Linux capabilities the agent needs, as `deploy/capabilities` grants them (the README
+/// says why each).
+pub const AGENT_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "PERFMON",
+    "NET_ADMIN",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "SYS_RESOURCE",
+];
+
 /// A free TCP port on loopback (the agent binds it right after; tests run few agents).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -113,13 +125,9 @@ impl Agent {
         cgroup: &Path,
         pins: &BpffsDir,
     ) -> anyhow::Result<Self> {
-        let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
-        let out = fs::File::create(&log)?;
-        let health_addr = format!("127.0.0.1:{}", free_port());
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         // nsenter switches only the network namespace, so the agent still sees the host's
         // cgroup and bpffs mounts (`ip netns exec` would remount /sys).
-        let mut cmd = match netns {
+        let cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
                 c.arg(format!("--net={}", ns.display())).arg(agent_bin());
@@ -127,6 +135,42 @@ impl Agent {
             }
             None => Command::new(agent_bin()),
         };
+        Self::spawn(cmd, args, cgroup, pins)
+    }
+
+    /// Like [`Self::start_with`], with only these capabilities (names as in a Pod's
+    /// `securityContext.capabilities.add`): the agent is exec'd by `setpriv` with that bounding
+    /// set, so a root process has those and no other.
+    pub fn start_with_capabilities(
+        capabilities: &[&str],
+        args: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pins: &BpffsDir,
+    ) -> anyhow::Result<Self> {
+        let caps: Vec<String> = (capabilities.iter())
+            .map(|c| format!("+{}", c.to_lowercase()))
+            .collect();
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--bounding-set=-all,{}", caps.join(",")))
+            .arg("--inh-caps=-all")
+            .arg("--")
+            .arg(agent_bin());
+        let mut agent = Self::spawn(cmd, args, cgroup, pins)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// `cmd` (which ends in the agent binary) with `run` and its arguments.
+    fn spawn(
+        mut cmd: Command,
+        args: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pins: &BpffsDir,
+    ) -> anyhow::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let out = fs::File::create(&log)?;
+        let health_addr = format!("127.0.0.1:{}", free_port());
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let child = cmd
             .args([
                 "run",
@@ -230,6 +274,26 @@ impl Drop for Agent {
         self.stop();
         let _ = fs::remove_file(&self.log);
     }
+}
+
+/// `GET path` over HTTP/1.0 on `addr`: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
 }
 
 /// The frontends in the pinned maps.

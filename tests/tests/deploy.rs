@@ -230,3 +230,79 @@ fn the_dockerfile_builds_the_agent_in_stages() {
     assert!(text.contains("bpf-linker"));
     assert!(text.contains("COPY --from=build /src/target/release/proxy-agent"));
 }
+
+/// `deploy/` with the `capabilities` Component on renders the same objects, with the DaemonSet
+/// unprivileged: every capability dropped but exactly those the agent needs (which
+/// `the_agent_runs_with_only_the_capabilities_it_documents` runs it with), and the bpffs
+/// mount without the propagation only privileged containers may have.
+#[test]
+#[ignore = "needs kubectl (installed by `cargo xtask test`)"]
+fn the_capabilities_variant_grants_exactly_what_the_agent_needs() {
+    // deploy/ as a user turns the Component on: a copy, with the commented lines enabled.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |from: &Path, to: &Path| {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_file() {
+                fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    };
+    copy(deploy_dir(), tmp.path());
+    copy(
+        &deploy_dir().join("capabilities"),
+        &tmp.path().join("capabilities"),
+    );
+    let k = fs::read_to_string(tmp.path().join("kustomization.yaml")).unwrap();
+    assert!(k.contains("# components:\n# - capabilities"), "{k}");
+    let k = k.replace(
+        "# components:\n# - capabilities",
+        "components:\n- capabilities",
+    );
+    fs::write(tmp.path().join("kustomization.yaml"), k).unwrap();
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(tmp.path())
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ConfigMap",
+        "DaemonSet",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    let ds: DaemonSet =
+        serde_json::from_value((docs.iter().find(|d| d["kind"] == "DaemonSet").cloned()).unwrap())
+            .unwrap();
+    let c = &ds.spec.template.spec.unwrap().containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let mut add = caps.add.clone().unwrap();
+    add.sort();
+    let mut want: Vec<String> = (proxy_tests::agent::AGENT_CAPABILITIES.iter())
+        .map(ToString::to_string)
+        .collect();
+    want.sort();
+    assert_eq!(add, want);
+    let bpffs = (c.volume_mounts.as_ref().unwrap().iter())
+        .find(|m| m.name == "bpffs")
+        .unwrap();
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert!(c.args.as_ref().unwrap().contains(&"run".to_string()));
+}

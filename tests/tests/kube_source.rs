@@ -2,14 +2,10 @@
 //! `proxy_tests::apiserver`), with a netns mini-cluster as the data plane. Privileged: run
 //! with `cargo xtask test`.
 
-use std::{
-    io::{Read as _, Write as _},
-    path::Path,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use proxy_tests::{
-    agent::{Agent, Manifests, frontends},
+    agent::{Agent, Manifests, frontends, http_get},
     apiserver::{FakeApiServer, Kind},
     client::{self, Report},
     cluster::{Cluster, TCP_PORT},
@@ -121,25 +117,6 @@ impl Fixture {
         let r = self.client(&format!("{VIP}:80"), 30);
         assert!(r.errors.is_empty() && r.replies.len() == n, "{r:?}");
     }
-}
-
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    )
 }
 
 fn web(api: &FakeApiServer, c: &Cluster) {

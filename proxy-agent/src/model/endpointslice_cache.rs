@@ -14,6 +14,7 @@ pub(super) type EndpointsByPort = BTreeMap<(String, Proto), Vec<Endpoint>>;
 pub(super) fn merge_slices<'a>(
     slices: impl Iterator<Item = &'a Sourced<Slice>>,
     node_name: &str,
+    own_vips: &[Ipv4Addr],
     problems: &mut Vec<Problem>,
 ) -> EndpointsByPort {
     // Deduplicated by ip:port while merging.
@@ -35,6 +36,21 @@ pub(super) fn merge_slices<'a>(
                 ));
                 continue;
             };
+            let what = not_a_pod_address(ip).or_else(|| {
+                own_vips
+                    .contains(&ip)
+                    .then_some("the Service's own ClusterIP")
+            });
+            if let Some(what) = what {
+                problems.push(problem(
+                    src,
+                    "EndpointSlice",
+                    format!("endpoints[{i}].addresses[0]"),
+                    ProblemReason::InvalidIp,
+                    format!("{ip} is {what}, not a pod's address; endpoint ignored"),
+                ));
+                continue;
+            }
             let ready = ep.ready.unwrap_or(true);
             // The port is filled in per slice port below.
             endpoints.push(Endpoint {
@@ -90,4 +106,23 @@ pub(super) fn merge_slices<'a>(
         .into_iter()
         .map(|(k, v)| (k, v.into_values().collect()))
         .collect()
+}
+
+/// Addresses no pod has, which the API server's EndpointSlice validation refuses too
+/// (`ValidateEndpointIP`: unspecified, loopback, link-local; here also broadcast and
+/// multicast, which no connect can reach as one backend).
+fn not_a_pod_address(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_link_local() {
+        Some("a link-local address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else {
+        None
+    }
 }

@@ -63,6 +63,10 @@ impl<K: Ord, V> SortedVec<K, V> {
         self.0.iter().map(|(_, v)| v)
     }
 
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
     pub(super) fn len(&self) -> usize {
         self.0.len()
     }

@@ -12,11 +12,12 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::{
     Desired, Frontend, LABEL_SERVICE_NAME, LABEL_ZONE, Problem, ProblemReason, ServiceRef, Slice,
+    Sourced,
     endpointslice_cache::merge_slices,
     index::{Group, Index},
     ownership::Ownership,
-    problem::problem,
-    service::{ServiceOutcome, service_frontends},
+    problem::{Named, problem},
+    service::{ServiceOutcome, cluster_ipv4s, service_frontends},
 };
 
 /// What the model computed for one Service from its objects alone (before frontends are
@@ -84,6 +85,17 @@ impl Cached {
             || self.outcomes.iter().any(|(_, p)| !p.is_empty())
             || (0..self.outcomes.len()).any(|i| self.held(i))
     }
+}
+
+/// An object defined again (same kind, namespace and name): reported, and ignored.
+fn duplicate<T: Named>(s: &Sourced<T>, kind: &'static str, used: &str) -> Problem {
+    problem(
+        s,
+        kind,
+        "metadata.name",
+        ProblemReason::DuplicateObject,
+        format!("defined again; the definition in {used} is used (the first by file name)"),
+    )
 }
 
 /// A Service object's problems that still let it program its frontends.
@@ -252,15 +264,36 @@ impl Model {
 
     fn compute(&self, g: &Group, node_name: &str) -> Cached {
         let mut slice_problems = Vec::new();
-        let slices = merge_slices(g.slices.values(), node_name, &mut slice_problems);
-        let outcomes: Vec<_> = g
-            .services
-            .values()
-            .map(|s| {
-                let mut problems = Vec::new();
-                let o =
-                    service_frontends(s, &slices, node_name, self.zone.as_deref(), &mut problems);
-                (o, problems)
+        // One object per name: a slice or Service defined again (another file, another
+        // document) is reported and ignored; the first by origin (file name) is used.
+        let mut slices_used: Vec<(&str, &Sourced<Slice>)> = Vec::with_capacity(g.slices.len());
+        for ((name, _), s) in g.slices.iter() {
+            match slices_used.last() {
+                Some((first_name, first)) if *first_name == name && !name.is_empty() => {
+                    slice_problems.push(duplicate(s, "EndpointSlice", &first.origin));
+                }
+                _ => slices_used.push((name, s)),
+            }
+        }
+        let slices_used = slices_used.into_iter().map(|(_, s)| s);
+        // A slice naming its Service's ClusterIP would send connections in a loop.
+        let own_vips: Vec<_> = (g.services.values())
+            .flat_map(|s| cluster_ipv4s(&s.object))
+            .collect();
+        let slices = merge_slices(slices_used, node_name, &own_vips, &mut slice_problems);
+        let first_origin = g.services.values().next().map(|s| s.origin.clone());
+        let outcomes: Vec<_> = (g.services.values().enumerate())
+            .map(|(i, s)| match &first_origin {
+                Some(first) if i > 0 => (
+                    ServiceOutcome::Skipped,
+                    vec![duplicate(s, "Service", first)],
+                ),
+                _ => {
+                    let mut problems = Vec::new();
+                    let zone = self.zone.as_deref();
+                    let o = service_frontends(s, &slices, node_name, zone, &mut problems);
+                    (o, problems)
+                }
             })
             .collect();
         Cached {

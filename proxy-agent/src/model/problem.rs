@@ -17,6 +17,9 @@ pub enum ProblemReason {
     UnsupportedProtocol,
     DuplicateFrontend,
     TooManyBackends,
+    /// The same object (kind, namespace, name) defined again, in another file or document:
+    /// the first in file name order is used.
+    DuplicateObject,
     /// An annotation with a value this proxy does not know: reported, the default applies.
     IgnoredAnnotation,
 }
@@ -32,6 +35,7 @@ impl ProblemReason {
             ProblemReason::UnsupportedProtocol => "unsupported_protocol",
             ProblemReason::DuplicateFrontend => "duplicate_frontend",
             ProblemReason::TooManyBackends => "too_many_backends",
+            ProblemReason::DuplicateObject => "duplicate_object",
             ProblemReason::IgnoredAnnotation => "ignored_annotation",
         }
     }

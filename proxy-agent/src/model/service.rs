@@ -197,6 +197,20 @@ pub(super) fn service_frontends(
         };
         ports.push((p.name.clone().unwrap_or_default(), proto, port));
     }
+    if let Some(t) =
+        (spec.type_.as_deref()).filter(|t| !matches!(*t, "ClusterIP" | "NodePort" | "LoadBalancer"))
+    {
+        problems.push(problem(
+            src,
+            "Service",
+            "spec.type",
+            ProblemReason::InvalidValue,
+            format!(
+                "{t:?} is not a Service type (ClusterIP, NodePort, LoadBalancer, ExternalName)"
+            ),
+        ));
+        invalid = true;
+    }
     if invalid {
         return ServiceOutcome::Invalid { vips };
     }
@@ -287,4 +301,14 @@ fn session_affinity(
             format!("{other:?} is neither \"None\" nor \"ClientIP\""),
         )),
     }
+}
+
+/// The IPv4 ClusterIPs a Service names, those that parse (for checks on its endpoints).
+pub(super) fn cluster_ipv4s(s: &Service) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    let spec = s.spec.as_ref();
+    let ips = spec
+        .and_then(|s| s.cluster_ips.as_deref())
+        .unwrap_or_default();
+    let ip = spec.and_then(|s| s.cluster_ip.as_deref());
+    (ips.iter().map(String::as_str).chain(ip)).filter_map(|ip| ip.parse().ok())
 }

@@ -71,7 +71,8 @@ pub trait Source {
 
 /// Which source `proxy-agent run` was given.
 pub enum SourceConfig {
-    Manifests(PathBuf),
+    /// A manifests directory, and the largest file read.
+    Manifests(PathBuf, u64),
     Kubeconfig(PathBuf),
     InCluster,
 }
@@ -86,8 +87,9 @@ impl SourceConfig {
     /// The cheap checks: the directory exists, the kubeconfig reads.
     pub async fn check(&self) -> anyhow::Result<Checked> {
         let config = match self {
-            SourceConfig::Manifests(dir) => {
-                return Ok(Checked::Manifests(manifests::ManifestDir::new(dir)?));
+            SourceConfig::Manifests(dir, max_file_bytes) => {
+                let dir = manifests::ManifestDir::new(dir)?.with_max_file_bytes(*max_file_bytes);
+                return Ok(Checked::Manifests(dir));
             }
             SourceConfig::Kubeconfig(path) => {
                 let kc = ::kube::config::Kubeconfig::read_from(path)

@@ -3,23 +3,26 @@
 //! order (`writer`), with ids allocated before anything is written (`ids`).
 //!
 //! A frontend's new backends and its changed slots each go to the kernel as one run (one
-//! batch syscall on the pinned maps). A frontend that cannot be written (map full, syscall
-//! error) keeps its previous state, and the next sync retries it.
+//! batch syscall on the pinned maps). A frontend that cannot be written keeps its previous
+//! state: after a syscall error the next sync retries it; one refused for want of room (a
+//! map full) is retried with backoff, and at once when room is made (`refused`).
 
 mod choice;
 mod datapath;
 mod ids;
 mod mirror;
 mod plan;
+mod refused;
 mod writer;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Instant};
 
 use proxy_common::Backend;
 
 use self::{
     choice::TableIds,
     ids::{BackendIds, RevNatIds},
+    refused::Refused,
     writer::Writer,
 };
 pub use self::{
@@ -29,7 +32,7 @@ pub use self::{
         MapState, Mirror, TableContent, backend_value, frontend_of, rev_nat_value, service_key,
     },
 };
-use crate::model::{Desired, Frontend, ServiceRef};
+use crate::model::{Desired, Frontend, FrontendSpec, ServiceRef};
 
 /// What one sync did.
 #[derive(Debug, Default)]
@@ -37,8 +40,15 @@ pub struct SyncReport {
     pub updates: usize,
     pub deletes: usize,
     /// Frontends that could not be written (map full, syscall error); their previous state
-    /// stays programmed and the next sync retries.
+    /// stays programmed, and they are retried (see the module's doc).
     pub errors: Vec<(Frontend, DatapathError)>,
+    /// Of `errors`, the frontends refused for want of room that were not refused before (or
+    /// were, with another spec): what is worth a log line.
+    pub newly_refused: BTreeSet<Frontend>,
+    /// Refused frontends programmed by this sync.
+    pub no_longer_refused: Vec<Frontend>,
+    /// Refused frontends this sync did not try again (their retry is not due).
+    pub deferred: usize,
     /// Backends deleted by this sync (their UDP flows are forgotten, as kube-proxy does).
     pub removed_backends: Vec<Backend>,
     /// Services whose frontends this sync wrote (for network programming latency).
@@ -55,6 +65,15 @@ pub struct Syncer<D: Datapath> {
     rev_nat_ids: RevNatIds,
     table_ids: TableIds,
     choice: ChoiceConfig,
+    refused: Refused,
+}
+
+impl SyncReport {
+    /// Only data problems stopped writes (a map full): restarting would not fix them, so
+    /// the agent is keeping the datapath in sync as far as it can hold it.
+    pub fn in_sync(&self) -> bool {
+        (self.errors.iter()).all(|(_, e)| matches!(e, DatapathError::Full { .. }))
+    }
 }
 
 impl<D: Datapath> Syncer<D> {
@@ -82,6 +101,7 @@ impl<D: Datapath> Syncer<D> {
             rev_nat_ids: RevNatIds::default(),
             table_ids: TableIds::default(),
             choice,
+            refused: Refused::default(),
             mirror,
         }
     }
@@ -89,6 +109,26 @@ impl<D: Datapath> Syncer<D> {
     /// Frontends (masters) in the maps, counted as they are written rather than walked.
     pub fn frontend_count(&self) -> usize {
         self.mirror.masters()
+    }
+
+    /// Frontends refused for want of room, still waiting for it.
+    pub fn refused_count(&self) -> usize {
+        self.refused.len()
+    }
+
+    /// When [`Self::retry_refused`] has a refused frontend to try again.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.refused.next_retry()
+    }
+
+    /// Tries again the refused frontends whose retry is due at `now`, as they were last
+    /// desired (a change to their Service since would have gone through a sync).
+    pub fn retry_refused(&mut self, now: Instant) -> SyncReport {
+        let mut report = SyncReport::default();
+        for (f, spec) in self.refused.due(now) {
+            self.upsert(&mut report, &f, &spec, now);
+        }
+        report
     }
 
     pub fn state(&self) -> &MapState {
@@ -113,6 +153,7 @@ impl<D: Datapath> Syncer<D> {
         desired: &Desired,
         scope: Option<&BTreeSet<ServiceRef>>,
     ) -> SyncReport {
+        let now = Instant::now();
         let mut report = SyncReport::default();
         let in_scope = |owner: Option<&ServiceRef>| match (scope, owner) {
             (None, _) => true,
@@ -151,23 +192,21 @@ impl<D: Datapath> Syncer<D> {
                 Err(e) => report.errors.push((f, e)),
             }
         }
+        if report.deletes > 0 {
+            self.refused.room_made(now);
+        }
+        // Refused frontends no longer wanted are forgotten.
+        (self.refused)
+            .retain(|f, spec| !in_scope(Some(&spec.service)) || desired.frontends.contains_key(f));
         for (f, spec) in &desired.frontends {
             if !in_scope(Some(&spec.service)) {
                 continue;
             }
-            let writes = report.updates + report.deletes;
-            let written = self
-                .plan(f, spec)
-                .and_then(|plan| self.writer(&mut report).upsert(plan));
-            match written {
-                Ok(()) => {
-                    self.mirror.set_owner(*f, Some(&spec.service));
-                    if report.updates + report.deletes > writes {
-                        report.written_services.insert(spec.service.clone());
-                    }
-                }
-                Err(e) => report.errors.push((*f, e)),
+            if self.refused.defers(f, spec, now) {
+                report.deferred += 1;
+                continue;
             }
+            self.upsert(&mut report, f, spec, now);
         }
         if scope.is_none()
             && let Err(e) = self.writer(&mut report).collect_orphans()
@@ -175,6 +214,36 @@ impl<D: Datapath> Syncer<D> {
             tracing::warn!(error = %e, "could not remove orphaned map entries; will retry");
         }
         report
+    }
+
+    /// Writes one frontend, keeping the refusals' book.
+    fn upsert(&mut self, report: &mut SyncReport, f: &Frontend, spec: &FrontendSpec, now: Instant) {
+        let deletes = report.deletes;
+        let writes = report.updates + report.deletes;
+        let written = self
+            .plan(f, spec)
+            .and_then(|plan| self.writer(report).upsert(plan));
+        match written {
+            Ok(()) => {
+                self.mirror.set_owner(*f, Some(&spec.service));
+                if report.updates + report.deletes > writes {
+                    report.written_services.insert(spec.service.clone());
+                }
+                if self.refused.forget(f) {
+                    report.no_longer_refused.push(*f);
+                }
+            }
+            Err(e) => {
+                if matches!(e, DatapathError::Full { .. }) && self.refused.refuse(*f, spec, now) {
+                    report.newly_refused.insert(*f);
+                }
+                report.errors.push((*f, e));
+            }
+        }
+        if report.deletes > deletes {
+            // Entries this write released (old slots, backends) may be what another needs.
+            self.refused.room_made(now);
+        }
     }
 
     fn writer<'a>(&'a mut self, report: &'a mut SyncReport) -> Writer<'a, D> {

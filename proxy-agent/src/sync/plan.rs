@@ -83,8 +83,12 @@ impl<D: Datapath> Syncer<D> {
             }
             _ => {
                 let mirror = &self.mirror;
-                let id = (self.rev_nat_ids)
-                    .allocate(|id| mirror.rev_nat(id).is_some())
+                // Counted first: a walk of every id, for each frontend refused, is what a full
+                // map would cost at every retry.
+                let room = mirror.state().rev_nat.len() < REV_NAT_MAP_ENTRIES as usize;
+                let id = room
+                    .then(|| (self.rev_nat_ids).allocate(|id| mirror.rev_nat(id).is_some()))
+                    .flatten()
                     .ok_or_else(|| DatapathError::Full {
                         map: REV_NAT_MAP,
                         capacity: REV_NAT_MAP_ENTRIES,

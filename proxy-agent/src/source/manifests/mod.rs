@@ -48,11 +48,28 @@ type Fingerprint = (SystemTime, u64);
 /// A file read and parsed: its origin (the path, as problems name it) and its objects.
 type Loaded = (Arc<str>, Result<FileObjects, Vec<Problem>>);
 
-fn load(path: &Path) -> Loaded {
+/// Files larger than this are refused (`--max-manifest-bytes`): reading and parsing one
+/// costs several times its size in memory.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 16 << 20;
+
+fn load(path: &Path, max_bytes: u64) -> Loaded {
+    use std::io::Read as _;
     let origin: Arc<str> = Arc::from(path.display().to_string());
-    let parsed = fs::read_to_string(path)
-        .map_err(|e| vec![file_problem(&origin, "file", e.to_string())])
-        .and_then(|text| parse_file(&origin, path, &text));
+    let mut text = String::new();
+    // Read at most one byte past the limit: a file that grows meanwhile is refused too.
+    let read = fs::File::open(path).and_then(|f| {
+        f.take(max_bytes.saturating_add(1))
+            .read_to_string(&mut text)
+    });
+    let parsed = match read {
+        Err(e) => Err(vec![file_problem(&origin, "file", e.to_string())]),
+        Ok(n) if n as u64 > max_bytes => Err(vec![file_problem(
+            &origin,
+            "file",
+            format!("larger than {max_bytes} bytes (--max-manifest-bytes); not read"),
+        )]),
+        Ok(_) => parse_file(&origin, path, &text),
+    };
     (origin, parsed)
 }
 
@@ -77,6 +94,8 @@ pub struct ManifestDir {
     troubled: BTreeSet<OsString>,
     /// The files' objects grouped for the model, updated file by file.
     index: Index,
+    /// Larger files are refused.
+    max_file_bytes: u64,
 }
 
 /// What a rescan found.
@@ -117,7 +136,15 @@ impl ManifestDir {
             files: BTreeMap::new(),
             troubled: BTreeSet::new(),
             index: Index::default(),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
         })
+    }
+
+    /// Refuses files larger than `bytes` (a parse problem of the file: its last good
+    /// objects stay).
+    pub fn with_max_file_bytes(mut self, bytes: u64) -> Self {
+        self.max_file_bytes = bytes;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -148,7 +175,7 @@ impl ManifestDir {
             }
         }
         Ok(Reading {
-            parsing: Parsing::start(&self.dir, todo),
+            parsing: Parsing::start(&self.dir, self.max_file_bytes, todo),
             seen,
             started,
         })
@@ -218,7 +245,11 @@ impl ManifestDir {
                 None => {}
             }
         }
-        self.apply_all(Parsing::start(&self.dir, todo), &mut out, |_| {});
+        self.apply_all(
+            Parsing::start(&self.dir, self.max_file_bytes, todo),
+            &mut out,
+            |_| {},
+        );
         // A directory that is gone is not "every file removed": the full rescan reports it.
         self.forget_gone(gone, &mut out);
         out
@@ -265,7 +296,9 @@ impl ManifestDir {
         };
         match parsed {
             Parsed::Here => {
-                let files = todo.iter().map(|(name, _)| load(&self.dir.join(name)));
+                let files = todo
+                    .iter()
+                    .map(|(name, _)| load(&self.dir.join(name), self.max_file_bytes));
                 apply(self, 0, files.collect());
                 next = todo.len();
                 since_progress = next;

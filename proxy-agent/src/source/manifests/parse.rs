@@ -32,6 +32,8 @@ pub(super) fn parse_file(
     path: &Path,
     text: &str,
 ) -> Result<FileObjects, Vec<Problem>> {
+    // Editors on Windows save UTF-8 with a byte order mark; neither parser takes it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let docs: Vec<Value> = if path.extension().and_then(|e| e.to_str()) == Some("json") {
         vec![serde_json::from_str(text).map_err(|e| {
             vec![file_problem(

@@ -45,7 +45,7 @@ pub(super) enum Parsed {
 }
 
 impl Parsing {
-    pub(super) fn start(dir: &Path, todo: Vec<(OsString, Fingerprint)>) -> Parsing {
+    pub(super) fn start(dir: &Path, max_bytes: u64, todo: Vec<(OsString, Fingerprint)>) -> Parsing {
         // Plain threads rather than a pool crate: one loop, and no idle threads kept in the
         // agent between cold starts.
         const PER_THREAD_MIN: usize = 64;
@@ -79,7 +79,7 @@ impl Parsing {
                     }
                     let files = todo[from..todo.len().min(from + TAKE)]
                         .iter()
-                        .map(|(name, _)| load(&dir.join(name)))
+                        .map(|(name, _)| load(&dir.join(name), max_bytes))
                         .collect();
                     if tx.send((from, files)).is_err() {
                         return; // the reader is gone

@@ -41,6 +41,9 @@ impl ManifestSource {
 
 impl Source for ManifestSource {
     fn read(&mut self, full: bool, progress: Option<Progress<'_>>) -> Option<Snapshot<'_>> {
+        if let Some(w) = self.watch.as_mut() {
+            w.follow_name();
+        }
         let work = self.watch.as_ref().map_or(
             Work {
                 all: true,

@@ -55,6 +55,41 @@ fn multi_document_files_lists_and_json() {
     );
 }
 
+/// A file over the size limit is refused with a reason, and keeps its last good objects.
+#[test]
+fn a_file_over_the_size_limit_is_refused_and_keeps_its_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "a.yaml", SVC);
+    let mut m = ManifestDir::new(tmp.path())
+        .unwrap()
+        .with_max_file_bytes(4096);
+    m.rescan().unwrap();
+    assert_eq!(counts(&m), (1, 0, 0));
+    write(
+        tmp.path(),
+        "a.yaml",
+        &format!("{SVC}# {}\n", "x".repeat(5000)),
+    );
+    let r = m.rescan().unwrap();
+    assert_eq!(r.new_problems.len(), 1, "{:?}", r.new_problems);
+    assert_eq!(r.new_problems[0].reason, ProblemReason::Parse);
+    assert!(r.new_problems[0].detail.contains("larger than 4096 bytes"));
+    assert_eq!(counts(&m), (1, 0, 0), "the last good objects stay");
+}
+
+/// A byte order mark (as Windows editors write UTF-8) is not a parse error, in YAML or JSON.
+#[test]
+fn a_byte_order_mark_is_read_past() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "svc.yaml", &format!("\u{feff}{SVC}"));
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a"}});
+    write(tmp.path(), "node.json", &format!("\u{feff}{node}"));
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    let r = m.rescan().unwrap();
+    assert!(r.new_problems.is_empty(), "{:?}", r.new_problems);
+    assert_eq!(counts(&m), (1, 0, 1));
+}
+
 #[test]
 fn a_file_that_does_not_parse_keeps_its_last_good_objects() {
     let tmp = tempfile::tempdir().unwrap();
@@ -228,7 +263,8 @@ fn events_are_sorted_into_read_now_and_wait_for_close() {
             ev(EventKind::Modify(ModifyKind::Name(RenameMode::To))),
             EventClass::Ready,
         ),
-        (ev(EventKind::Create(CreateKind::File)), EventClass::Ready),
+        (ev(EventKind::Create(CreateKind::File)), EventClass::Writing),
+        (ev(EventKind::Create(CreateKind::Folder)), EventClass::Ready),
         (
             ev(EventKind::Remove(notify::event::RemoveKind::File)),
             EventClass::Ready,
@@ -316,12 +352,35 @@ fn events_are_routed_by_what_they_are_about() {
             ),
             Route::Ignore,
         ),
-        // The directory moved or was deleted.
+        // The directory moved, was deleted, or was created again (its own watch, or its
+        // parent's); the parent's other entries are not ours.
         (
             ev(EventKind::Modify(ModifyKind::Name(RenameMode::From)), "/m"),
-            Route::All,
+            Route::Moved,
         ),
-        (ev(EventKind::Remove(RemoveKind::Folder), "/m"), Route::All),
+        (
+            ev(EventKind::Remove(RemoveKind::Folder), "/m"),
+            Route::Moved,
+        ),
+        (
+            ev(EventKind::Create(CreateKind::Folder), "/m"),
+            Route::Moved,
+        ),
+        (
+            ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "/m"),
+            Route::Moved,
+        ),
+        (
+            ev(EventKind::Create(CreateKind::File), "/n.yaml"),
+            Route::Ignore,
+        ),
+        (
+            ev(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                "/m.yaml",
+            ),
+            Route::Ignore,
+        ),
         // kubelet's ConfigMap update: a new `..<timestamp>` directory, `..data` swapped.
         (
             ev(EventKind::Create(CreateKind::Folder), "/m/..2026_11_29"),
@@ -418,6 +477,70 @@ fn a_mounted_configmap_update_is_read() {
     assert!(w.all, "{w:?}");
     assert!(m.rescan().unwrap().changed);
     assert_eq!(counts(&m), (1, 1, 0));
+}
+
+/// The watch follows the directory's name: deleted and created again, or swapped for a
+/// symlink to another directory, the new one is watched and read, without waiting for a
+/// periodic full read.
+#[test]
+fn a_recreated_or_swapped_directory_is_watched_again() {
+    use crate::source::{Source as _, manifests::ManifestSource};
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    fs::create_dir(&dir).unwrap();
+    write(&dir, "a.yaml", SVC);
+    let mut source = ManifestSource::start(ManifestDir::new(&dir).unwrap());
+    source.read(false, None).expect("readable");
+    source
+        .follow(&Arc::new(tokio::sync::Notify::new()))
+        .unwrap();
+    source.read(false, None).expect("readable");
+    let names = |s: &ManifestSource| -> Vec<String> {
+        let mut v: Vec<String> = (s.dir().objects().services.iter())
+            .filter_map(|o| o.object.metadata.name.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    // Reads as the agent does on each wake-up, up to 5 s, until `want`.
+    let wait_for = |source: &mut ManifestSource, want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            source.read(false, None);
+            if names(source) == want {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        panic!("never read {want:?}, have {:?}", names(source));
+    };
+
+    // Deleted and created again, with other files.
+    fs::remove_dir_all(&dir).unwrap();
+    sleep(Duration::from_millis(50));
+    source.read(false, None);
+    assert_eq!(
+        names(&source),
+        ["web"],
+        "a vanished directory keeps its objects"
+    );
+    fs::create_dir(&dir).unwrap();
+    write(&dir, "b.yaml", &SVC.replace("web", "b"));
+    wait_for(&mut source, &["b"]);
+    write(&dir, "c.yaml", &SVC.replace("web", "c"));
+    wait_for(&mut source, &["b", "c"]);
+
+    // Swapped for a symlink to another directory (created aside, renamed over the name).
+    let other = tmp.path().join("v2");
+    fs::create_dir(&other).unwrap();
+    write(&other, "d.yaml", &SVC.replace("web", "d"));
+    symlink(&other, tmp.path().join("m.tmp")).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+    fs::rename(tmp.path().join("m.tmp"), &dir).unwrap();
+    wait_for(&mut source, &["d"]);
+    write(&other, "e.yaml", &SVC.replace("web", "e"));
+    wait_for(&mut source, &["d", "e"]);
 }
 
 #[test]

@@ -129,11 +129,9 @@ fn restart_after_a_crash_mid_update_cleans_orphans() {
     assert_eq!(s.dp.maps, MapState::default());
 }
 
-#[test]
-fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
-    let mut s = Syncer::new(Fake::default(), MapState::default());
-    // Pretend the backend map is nearly full.
-    for id in 1..=BACKEND_MAP_ENTRIES - 1 {
+/// Pretends the backend map holds `n` backends (in the mirror only).
+fn fill_backends(s: &mut Syncer<Fake>, n: u32) {
+    for id in 1..=n {
         s.mirror.set_backend(
             id + 1_000_000,
             Backend {
@@ -144,6 +142,12 @@ fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
             },
         );
     }
+}
+
+#[test]
+fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    fill_backends(&mut s, BACKEND_MAP_ENTRIES - 1);
     let (ok, big) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
     let r = s.sync(&desired(&[
         (ok, &[("10.1.0.1", 8080)]),
@@ -160,4 +164,73 @@ fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
     ));
     assert!(s.dp.maps.services.contains_key(&service_key(&ok, 0)));
     assert!(!s.dp.maps.services.contains_key(&service_key(&big, 0)));
+}
+
+/// A frontend refused for want of room is not tried again at every sync (its retries back
+/// off), is tried at once when its spec changes or a delete makes room, and a full map does
+/// not count as being out of sync (a restart would not fix it); a failed syscall does.
+#[test]
+fn a_refused_frontend_backs_off_and_is_programmed_once_room_is_made() {
+    use std::time::{Duration, Instant};
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    fill_backends(&mut s, BACKEND_MAP_ENTRIES - 2);
+    let (a, big) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    let a_backends: &[(&str, u16)] = &[("10.1.0.1", 8080), ("10.1.0.2", 8080)];
+    let both = desired(&[
+        (a, a_backends),
+        (big, &[("10.1.0.3", 8080), ("10.1.0.4", 8080)]),
+    ]);
+    let r = s.sync(&both);
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.newly_refused.contains(&big) && r.in_sync());
+    assert_eq!(s.refused_count(), 1);
+    let retry = s.next_retry().expect("a retry is scheduled");
+    assert!(retry > Instant::now());
+
+    // Syncs before the retry is due do not try it again: no write, no error, nothing to log.
+    let calls = s.dp.calls;
+    for _ in 0..3 {
+        let r = s.sync(&both);
+        assert!(r.errors.is_empty() && r.newly_refused.is_empty());
+        assert_eq!(r.deferred, 1);
+    }
+    assert_eq!(s.dp.calls, calls);
+
+    // Due: tried and refused again, which is not news; the next retry waits longer.
+    let r = s.retry_refused(retry);
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.newly_refused.is_empty());
+    assert!(s.next_retry().unwrap() >= retry + Duration::from_secs(2));
+
+    // Another spec is tried at once, and its refusal is news.
+    let big_backends: &[(&str, u16)] = &[("10.1.0.3", 8080), ("10.1.0.5", 8080)];
+    let r = s.sync(&desired(&[(a, a_backends), (big, big_backends)]));
+    assert_eq!(r.errors.len(), 1);
+    assert!(r.newly_refused.contains(&big));
+
+    // `a` removed: its backends make room, and `big` is programmed by the same sync.
+    let r = s.sync(&desired(&[(big, big_backends)]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.no_longer_refused, vec![big]);
+    assert!(s.dp.maps.services.contains_key(&service_key(&big, 0)));
+    assert_eq!((s.refused_count(), s.next_retry()), (0, None));
+
+    // A failed syscall is not a data problem: out of sync, retried at the next sync.
+    s.dp.fail_at = Some(s.dp.calls);
+    let r = s.sync(&desired(&[(big, &[("10.1.0.3", 8080)])]));
+    assert_eq!(r.errors.len(), 1);
+    assert!(!r.in_sync() && r.newly_refused.is_empty());
+    assert_eq!(s.next_retry(), None);
+}
+
+/// A refused frontend whose Service is gone is forgotten.
+#[test]
+fn a_refused_frontend_no_longer_wanted_is_forgotten() {
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    fill_backends(&mut s, BACKEND_MAP_ENTRIES);
+    let big = fe("10.96.0.11", 80);
+    s.sync(&desired(&[(big, &[("10.1.0.3", 8080)])]));
+    assert_eq!(s.refused_count(), 1);
+    s.sync(&Desired::default());
+    assert_eq!((s.refused_count(), s.next_retry()), (0, None));
 }

@@ -1,0 +1,145 @@
+//! The agent's log output: tracing's fmt layer on stderr, through a writer that escapes
+//! control characters, so that one event is one line whatever its fields hold. A Service
+//! name or a file name with a newline and terminal escapes (input the agent does not
+//! control) cannot write a line of its own or repaint a terminal. tracing-subscriber escapes
+//! ESC and a few others in field values, not newlines; escaping the formatted line covers
+//! every field and the message, in any format.
+
+use std::io::{self, IsTerminal as _, Write};
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Logs to stderr, `RUST_LOG` filtering (default `info`), colours only on a terminal.
+pub fn init() {
+    let ansi = io::stderr().is_terminal();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(EscapedStderr { ansi })
+        .with_ansi(ansi)
+        .init();
+}
+
+/// Stderr, escaped (see the module's doc).
+struct EscapedStderr {
+    /// The formatter writes colours: ESC is left alone (tracing-subscriber escapes it in
+    /// field values itself).
+    ansi: bool,
+}
+
+impl<'a> MakeWriter<'a> for EscapedStderr {
+    type Writer = Escaping<io::StderrLock<'static>>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Escaping {
+            inner: io::stderr().lock(),
+            keep_esc: self.ansi,
+        }
+    }
+}
+
+/// Escapes what it is given, one formatted event per write (tracing-subscriber's fmt layer
+/// formats an event into a buffer and writes it at once): its final newline stays.
+pub struct Escaping<W> {
+    inner: W,
+    keep_esc: bool,
+}
+
+impl<W: Write> Write for Escaping<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write_all(&escape(buf, self.keep_esc))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `line` with C0 controls (but tab), DEL and C1 controls written as `\n`, `\r` or `\xNN`,
+/// except a final newline (and ESC with `keep_esc`).
+fn escape(line: &[u8], keep_esc: bool) -> Vec<u8> {
+    let (body, newline) = match line.strip_suffix(b"\n") {
+        Some(body) => (body, true),
+        None => (line, false),
+    };
+    let mut out = Vec::with_capacity(line.len() + 8);
+    let mut bytes = body.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.push(b),
+            0x1b if keep_esc => out.push(b),
+            0x00..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            // C1 controls, U+0080..U+009F, are 0xC2 0x80..=0x9F in UTF-8.
+            0xc2 if bytes.peek().is_some_and(|n| (0x80..=0x9f).contains(n)) => {
+                let n = bytes.next().unwrap_or_default();
+                out.extend_from_slice(format!("\\u{{{n:x}}}").as_bytes());
+            }
+            _ => out.push(b),
+        }
+    }
+    if newline {
+        out.push(b'\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_input_cannot_make_a_line_of_their_own() {
+        let event =
+            "WARN name=web\n2026-12-02T00:00:00Z  INFO forged\r\x1b[2J\u{9b}31m\x07 end\tok\n";
+        let got = String::from_utf8(escape(event.as_bytes(), false)).unwrap();
+        assert_eq!(
+            got,
+            "WARN name=web\\n2026-12-02T00:00:00Z  INFO forged\\r\\x1b[2J\\u{9b}31m\\x07 end\tok\n"
+        );
+        assert_eq!(got.lines().count(), 1);
+        // Colours on a terminal: ESC stays, the rest is escaped as before.
+        let got = String::from_utf8(escape(b"\x1b[33mWARN\x1b[0m a\nb\n", true)).unwrap();
+        assert_eq!(got, "\x1b[33mWARN\x1b[0m a\\nb\n");
+        // Not UTF-8 (a file name can be anything): bytes pass through, controls escaped.
+        assert_eq!(escape(b"\xff\xc2\n", false), b"\xff\xc2\n");
+    }
+
+    #[test]
+    fn tracing_events_go_out_escaped_one_line_each() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Escaping {
+                inner: sink.clone(),
+                keep_esc: false,
+            })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let name = "web\n2026-12-02T00:00:00.000000Z  INFO proxy_agent: forged";
+            tracing::warn!(name = %name, origin = ?"/m/a\nb.yaml", "rejected {}", name);
+            tracing::info!("second");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("name=web\\n2026"), "{text}");
+        assert!(lines[1].ends_with("second"), "{text}");
+    }
+}

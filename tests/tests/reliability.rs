@@ -1,0 +1,297 @@
+//! Privileged end to end: what must hold when the node's datapath is under strain (a full
+//! map) or misused (two agents on one bpffs directory). Run by `cargo xtask test` (as root).
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use proxy_common::BACKEND_MAP_ENTRIES;
+use proxy_tests::{
+    agent::{AGENT_CAPABILITIES, Agent, Manifests, agent_bin, free_port, frontends, http_get},
+    client::{self, Report},
+    cluster::{Cluster, TCP_PORT},
+    host::{BpffsDir, require_root, wait_for},
+    unique,
+};
+
+const VIP: &str = "10.96.0.10";
+
+fn service(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {vip}\n  ports:\n  - {{name: http, port: 80, targetPort: {TCP_PORT}, protocol: TCP}}\n"
+    )
+}
+
+/// EndpointSlices of `service` for `ips`, 1,000 endpoints each (the API server's limit), as
+/// one multi-document file.
+fn slices(service: &str, ips: &[String]) -> String {
+    let mut out = String::new();
+    for (n, chunk) in ips.chunks(1000).enumerate() {
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{n}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n- {{name: http, port: {TCP_PORT}, protocol: TCP}}\nendpoints:\n"
+        ));
+        for ip in chunk {
+            out.push_str(&format!(
+                "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"
+            ));
+        }
+    }
+    out
+}
+
+fn client(cluster: &Cluster, addr: &str, count: u32) -> Report {
+    client::run(
+        cluster,
+        Path::new(env!("CARGO_BIN_EXE_pxt-client")),
+        "tcp",
+        addr,
+        count,
+    )
+}
+
+fn serves(cluster: &Cluster, n: u32) {
+    let r = client(cluster, &format!("{VIP}:80"), n);
+    assert!(
+        r.errors.is_empty() && r.replies.values().sum::<u32>() == n,
+        "{r:?}"
+    );
+}
+
+/// A 3-pod cluster, manifests with the `web` Service over its pods, and a bpffs directory.
+fn web() -> (Cluster, Manifests, Vec<String>, BpffsDir) {
+    require_root();
+    let cluster = Cluster::new(3, &[]).expect("mini cluster");
+    let manifests = Manifests::new().unwrap();
+    let pods: Vec<String> = cluster.pods.iter().map(|p| p.ip.to_string()).collect();
+    manifests
+        .write("web-svc.yaml", &service("web", VIP))
+        .unwrap();
+    manifests
+        .write("web-slices.yaml", &slices("web", &pods))
+        .unwrap();
+    (cluster, manifests, pods, BpffsDir::new(&unique("bpf")))
+}
+
+/// How many backends the maps hold for `vip`:80 (None: no frontend).
+fn backends_of(pins: &BpffsDir, vip: &str) -> Option<usize> {
+    (frontends(pins).into_iter())
+        .find(|f| f.vip.to_string() == vip && f.port == 80)
+        .map(|f| f.backends.len())
+}
+
+/// A Service too big for what is left of the backend map is refused as a whole, once: the
+/// agent stays healthy (restarting cannot make room), logs it once however many syncs go by,
+/// programs unrelated changes at once, and programs the refused Service as soon as a delete
+/// makes room.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_full_map_refuses_one_service_and_the_agent_stays_healthy() {
+    let (cluster, manifests, pods, pins) = web();
+    // Three Services of `each` backends: two fit beside web's, the third does not.
+    let each = (BACKEND_MAP_ENTRIES as usize) * 3 / 8;
+    let big = |k: usize| -> Vec<String> {
+        (0..each)
+            .map(|i| format!("10.{}.{}.{}", 100 + k, i / 250, i % 250 + 1))
+            .collect()
+    };
+    for k in 1..=3 {
+        let name = format!("big{k}");
+        (manifests.write(
+            &format!("{name}-svc.yaml"),
+            &service(&name, &format!("10.96.1.{k}")),
+        ))
+        .unwrap();
+        (manifests.write(&format!("{name}-slices.yaml"), &slices(&name, &big(k)))).unwrap();
+    }
+    let agent = Agent::start_with(
+        &[
+            "--manifests".as_ref(),
+            manifests.dir.as_os_str(),
+            "--sync-period-seconds".as_ref(),
+            "1".as_ref(),
+            "--healthz-max-age-seconds".as_ref(),
+            "2".as_ref(),
+        ],
+        &cluster.cgroup_path(),
+        &pins,
+    )
+    .expect("agent starts");
+    let refused_lines = || agent.log_text().matches("frontend refused").count();
+    wait_for(Duration::from_secs(20), || {
+        (refused_lines() > 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("nothing refused:\n{}", agent.log_text()));
+    assert_eq!(backends_of(&pins, "10.96.1.1"), Some(each));
+    assert_eq!(backends_of(&pins, "10.96.1.2"), Some(each));
+    assert_eq!(backends_of(&pins, "10.96.1.3"), None);
+    serves(&cluster, 20);
+
+    // Several resyncs and more than the health window later: healthy, one line.
+    std::thread::sleep(Duration::from_secs(4));
+    let (code, body) = http_get(&agent.health_addr, "/healthz");
+    assert_eq!(code, 200, "{body}\n{}", agent.log_text());
+    assert_eq!(http_get(&agent.health_addr, "/livez").0, 200);
+    assert_eq!(refused_lines(), 1, "{}", agent.log_text());
+    let metrics = http_get(&agent.metrics_addr, "/metrics").1;
+    assert!(metrics.contains("proxy_frontends_refused 1"), "{metrics}");
+
+    // An unrelated change is programmed at once.
+    manifests
+        .write("late-svc.yaml", &service("late", "10.96.2.1"))
+        .unwrap();
+    manifests
+        .write("late-slices.yaml", &slices("late", &pods[..1]))
+        .unwrap();
+    wait_for(Duration::from_secs(5), || {
+        (backends_of(&pins, "10.96.2.1") == Some(1)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("an unrelated change waited:\n{}", agent.log_text()));
+
+    // Room made: the refused Service is programmed without waiting for its backoff.
+    manifests.remove("big1-slices.yaml").unwrap();
+    manifests.remove("big1-svc.yaml").unwrap();
+    wait_for(Duration::from_secs(10), || {
+        (backends_of(&pins, "10.96.1.3") == Some(each)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "never programmed once there was room:\n{}",
+            agent.log_text()
+        )
+    });
+    assert!(agent.log_text().contains("there is room for it now"));
+    let metrics = http_get(&agent.metrics_addr, "/metrics").1;
+    assert!(metrics.contains("proxy_frontends_refused 0"), "{metrics}");
+    serves(&cluster, 20);
+}
+
+/// A second `run` on a bpffs directory in use is refused before it touches the pins or the
+/// links, naming the running agent; the first one keeps serving, unchanged.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_second_agent_on_the_same_bpffs_dir_is_refused() {
+    let (cluster, manifests, _, pins) = web();
+    let first = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+    let links = || {
+        std::fs::read_dir(pins.path.join("links"))
+            .map(Iterator::count)
+            .unwrap()
+    };
+    let (before, links_before) = (frontends(&pins), links());
+
+    let mut second = Command::new(agent_bin())
+        .args(["run", "--node-name", "node-a", "--manifests"])
+        .arg(&manifests.dir)
+        .arg("--cgroup")
+        .arg(cluster.cgroup_path())
+        .arg("--bpffs-dir")
+        .arg(&pins.path)
+        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::io::read_to_string(second.stderr.take().unwrap()).unwrap();
+    let status = status.unwrap_or_else(|| panic!("a second agent ran:\n{stderr}"));
+    assert!(!status.success());
+    let pid = first.pid().unwrap();
+    assert!(
+        stderr.contains(&format!("another agent (pid {pid}) is running on")),
+        "{stderr}"
+    );
+    assert_eq!(frontends(&pins), before);
+    assert_eq!(links(), links_before);
+    serves(&cluster, 20);
+    assert!(!first.log_text().contains("ERROR"), "{}", first.log_text());
+}
+
+/// A file name and an object name holding newlines and terminal escapes cannot forge a log
+/// line: the agent's problem report names both, escaped, on one line.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn input_cannot_forge_log_lines() {
+    require_root();
+    let cluster = Cluster::new(1, &[]).expect("mini cluster");
+    let manifests = Manifests::new().unwrap();
+    let forged = "2026-12-02T00:00:00.000000Z  INFO proxy_agent: forged";
+    let name = format!("evil\n{forged}\x1b[2J.yaml");
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: \"web\\n{forged}\\e[31m\"\n  namespace: default\nspec:\n  clusterIP: 10.96.0.999\n  ports: [{{port: 80}}]\n"
+    );
+    manifests.write(&name, &svc).unwrap();
+    let pins = BpffsDir::new(&unique("bpf"));
+    let agent = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+    let log = agent.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
+    assert!(!lines.is_empty(), "the problem was not reported:\n{log}");
+    for line in &lines {
+        assert!(
+            line.contains("WARN") && line.contains("invalid_ip"),
+            "a line of its own:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains('\x1b'),
+        "a raw escape reached the log:\n{log:?}"
+    );
+    assert!(log.contains("evil\\n2026"), "{log}");
+}
+
+/// The agent needs no more than the capabilities `deploy/capabilities` grants: run with that
+/// bounding set and nothing else (its effective set checked in /proc), it loads, attaches,
+/// programs and serves.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_agent_runs_with_only_the_capabilities_it_documents() {
+    let (cluster, manifests, _, pins) = web();
+    let agent = Agent::start_with_capabilities(
+        AGENT_CAPABILITIES,
+        &["--manifests".as_ref(), manifests.dir.as_os_str()],
+        &cluster.cgroup_path(),
+        &pins,
+    )
+    .expect("the agent starts with these capabilities");
+    let number = |name: &str| -> u32 {
+        match name {
+            "NET_ADMIN" => 12,
+            "SYS_PTRACE" => 19,
+            "SYS_ADMIN" => 21,
+            "SYS_RESOURCE" => 24,
+            "PERFMON" => 38,
+            "BPF" => 39,
+            other => panic!("unknown capability {other}"),
+        }
+    };
+    let caps = |pid: &str, field: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        (status.lines())
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    // Of those, what this machine can grant at all (a sandbox may lack some).
+    let want: u64 =
+        (AGENT_CAPABILITIES.iter()).fold(0, |m, c| m | 1 << number(c)) & caps("self", "CapBnd:");
+    let eff = caps(&agent.pid().unwrap().to_string(), "CapEff:");
+    assert_eq!(eff, want, "CapEff {eff:x}, want {want:x}");
+    wait_for(Duration::from_secs(5), || {
+        (backends_of(&pins, VIP) == Some(3)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not programmed:\n{}", agent.log_text()));
+    serves(&cluster, 20);
+}
