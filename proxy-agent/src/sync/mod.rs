@@ -234,8 +234,14 @@ impl<D: Datapath> Syncer<D> {
                 }
             }
             Err(e) => {
-                if matches!(e, DatapathError::Full { .. }) && self.refused.refuse(*f, spec, now) {
-                    report.newly_refused.insert(*f);
+                let full = matches!(e, DatapathError::Full { .. });
+                // A refused frontend's retry moves on whatever failed it, or its timer would
+                // be due again at once.
+                if full || self.refused.contains(f) {
+                    let news = self.refused.refuse(*f, spec, now);
+                    if news && full {
+                        report.newly_refused.insert(*f);
+                    }
                 }
                 report.errors.push((*f, e));
             }

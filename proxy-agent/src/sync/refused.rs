@@ -31,6 +31,10 @@ impl Refused {
         self.by_frontend.len()
     }
 
+    pub fn contains(&self, f: &Frontend) -> bool {
+        self.by_frontend.contains_key(f)
+    }
+
     /// `f` with `spec` was refused before and its retry is not due.
     pub fn defers(&self, f: &Frontend, spec: &FrontendSpec, now: Instant) -> bool {
         (self.by_frontend.get(f)).is_some_and(|r| r.spec == *spec && now < r.retry_at)

@@ -202,6 +202,23 @@ fn a_refused_frontend_backs_off_and_is_programmed_once_room_is_made() {
     assert!(r.newly_refused.is_empty());
     assert!(s.next_retry().unwrap() >= retry + Duration::from_secs(2));
 
+    // Room (two pretend backends gone), but the retry fails on a syscall: it still moves
+    // on (a timer due at once would spin), and the room stays for the next attempt.
+    let due = s.next_retry().unwrap();
+    for id in [1_000_001, 1_000_002] {
+        s.mirror.remove_backend(id);
+    }
+    s.dp.fail_at = Some(s.dp.calls);
+    let r = s.retry_refused(due);
+    assert!(
+        matches!(r.errors[..], [(_, DatapathError::Map { .. })]),
+        "{:?}",
+        r.errors
+    );
+    assert!(s.next_retry().unwrap() > due, "the retry moved on");
+    s.dp.fail_at = None;
+    fill_backends(&mut s, 2);
+
     // Another spec is tried at once, and its refusal is news.
     let big_backends: &[(&str, u16)] = &[("10.1.0.3", 8080), ("10.1.0.5", 8080)];
     let r = s.sync(&desired(&[(a, a_backends), (big, big_backends)]));
