@@ -210,7 +210,13 @@ impl Agent {
     /// Up to 60 s: a bound, not a measure (under emulation, as in `cargo xtask vm-test`, an
     /// agent against the test API server may take 20 s and more to be ready).
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_ready_within(Duration::from_secs(60))
+    }
+
+    /// Waits until the agent is ready, at most `bound` (a cold start of a large input under
+    /// emulation takes minutes).
+    pub fn wait_ready_within(&mut self, bound: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
             if self.log_text().contains(" ready") {
                 return Ok(());
@@ -224,7 +230,7 @@ impl Agent {
             }
             sleep(Duration::from_millis(20));
         }
-        bail!("agent not ready after 60 s:\n{}", self.log_text())
+        bail!("agent not ready after {bound:?}:\n{}", self.log_text())
     }
 
     /// The agent's process id (None once stopped).
