@@ -88,6 +88,12 @@ fn backends_of(pins: &BpffsDir, vip: &str) -> Option<usize> {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_full_map_refuses_one_service_and_the_agent_stays_healthy() {
+    if std::env::var_os("PXT_EXPECT_FEATURES").is_some() {
+        // The VM runner (TCG): 147k endpoints take minutes to program there; the behaviour is
+        // the kernel-independent sync's, checked on the host.
+        eprintln!("skipped under emulation");
+        return;
+    }
     let (cluster, manifests, pods, pins) = web();
     // Three Services of `each` backends: two fit beside web's, the third does not.
     let each = (BACKEND_MAP_ENTRIES as usize) * 3 / 8;
