@@ -192,11 +192,10 @@ impl ManifestWatch {
         use notify::Watcher as _;
         let moved = std::mem::take(&mut self.pending.lock().expect("not poisoned").moved);
         let now = identity(&self.dir);
-        if !moved && now == self.watched {
+        // The same directory (an event about its name may only have touched it); a gone one
+        // is looked for again after an event about its name.
+        if now == self.watched && (now.is_some() || !moved) {
             return;
-        }
-        if now == self.watched && self.watched.is_some() {
-            return; // the same directory (its name was only touched)
         }
         // The old inode's watch is gone with it, or still follows an unnamed directory.
         let _ = self.watcher.unwatch(&self.dir);
