@@ -385,6 +385,19 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
+/// /healthz and /livez. Every endpoint is read-only: GET (and HEAD) only, anything else 405.
+fn health_app(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .with_state(health)
+}
+
+/// /metrics, read-only as [`health_app`].
+fn metrics_app(m: Arc<Metrics>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(m)
+}
+
 /// Serves /healthz and /livez on `health_addr`, /metrics on `metrics_addr`.
 pub async fn serve(
     health_addr: SocketAddr,
@@ -393,11 +406,7 @@ pub async fn serve(
     m: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let health_app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(livez))
-        .with_state(health);
-    let metrics_app = Router::new().route("/metrics", get(metrics)).with_state(m);
+    let (health_app, metrics_app) = (health_app(health), metrics_app(m));
     let hl = tokio::net::TcpListener::bind(health_addr)
         .await
         .with_context(|| format!("binding --health-addr {health_addr}"))?;
@@ -407,4 +416,56 @@ pub async fn serve(
     tokio::spawn(async move { axum::serve(hl, health_app).await });
     tokio::spawn(async move { axum::serve(ml, metrics_app).await });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// The status line's code of `method path` against `app` (served on a loopback port).
+    async fn status(app: Router, method: &str, path: &str) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.split_whitespace().nth(1).unwrap().parse().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_endpoint_is_read_only() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        health.synced();
+        let m = Arc::new(Metrics::new("/nonexistent".into()));
+        for path in ["/healthz", "/livez"] {
+            assert_eq!(status(health_app(health.clone()), "GET", path).await, 200);
+            for method in ["POST", "PUT", "PATCH", "DELETE"] {
+                assert_eq!(
+                    status(health_app(health.clone()), method, path).await,
+                    405,
+                    "{method} {path}"
+                );
+            }
+        }
+        assert_eq!(status(metrics_app(m.clone()), "GET", "/metrics").await, 200);
+        for method in ["POST", "PUT", "PATCH", "DELETE"] {
+            assert_eq!(
+                status(metrics_app(m.clone()), method, "/metrics").await,
+                405
+            );
+        }
+        assert_eq!(status(metrics_app(m), "GET", "/debug").await, 404);
+    }
 }

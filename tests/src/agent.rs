@@ -17,7 +17,10 @@ use proxy_agent::{
 };
 use proxy_common::{SOCK_SLOT_MAP, SockRevNatKey, SockSlot};
 
-use crate::{host::BpffsDir, unique};
+use crate::{
+    host::{BpffsDir, scaled},
+    unique,
+};
 
 /// Where the agent binary is: `$PROXY_AGENT_BIN` (set by `cargo xtask test`), else the
 /// workspace's debug build.
@@ -207,15 +210,14 @@ impl Agent {
         })
     }
 
-    /// Up to 60 s: a bound, not a measure (under emulation, as in `cargo xtask vm-test`, an
-    /// agent against the test API server may take 20 s and more to be ready).
+    /// Up to 60 s ([`scaled`]): a bound, not a measure.
     fn wait_ready(&mut self) -> anyhow::Result<()> {
         self.wait_ready_within(Duration::from_secs(60))
     }
 
-    /// Waits until the agent is ready, at most `bound` (a cold start of a large input under
-    /// emulation takes minutes).
+    /// Waits until the agent is ready, at most `bound` ([`scaled`]).
     pub fn wait_ready_within(&mut self, bound: Duration) -> anyhow::Result<()> {
+        let bound = scaled(bound);
         let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
             if self.log_text().contains(" ready") {
@@ -255,8 +257,9 @@ impl Agent {
         self.terminate_within(Duration::from_secs(5));
     }
 
-    /// Sends SIGTERM; whether the agent exited within `bound` (it is killed if not).
+    /// Sends SIGTERM; whether the agent exited within `bound` ([`scaled`]; it is killed if not).
     pub fn terminate_within(&mut self, bound: Duration) -> bool {
+        let bound = scaled(bound);
         let Some(mut child) = self.child.take() else {
             return true;
         };

@@ -125,8 +125,25 @@ impl Drop for BpffsDir {
     }
 }
 
-/// Polls `f` every 10 ms until it returns Some, for at most `limit`.
+/// `d` times how much slower than a native host the machine running the tests may be:
+/// `PXT_TIME_SCALE` (set by `cargo xtask vm-test`, whose guests are emulated), else 1. Every
+/// bound a test waits for or asserts on goes through it, so a slow emulated kernel fails only
+/// on behaviour, never on speed; on a native host the bounds are as written.
+pub fn scaled(d: Duration) -> Duration {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let scale = *SCALE.get_or_init(|| {
+        std::env::var("PXT_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s >= 1)
+            .unwrap_or(1)
+    });
+    d * scale
+}
+
+/// Polls `f` every 10 ms until it returns Some, for at most `limit` ([`scaled`]).
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    let limit = scaled(limit);
     let start = Instant::now();
     loop {
         if let Some(v) = f() {

@@ -8,7 +8,7 @@ use proxy_tests::{
     agent::{Agent, Manifests, agent_bin, tc_attached, tc_attachment},
     client::{self, Report},
     cluster::{Cluster, ECHO_PORT, TCP_PORT, UDP_PORT},
-    host::{BpffsDir, require_root, wait_for},
+    host::{BpffsDir, require_root, scaled, wait_for},
     unique,
 };
 
@@ -164,7 +164,7 @@ fn an_interface_that_appears_later_is_attached_within_a_second() {
     .unwrap_or_else(|| panic!("vpod9 not attached:\n{}", f.agent.log_text()));
     let took = start.elapsed();
     assert!(
-        took < Duration::from_secs(1),
+        took < scaled(Duration::from_secs(1)),
         "attaching took {took:?}:\n{}",
         f.agent.log_text()
     );

@@ -12,7 +12,7 @@ use proxy_tests::{
     agent::{AGENT_CAPABILITIES, Agent, Manifests, agent_bin, free_port, frontends, http_get},
     client::{self, Report},
     cluster::{Cluster, TCP_PORT},
-    host::{BpffsDir, require_root, wait_for},
+    host::{BpffsDir, require_root, scaled, wait_for},
     unique,
 };
 
@@ -203,7 +203,7 @@ fn a_second_agent_on_the_same_bpffs_dir_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + scaled(Duration::from_secs(120));
     let status = loop {
         if let Some(status) = second.try_wait().unwrap() {
             break Some(status);
@@ -303,4 +303,89 @@ fn the_agent_runs_with_only_the_capabilities_it_documents() {
     })
     .unwrap_or_else(|| panic!("not programmed:\n{}", agent.log_text()));
     serves(&cluster, 20);
+}
+
+/// Writes `text` into `path` in place (truncating the same inode, as an editor or `cp` does) in
+/// two parts, `pause` apart; `during` is called every 20 ms of the pause, the file open.
+fn write_slowly(path: &Path, text: &str, at: usize, pause: Duration, mut during: impl FnMut()) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.write_all(&text.as_bytes()[..at]).unwrap();
+    f.flush().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < pause {
+        during();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.write_all(&text.as_bytes()[at..]).unwrap();
+}
+
+/// A file written in place with a pause between its halves is read once it is closed, never
+/// half-written: its first half alone is valid YAML with one endpoint, and the Service never
+/// drops to it. A `.json` file copied in slowly gives no false parse error.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_file_written_slowly_in_place_is_never_read_half_written() {
+    let (cluster, manifests, pods, pins) = web();
+    let agent = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+    wait_for(Duration::from_secs(10), || {
+        (backends_of(&pins, VIP) == Some(3)).then_some(())
+    })
+    .expect("programmed");
+
+    // Two endpoints; cut after the first one's line.
+    let text = slices("web", &pods[..2]);
+    let at = text
+        .find(&pods[1])
+        .and_then(|i| text[..i].rfind("- addresses"))
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    write_slowly(
+        &manifests.dir.join("web-slices.yaml"),
+        &text,
+        at,
+        Duration::from_millis(1_200),
+        || {
+            seen.insert(backends_of(&pins, VIP));
+        },
+    );
+    assert_eq!(
+        seen,
+        [Some(3)].into(),
+        "backends while half-written:\n{}",
+        agent.log_text()
+    );
+    wait_for(Duration::from_secs(5), || {
+        (backends_of(&pins, VIP) == Some(2)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the whole file never read:\n{}", agent.log_text()));
+    serves(&cluster, 10);
+
+    let json = format!(
+        r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "other", "namespace": "default"}}, "spec": {{"clusterIP": "10.96.0.11", "ports": [{{"name": "http", "port": 80, "targetPort": {TCP_PORT}}}]}}}}"#
+    );
+    write_slowly(
+        &manifests.dir.join("other.json"),
+        &json,
+        json.len() / 2,
+        Duration::from_millis(600),
+        || {},
+    );
+    wait_for(Duration::from_secs(5), || {
+        frontends(&pins)
+            .iter()
+            .any(|f| f.vip.to_string() == "10.96.0.11")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("other.json never read:\n{}", agent.log_text()));
+    assert!(
+        !agent.log_text().contains("parse_error"),
+        "{}",
+        agent.log_text()
+    );
 }

@@ -1,8 +1,9 @@
 //! The manifests source: a directory of YAML/JSON files holding `v1/Service`,
 //! `discovery.k8s.io/v1/EndpointSlice` and `v1/Node` objects (multi-document files and
-//! `kind: List` accepted; other kinds are ignored). Each file is parsed whole: a file that does
-//! not parse keeps the objects it had at its last good parse, so an editor's half-written save
-//! or a typo never takes down what is serving.
+//! `kind: List` accepted; other kinds are ignored). Each document stands alone, and an object
+//! whose document is broken keeps its last good version (every object of a file that does not
+//! parse at all does), so an editor's half-written save or a typo never takes down what is
+//! serving.
 
 mod parse;
 mod reading;
@@ -19,7 +20,7 @@ use std::{
 };
 
 use self::{
-    parse::{file_problem, parse_file},
+    parse::{FileParse, file_problem, parse_file, with_held},
     reading::{Parsed, Parsing},
 };
 pub use self::{
@@ -46,7 +47,7 @@ type FileObjects = ObjectSet;
 type Fingerprint = (SystemTime, u64);
 
 /// A file read and parsed: its origin (the path, as problems name it) and its objects.
-type Loaded = (Arc<str>, Result<FileObjects, Vec<Problem>>);
+type Loaded = (Arc<str>, FileParse);
 
 /// Files larger than this are refused (`--max-manifest-bytes`): reading and parsing one
 /// costs several times its size in memory.
@@ -62,8 +63,8 @@ fn load(path: &Path, max_bytes: u64) -> Loaded {
             .read_to_string(&mut text)
     });
     let parsed = match read {
-        Err(e) => Err(vec![file_problem(&origin, "file", e.to_string())]),
-        Ok(n) if n as u64 > max_bytes => Err(vec![file_problem(
+        Err(e) => FileParse::unreadable(vec![file_problem(&origin, "file", e.to_string())]),
+        Ok(n) if n as u64 > max_bytes => FileParse::unreadable(vec![file_problem(
             &origin,
             "file",
             format!("larger than {max_bytes} bytes (--max-manifest-bytes); not read"),
@@ -77,9 +78,10 @@ fn load(path: &Path, max_bytes: u64) -> Loaded {
 struct FileEntry {
     origin: Arc<str>,
     fingerprint: Fingerprint,
-    /// What the file contributes: its last good parse (empty if it never parsed).
+    /// What the file contributes: its valid objects, and the last good versions of those
+    /// whose documents are broken now.
     objects: FileObjects,
-    /// Problems of the current content (non-empty: `objects` is from an older version).
+    /// Problems of the current content (non-empty: some `objects` may be from an older version).
     problems: Vec<Problem>,
 }
 
@@ -330,43 +332,37 @@ impl ManifestDir {
         }
     }
 
-    /// Indexes one file's new content; content that does not parse keeps the last good one.
+    /// Indexes one file's new content; objects whose documents are broken keep their last
+    /// good versions.
     fn apply(
         &mut self,
         name: OsString,
         fingerprint: Fingerprint,
         origin: Arc<str>,
-        parsed: Result<FileObjects, Vec<Problem>>,
+        parsed: FileParse,
         out: &mut Rescan,
     ) {
         out.changed = true;
         let previous = self.files.remove(&name);
-        let entry = match (parsed, previous) {
-            (Ok(objects), previous) => {
-                if let Some(p) = previous {
-                    self.index.remove(&p.origin, &p.objects);
-                }
-                self.index.insert(&origin, &objects);
-                FileEntry {
-                    origin,
-                    fingerprint,
-                    objects,
-                    problems: vec![],
-                }
+        let FileParse {
+            objects,
+            problems,
+            hold,
+        } = parsed;
+        out.new_problems.extend(problems.iter().cloned());
+        let objects = match previous {
+            Some(p) => {
+                self.index.remove(&p.origin, &p.objects);
+                with_held(objects, &p.objects, &hold)
             }
-            // The last good parse stays (and stays indexed).
-            (Err(problems), previous) => {
-                out.new_problems.extend(problems.iter().cloned());
-                let (origin, objects) = previous
-                    .map(|p| (p.origin, p.objects))
-                    .unwrap_or((origin, FileObjects::default()));
-                FileEntry {
-                    origin,
-                    fingerprint,
-                    objects,
-                    problems,
-                }
-            }
+            None => objects,
+        };
+        self.index.insert(&origin, &objects);
+        let entry = FileEntry {
+            origin,
+            fingerprint,
+            objects,
+            problems,
         };
         if entry.problems.is_empty() {
             self.troubled.remove(&name);

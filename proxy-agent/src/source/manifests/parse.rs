@@ -1,5 +1,7 @@
 //! One manifest file into objects: multi-document YAML or JSON, `kind: List` unwrapped,
-//! other kinds ignored; any problem rejects the whole file, naming the field.
+//! other kinds ignored. Each document stands alone: one that is not a valid object is reported,
+//! naming the field, and only that object keeps its previous version; a file that is not YAML
+//! (or JSON) at all, or a document that names no object, keeps every previous object of the file.
 
 use std::{path::Path, sync::Arc};
 
@@ -26,12 +28,113 @@ pub(super) fn file_problem(
     }
 }
 
-/// Parses one file into objects; any problem rejects the whole file.
-pub(super) fn parse_file(
-    origin: &Arc<str>,
-    path: &Path,
-    text: &str,
-) -> Result<FileObjects, Vec<Problem>> {
+/// Which of a file's previous objects stay while its current content has problems.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Hold {
+    /// Those with these identities (documents that name their object but are not valid).
+    Named(Vec<Identity>),
+    /// All that the current content does not declare again (it is not all readable, or a
+    /// broken document does not say which object it is).
+    Everything,
+}
+
+/// An object's identity within one source: kind, namespace (empty for Nodes), name.
+pub(super) type Identity = (&'static str, String, String);
+
+/// What one file holds now.
+#[derive(Debug)]
+pub(super) struct FileParse {
+    /// The valid objects.
+    pub objects: FileObjects,
+    /// What is wrong with the rest (empty: the whole file is good).
+    pub problems: Vec<Problem>,
+    pub hold: Hold,
+}
+
+impl FileParse {
+    /// The file could not be read or parsed at all.
+    pub fn unreadable(problems: Vec<Problem>) -> Self {
+        FileParse {
+            objects: FileObjects::default(),
+            problems,
+            hold: Hold::Everything,
+        }
+    }
+}
+
+/// `kind`'s identity as a document of a file names it.
+fn identity(kind: &'static str, namespace: &str, name: &str) -> Identity {
+    let namespace = if kind == "Node" { "" } else { namespace };
+    (kind, namespace.to_string(), name.to_string())
+}
+
+/// The identities of `set`'s objects, as [`identity`] forms them from documents.
+pub(super) fn identities(set: &FileObjects) -> impl Iterator<Item = (Identity, ObjectIndex)> + '_ {
+    let ns = |n: &Option<String>| n.clone().unwrap_or_else(|| "default".into());
+    let services = set.services.iter().enumerate().map(move |(i, s)| {
+        let m = &s.metadata;
+        let name = m.name.clone().unwrap_or_default();
+        (
+            identity("Service", &ns(&m.namespace), &name),
+            ObjectIndex::Service(i),
+        )
+    });
+    let slices = set.slices.iter().enumerate().map(move |(i, s)| {
+        let name = s.name.clone().unwrap_or_default();
+        (
+            identity("EndpointSlice", &ns(&s.namespace), &name),
+            ObjectIndex::Slice(i),
+        )
+    });
+    let nodes = set.nodes.iter().enumerate().map(|(i, n)| {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        (identity("Node", "", &name), ObjectIndex::Node(i))
+    });
+    services.chain(slices).chain(nodes)
+}
+
+/// Where an object is in a [`FileObjects`].
+#[derive(Clone, Copy, Debug)]
+pub(super) enum ObjectIndex {
+    Service(usize),
+    Slice(usize),
+    Node(usize),
+}
+
+/// `now`'s objects, and those of `previous` that `hold` keeps and `now` does not declare again.
+pub(super) fn with_held(mut now: FileObjects, previous: &FileObjects, hold: &Hold) -> FileObjects {
+    if matches!(hold, Hold::Named(ids) if ids.is_empty()) {
+        return now;
+    }
+    let declared: std::collections::HashSet<Identity> =
+        identities(&now).map(|(id, _)| id).collect();
+    let kept: Vec<ObjectIndex> = identities(previous)
+        .filter(|(id, _)| !declared.contains(id))
+        .filter(|(id, _)| match hold {
+            Hold::Everything => true,
+            Hold::Named(ids) => ids.contains(id),
+        })
+        .map(|(_, at)| at)
+        .collect();
+    for at in kept {
+        match at {
+            ObjectIndex::Service(i) => now.services.push(previous.services[i].clone()),
+            ObjectIndex::Slice(i) => now.slices.push(previous.slices[i].clone()),
+            ObjectIndex::Node(i) => now.nodes.push(previous.nodes[i].clone()),
+        }
+    }
+    now
+}
+
+/// Parses one file into objects; each document stands alone (see the module's comment).
+pub(super) fn parse_file(origin: &Arc<str>, path: &Path, text: &str) -> FileParse {
+    match parse_documents(origin, path, text) {
+        Ok(parse) => parse,
+        Err(problems) => FileParse::unreadable(problems),
+    }
+}
+
+fn parse_documents(origin: &Arc<str>, path: &Path, text: &str) -> Result<FileParse, Vec<Problem>> {
     // Editors on Windows save UTF-8 with a byte order mark; neither parser takes it.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let docs: Vec<Value> = if path.extension().and_then(|e| e.to_str()) == Some("json") {
@@ -58,6 +161,8 @@ pub(super) fn parse_file(
     };
     let mut out = FileObjects::default();
     let mut problems = Vec::new();
+    let mut held = Vec::new();
+    let mut hold_everything = false;
     let mut queue: Vec<(String, Value)> = docs
         .into_iter()
         .enumerate()
@@ -87,7 +192,15 @@ pub(super) fn parse_file(
             .and_then(Value::as_str)
             .unwrap_or("default")
             .to_string();
+        // An invalid object: reported; its previous version stays, or every previous object
+        // of the file if this document does not say which object it is.
         let mut bad = |kind: &'static str, field: String, reason, detail: String| {
+            match kind {
+                "Service" | "EndpointSlice" | "Node" if !name.is_empty() => {
+                    held.push(identity(kind, &namespace, &name));
+                }
+                _ => hold_everything = true,
+            }
             problems.push(Problem {
                 origin: origin.clone(),
                 kind,
@@ -117,9 +230,18 @@ pub(super) fn parse_file(
                     ),
                 }
             }
-            ("v1", "Service") => match typed::<Service>(doc) {
-                Ok(s) => out.services.push(Arc::new(s)),
-                Err((field, e)) => bad("Service", field, ProblemReason::InvalidValue, e),
+            ("v1", "Service") => match service_port_missing(&doc) {
+                // k8s-openapi reads a missing required `port` as 0: say what is wrong.
+                Some(field) => bad(
+                    "Service",
+                    field,
+                    ProblemReason::MissingField,
+                    "a Service port needs `port`".into(),
+                ),
+                None => match typed::<Service>(doc) {
+                    Ok(s) => out.services.push(Arc::new(s)),
+                    Err((field, e)) => bad("Service", field, ProblemReason::InvalidValue, e),
+                },
             },
             ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<Slice>(doc) {
                 Ok(s) => out.slices.push(Arc::new(s)),
@@ -149,11 +271,25 @@ pub(super) fn parse_file(
     out.services.reverse();
     out.slices.reverse();
     out.nodes.reverse();
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
-    }
+    problems.reverse();
+    Ok(FileParse {
+        objects: out,
+        problems,
+        hold: if hold_everything {
+            Hold::Everything
+        } else {
+            Hold::Named(held)
+        },
+    })
+}
+
+/// The field of the first Service port without `port`, if any.
+fn service_port_missing(doc: &Value) -> Option<String> {
+    let ports = doc.pointer("/spec/ports")?.as_array()?;
+    ports
+        .iter()
+        .position(|p| p.is_object() && p.get("port").is_none_or(Value::is_null))
+        .map(|i| format!("spec.ports[{i}].port"))
 }
 
 /// Deserializes into a k8s-openapi type, naming the field that failed.

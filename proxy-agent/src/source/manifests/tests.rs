@@ -172,6 +172,120 @@ fn a_field_of_the_wrong_type_is_named() {
     );
 }
 
+/// The ClusterIP of Service `name`, and the names of the slices.
+fn ips_and_slices(m: &ManifestDir) -> (Vec<String>, Vec<String>) {
+    let o = m.objects();
+    let ips = o
+        .services
+        .iter()
+        .map(|s| {
+            let name = s.object.metadata.name.clone().unwrap_or_default();
+            let ip = s.object.spec.as_ref().unwrap().cluster_ip.clone();
+            format!("{name}={}", ip.unwrap_or_default())
+        })
+        .collect();
+    let slices = o
+        .slices
+        .iter()
+        .map(|s| s.object.name.clone().unwrap_or_default())
+        .collect();
+    (ips, slices)
+}
+
+#[test]
+fn each_document_stands_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = SVC
+        .replace("name: web", "name: other")
+        .replace("10.96.0.10", "10.96.0.11");
+    write(
+        tmp.path(),
+        "all.yaml",
+        &format!("{SVC}---\n{SLICE}---\n{other}"),
+    );
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    m.rescan().unwrap();
+    assert_eq!(counts(&m), (2, 1, 0));
+
+    // A broken slice beside a changed Service, and a valid Service dropped from the file: the
+    // change and the removal are applied, the slice keeps its last good version.
+    let broken_slice = SLICE.replace(
+        "- addresses: [10.1.0.1]",
+        "- addresses: [10.1.0.1]\n  conditions: {ready: maybe}",
+    );
+    write(
+        tmp.path(),
+        "all.yaml",
+        &format!(
+            "{}---\n{broken_slice}",
+            SVC.replace("10.96.0.10", "10.96.0.20")
+        ),
+    );
+    let r = m.rescan().unwrap();
+    let named: Vec<_> = r
+        .new_problems
+        .iter()
+        .map(|p| (p.kind, p.name.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [("EndpointSlice", "web-1", "endpoints[0].conditions.ready")]
+    );
+    assert_eq!(
+        ips_and_slices(&m),
+        (vec!["web=10.96.0.20".into()], vec!["web-1".into()])
+    );
+    assert_eq!(m.problems().count(), 1);
+
+    // A document that names no object: what the file still declares is applied, and nothing
+    // it held before goes away.
+    write(
+        tmp.path(),
+        "all.yaml",
+        &format!(
+            "{}---\nmetadata: {{name: x}}\n",
+            SVC.replace("10.96.0.10", "10.96.0.30")
+        ),
+    );
+    let r = m.rescan().unwrap();
+    assert_eq!(r.new_problems.len(), 1, "{:?}", r.new_problems);
+    assert_eq!(r.new_problems[0].reason, ProblemReason::MissingField);
+    assert_eq!(
+        ips_and_slices(&m),
+        (vec!["web=10.96.0.30".into()], vec!["web-1".into()])
+    );
+
+    // Fixed: exactly what the file says.
+    write(tmp.path(), "all.yaml", SVC);
+    let r = m.rescan().unwrap();
+    assert!(r.new_problems.is_empty());
+    assert_eq!(m.problems().count(), 0);
+    assert_eq!(ips_and_slices(&m), (vec!["web=10.96.0.10".into()], vec![]));
+}
+
+#[test]
+fn a_service_port_without_its_port_is_a_missing_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "web.yaml", &SVC.replace("port: 80, ", ""));
+    let mut m = ManifestDir::new(tmp.path()).unwrap();
+    let r = m.rescan().unwrap();
+    let p: Vec<_> = r
+        .new_problems
+        .iter()
+        .map(|p| (p.kind, p.name.as_str(), p.field.as_str(), p.reason))
+        .collect();
+    assert_eq!(
+        p,
+        [(
+            "Service",
+            "web",
+            "spec.ports[0].port",
+            ProblemReason::MissingField
+        )]
+    );
+    assert_eq!(counts(&m), (0, 0, 0));
+}
+
 #[test]
 fn objects_without_kind_and_old_apis_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
