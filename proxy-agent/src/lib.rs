@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod conntrack;
 pub mod features;
+pub mod fuzzing;
 pub mod inspect;
 pub mod loader;
 pub mod lock;

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's entry points. Deliberately depends on nothing of the project,
 //! so it can check (and install) the eBPF toolchain before anything needs it.
 
+mod fuzz;
 mod lint;
 mod toolchain;
 mod vm;
@@ -50,6 +51,16 @@ enum Cmd {
     },
     /// A netns mini-cluster, the agent on it, requests to a ClusterIP; cleans up after itself.
     Demo,
+    /// The `cargo fuzz` targets (manifest parsing, the incremental model), each for a bounded
+    /// time from the committed seeds; installs cargo-fuzz where missing (nightly toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks (as root): data plane and control plane against direct, iptables and
     /// nftables; prints tables, writes JSON, Markdown and SVG results.
     Bench {
@@ -245,6 +256,10 @@ fn main() -> anyhow::Result<()> {
             toolchain::ensure()?;
             require_root("cargo xtask vm-test")?;
             vm::vm_test(&kernels, &args)
+        }
+        Cmd::Fuzz { seconds, target } => {
+            toolchain::ensure()?;
+            fuzz::fuzz(seconds, target.as_deref())
         }
         Cmd::Demo => {
             toolchain::ensure()?;

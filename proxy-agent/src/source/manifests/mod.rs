@@ -74,6 +74,15 @@ fn load(path: &Path, max_bytes: u64) -> Loaded {
     (origin, parsed)
 }
 
+/// One file's text parsed as the source parses it, on its own (no last good objects to keep):
+/// its valid objects and the problems of the rest. For checks from outside the source (the
+/// fuzz targets, `proxy_agent::fuzzing`).
+pub fn parse_text(file_name: &str, text: &str) -> (ObjectSet, Vec<Problem>) {
+    let origin: Arc<str> = Arc::from(file_name);
+    let parsed = parse_file(&origin, Path::new(file_name), text);
+    (parsed.objects, parsed.problems)
+}
+
 #[derive(Debug)]
 struct FileEntry {
     origin: Arc<str>,
