@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::{
     cleanup::Cleaner,
     maps::PinnedMaps,
-    metrics::{Health, Metrics, SyncKind, SyncLabels},
+    metrics::{Health, Metrics, SyncKind, SyncLabels, WriteOp},
     model::{Built, Changes, Index, Model, Problem, ProblemReason, ServiceRef},
     source::Source,
     sync::{DatapathError, SyncReport, Syncer},
@@ -259,6 +259,9 @@ impl Agent {
             before.updates + p.report.updates,
             before.deletes + p.report.deletes,
         );
+        let writes = &self.metrics.map_writes;
+        (writes.get_or_create(&WriteOp { op: "update" })).inc_by(updates as u64);
+        (writes.get_or_create(&WriteOp { op: "delete" })).inc_by(deletes as u64);
         // As a full sync, a progressive one counts every frontend programmed.
         let services = match (pass, p.built.changed.as_ref()) {
             (Pass::Progressive, _) => self.syncer.frontend_count(),

@@ -72,6 +72,11 @@ pub struct MapName {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteOp {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CtState {
     pub state: &'static str,
 }
@@ -96,6 +101,7 @@ pub struct Metrics {
     pub rejected: Family<Reason, Counter>,
     pub map_fill: Family<MapName, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub sync_errors: Counter,
+    pub map_writes: Family<WriteOp, Counter>,
     pub frontends_refused: Gauge,
     pub maglev_table_fallbacks: Counter,
     pub conntrack_entries: Family<CtState, Gauge>,
@@ -180,6 +186,12 @@ impl Metrics {
             "Frontends a sync could not write (kept their old state)",
             sync_errors.clone(),
         );
+        let map_writes = Family::<WriteOp, Counter>::default();
+        registry.register(
+            "map_writes",
+            "Map entries the syncs wrote, by op (update, delete): a restart on unchanged input writes none",
+            map_writes.clone(),
+        );
         let frontends_refused = Gauge::default();
         registry.register(
             "frontends_refused",
@@ -233,6 +245,7 @@ impl Metrics {
             rejected,
             map_fill,
             sync_errors,
+            map_writes,
             frontends_refused,
             maglev_table_fallbacks,
             conntrack_entries,

@@ -19,12 +19,12 @@ use aya::{
     Ebpf,
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::FdLink,
+        links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     features::TcAttach,
@@ -190,6 +190,20 @@ fn attach(
     };
     match how {
         TcAttach::Tcx => {
+            let pin = dir.join("links").join(pin_name(ifname));
+            // The previous agent's link: its program swapped in place (BPF_LINK_UPDATE). A
+            // second link beside it would run both programs on every packet until the old
+            // pin went, and the second would see the first's translated SYN as a direct one
+            // and forget its flow. A pin whose interface was re-created is defunct: the
+            // update fails, and a new link replaces it.
+            if let Ok(old) = PinnedLink::from_pin(&pin) {
+                match replace_in_place(prog, old) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        debug!(interface = %ifname, error = %e, "pinned TCX link not reusable; attaching a new one");
+                    }
+                }
+            }
             let id = prog
                 .attach_with_options(
                     ifname,
@@ -240,6 +254,14 @@ fn attach(
             Ok(())
         }
     }
+}
+
+/// Swaps `prog` into the pinned TCX link `old`, which stays pinned (the handle aya keeps is
+/// dropped: that only closes its fd).
+fn replace_in_place(prog: &mut SchedClassifier, old: PinnedLink) -> Result<(), String> {
+    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| chain(&e))?;
+    let id = prog.attach_to_link(link).map_err(|e| chain(&e))?;
+    prog.take_link(id).map(drop).map_err(|e| chain(&e))
 }
 
 /// Removes this agent's cls_bpf filters (the clsact attachments) from every interface of the

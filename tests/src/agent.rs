@@ -381,3 +381,10 @@ pub fn tc_attachment(ns: &crate::host::Netns, ifname: &str) -> Option<(bool, Vec
 pub fn tc_attached(ns: &crate::host::Netns, ifname: &str) -> bool {
     tc_attachment(ns, ifname).is_some_and(|(tcx, prios)| tcx || !prios.is_empty())
 }
+
+/// The pinned link `links/name`: `(link id, program id)`; None if there is no such pin.
+pub fn pinned_link(pins: &BpffsDir, name: &str) -> Option<(u32, u32)> {
+    let link = aya::programs::links::PinnedLink::from_pin(pins.path.join("links").join(name));
+    let info = aya::programs::links::FdLink::from(link.ok()?).info().ok()?;
+    Some((info.id(), info.program_id()))
+}

@@ -33,6 +33,8 @@ pub struct Pod {
 pub struct Cluster {
     servers: Vec<PodServers>,
     pub pods: Vec<Pod>,
+    /// More client pods ([`Self::add_routed_client`]), outside the hooked cgroup.
+    pub other_clients: Vec<Netns>,
     pub client: Netns,
     pub node: Netns,
     /// The client pod's cgroup: where the socket programs are attached.
@@ -72,6 +74,7 @@ fn skeleton(
     Ok(Cluster {
         servers: vec![],
         pods: vec![],
+        other_clients: vec![],
         client,
         node,
         cgroup,
@@ -153,6 +156,25 @@ impl Cluster {
         attach_routed(&self.node, &netns, &format!("vpod{i}"), ip)?;
         self.pods.push(Pod { name, ip, netns });
         Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Another client pod on a routed cluster: 10.201.0.3, .4, ...; its node-side veth is
+    /// `vclient<n>` (n from 1). Returns its index in [`Self::other_clients`].
+    pub fn add_routed_client(&mut self) -> anyhow::Result<usize> {
+        let n = self.other_clients.len() + 1;
+        let netns = Netns::new(&format!("{}-c{n}", self.id()))?;
+        let ip = Ipv4Addr::new(10, 201, 0, 2 + n as u8);
+        attach_routed(&self.node, &netns, &format!("vclient{n}"), ip)?;
+        self.other_clients.push(netns);
+        Ok(n - 1)
+    }
+
+    /// `program` in another client pod's namespace ([`Self::add_routed_client`]).
+    pub fn other_client_command(&self, i: usize, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.other_clients[i].path().display()))
+            .arg(program);
+        c
     }
 
     /// The unique prefix of this cluster's namespaces.

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod host;

@@ -5,7 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use proxy_tests::{
-    agent::{Agent, Manifests, agent_bin, tc_attached, tc_attachment},
+    agent::{Agent, Manifests, agent_bin, pinned_link, tc_attached, tc_attachment},
     client::{self, Report},
     cluster::{Cluster, ECHO_PORT, TCP_PORT, UDP_PORT},
     host::{BpffsDir, require_root, scaled, wait_for},
@@ -434,18 +434,37 @@ fn an_established_flow_survives_the_agent_killed_and_started_again() {
     let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
     let vip = format!("{VIP}:7");
     // 150 round trips, one every 20 ms: about 3 s.
+    let ifaces = ["vpod0", "vpod1", "vpod2", "vclient"];
+    let links = |f: &Fixture| ifaces.map(|i| pinned_link(&f.pins, &format!("tc_{i}")));
+    let before = links(&f);
+    let tcx = tc_attachment(&f.cluster.node, "vclient").is_some_and(|(tcx, _)| tcx);
+    assert!(
+        !tcx || before.iter().all(Option::is_some),
+        "TCX links unpinned: {before:?}"
+    );
     let child = client::spawn(&f.cluster, bin, true, "tcp-echo", &vip, 150);
     std::thread::sleep(Duration::from_millis(700));
     f.agent.kill();
     std::thread::sleep(Duration::from_millis(300));
     f.agent = start_agent(&f.cluster, &f.manifests, &f.pins);
+    // With TCX, the new program is swapped into the pinned link (the same link id): a
+    // second link beside the old one would run both programs on each packet while the
+    // agent starts, and the second would forget the flows the first had just translated.
+    for ((iface, before), after) in ifaces.iter().zip(before).zip(links(&f)) {
+        if let (Some((link, prog)), Some((link_now, prog_now))) = (before, after) {
+            assert_eq!(
+                link, link_now,
+                "{iface}: a new TCX link replaced the pinned one"
+            );
+            assert_ne!(prog, prog_now, "{iface}: still the old program");
+        }
+    }
     let r = client::finish(child);
     assert!(r.errors.is_empty(), "{r:?}\n{}", f.agent.log_text());
     assert_eq!(r.replies.get("echo"), Some(&150), "{r:?}");
     assert_eq!(r.peers.keys().collect::<Vec<_>>(), [&vip], "{r:?}");
     // The new agent replaced the program in place: one attachment per interface, whichever
     // way this kernel attaches (TCX, or a clsact filter).
-    let ifaces = ["vpod0", "vpod1", "vpod2", "vclient"];
     for ifname in ifaces {
         let (tcx, clsact) = tc_attachment(&f.cluster.node, ifname).expect(ifname);
         assert_eq!(

@@ -5,7 +5,10 @@
 use std::{path::Path, time::Duration};
 
 use proxy_tests::{
-    agent::{Agent, Manifests, frontends, move_tcp_record, sock_rev_nat_entries, tcp_sock_slots},
+    agent::{
+        Agent, Manifests, frontends, http_get, move_tcp_record, sock_rev_nat_entries,
+        tcp_sock_slots,
+    },
     client::{self, Report},
     cluster::{Cluster, Pod, TCP_PORT, UDP_PORT},
     host::{BpffsDir, require_root, scaled, wait_for},
@@ -403,6 +406,11 @@ fn the_datapath_outlives_the_agent_and_a_restart_rewrites_nothing() {
         "a restart on unchanged input wrote maps:\n{}",
         f.agent.log_text()
     );
+    let (_, metrics) = http_get(&f.agent.metrics_addr, "/metrics");
+    for op in ["update", "delete"] {
+        let line = format!("proxy_map_writes_total{{op=\"{op}\"}} 0");
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
     let r = f.client("tcp", &format!("{VIP}:80"), 20);
     assert!(r.errors.is_empty(), "{r:?}");
 

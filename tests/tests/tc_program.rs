@@ -25,6 +25,8 @@ const CLIENT: [u8; 4] = [10, 1, 0, 2];
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const EMPTY_VIP: [u8; 4] = [10, 96, 0, 11];
 const BACKEND: [u8; 4] = [10, 1, 0, 5];
+/// The pod that replaces BACKEND in the Service.
+const NEXT_BACKEND: [u8; 4] = [10, 1, 0, 6];
 
 use proxy_tests::packets::{ACK, FIN, RST, SYN, csum, packet, pseudo, syn_ack, with_flags};
 
@@ -62,6 +64,53 @@ fn parse_checked(p: &[u8]) -> Parsed {
     }
 }
 
+/// `web`: TCP 80 and UDP 53 on `VIP` to `backend`; the empty Service's frontends on EMPTY_VIP.
+fn desired(backend: [u8; 4]) -> Desired {
+    let svc = ServiceRef {
+        namespace: "default".into(),
+        name: "web".into(),
+    };
+    let mut desired = Desired::default();
+    for (vip, port, proto, backends) in [
+        (
+            VIP,
+            80,
+            Proto::Tcp,
+            vec![BackendAddr {
+                ip: backend.into(),
+                port: 8080,
+            }],
+        ),
+        (
+            VIP,
+            53,
+            Proto::Udp,
+            vec![BackendAddr {
+                ip: backend.into(),
+                port: 5353,
+            }],
+        ),
+        (EMPTY_VIP, 80, Proto::Tcp, vec![]),
+        (EMPTY_VIP, 80, Proto::Udp, vec![]),
+    ] {
+        desired.frontends.insert(
+            Frontend {
+                vip: Ipv4Addr::from(vip),
+                port,
+                proto,
+            },
+            FrontendSpec {
+                service: svc.clone(),
+                backends,
+                no_local_endpoints: false,
+                affinity_timeout_s: 0,
+                algorithm: None,
+            },
+        );
+    }
+    desired
+}
+
 struct Harness {
     maps: PinnedMaps,
     ebpf: aya::Ebpf,
@@ -80,57 +129,24 @@ impl Harness {
             .unwrap();
         prog.load().expect("the verifier accepts the TC program");
         // The agent's real writer programs the maps.
-        let svc = ServiceRef {
-            namespace: "default".into(),
-            name: "web".into(),
-        };
-        let mut desired = Desired::default();
-        for (vip, port, proto, backends) in [
-            (
-                VIP,
-                80,
-                Proto::Tcp,
-                vec![BackendAddr {
-                    ip: BACKEND.into(),
-                    port: 8080,
-                }],
-            ),
-            (
-                VIP,
-                53,
-                Proto::Udp,
-                vec![BackendAddr {
-                    ip: BACKEND.into(),
-                    port: 5353,
-                }],
-            ),
-            (EMPTY_VIP, 80, Proto::Tcp, vec![]),
-            (EMPTY_VIP, 80, Proto::Udp, vec![]),
-        ] {
-            desired.frontends.insert(
-                Frontend {
-                    vip: Ipv4Addr::from(vip),
-                    port,
-                    proto,
-                },
-                FrontendSpec {
-                    service: svc.clone(),
-                    backends,
-                    no_local_endpoints: false,
-                    affinity_timeout_s: 0,
-                    algorithm: None,
-                },
-            );
-        }
         let maps = PinnedMaps::open(&pins.path).unwrap();
         let state = maps.dump().unwrap();
         let mut syncer = Syncer::new(maps, state);
-        assert!(syncer.sync(&desired).errors.is_empty());
+        assert!(syncer.sync(&desired(BACKEND)).errors.is_empty());
         Harness {
             maps: PinnedMaps::open(&pins.path).unwrap(),
             ebpf,
             pins,
         }
+    }
+
+    /// The Services again, with `backend` as every frontend's one backend, through a new
+    /// writer (as a restarted agent would).
+    fn set_backend(&self, backend: [u8; 4]) {
+        let maps = PinnedMaps::open(&self.pins.path).unwrap();
+        let state = maps.dump().unwrap();
+        let mut syncer = Syncer::new(maps, state);
+        assert!(syncer.sync(&desired(backend)).errors.is_empty());
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -735,4 +751,45 @@ fn a_flow_keeps_both_entries_while_idle_or_half_closed() {
         BACKEND,
         "the client's ACKs keep their backend"
     );
+}
+
+/// When a backend leaves the Service (its pod terminating, or scaled away), its established
+/// TCP connections stay on it, as kube-proxy's conntrack keeps them: the pod finishes what it
+/// serves. A handshake it never answered moves to a live backend when its SYN is sent again,
+/// and so does a UDP flow (kube-proxy forgets those).
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_removed_backend_keeps_its_connections_and_loses_its_new_flows() {
+    let h = Harness::new();
+    let client = |sport, flags| with_flags(packet(6, CLIENT, sport, VIP, 80, 0, 0, true), flags);
+    // 44000: established. 44001: a SYN the backend has not answered yet.
+    h.run(&client(44000, SYN));
+    h.run(&syn_ack(packet(
+        6, BACKEND, 8080, CLIENT, 44000, 0, 0, true,
+    )));
+    h.run(&client(44000, ACK));
+    h.run(&client(44001, SYN));
+    h.run(&packet(17, CLIENT, 44002, VIP, 53, 0, 0, true));
+    h.set_backend(NEXT_BACKEND);
+    // Seen more than a second ago: the next packet checks the flow's backend.
+    for (sport, proto, port) in [(44000, 6, 80), (44001, 6, 80), (44002, 17, 53)] {
+        age(&h, CLIENT, sport, VIP, port, proto, 3);
+    }
+    for flags in [ACK, FIN | ACK] {
+        let p = parse_checked(&h.run(&client(44000, flags)).1);
+        assert_eq!(
+            p.dst, BACKEND,
+            "the connection stays on its pod (flags {flags:#x})"
+        );
+    }
+    let answer = with_flags(packet(6, BACKEND, 8080, CLIENT, 44000, 0, 0, true), ACK);
+    assert_eq!(
+        parse_checked(&h.run(&answer).1).src,
+        VIP,
+        "its answers still from the VIP"
+    );
+    let p = parse_checked(&h.run(&client(44001, SYN)).1);
+    assert_eq!(p.dst, NEXT_BACKEND, "the unanswered handshake moves");
+    let p = parse_checked(&h.run(&packet(17, CLIENT, 44002, VIP, 53, 0, 0, true)).1);
+    assert_eq!(p.dst, NEXT_BACKEND, "the UDP flow moves");
 }

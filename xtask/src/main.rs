@@ -61,6 +61,16 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Restarts, upgrades and endpoint churn under load (as root): connects through both
+    /// datapaths are judged against the maps; prints tables, fails if a guarantee broke.
+    Chaos {
+        /// 3 restarts and 10 s of churn (instead of 10 and 60).
+        #[arg(long)]
+        quick: bool,
+        /// More options for `pxt-chaos` after `--` (`--help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks (as root): data plane and control plane against direct, iptables and
     /// nftables; prints tables, writes JSON, Markdown and SVG results.
     Bench {
@@ -249,6 +259,22 @@ fn main() -> anyhow::Result<()> {
             cmd.args(&args);
             let result = run(&mut cmd);
             // Whatever happened, nothing may be left behind.
+            toolchain::check_host_clean()?;
+            result
+        }
+        Cmd::Chaos { quick, args } => {
+            toolchain::ensure()?;
+            require_root("cargo xtask chaos")?;
+            let dir = build_release_bins()?;
+            let mut cmd = Command::new(dir.join("pxt-chaos"));
+            cmd.arg("--agent")
+                .arg(dir.join("proxy-agent"))
+                .arg("--probe")
+                .arg(dir.join("pxt-probe"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            let result = run(cmd.args(&args));
             toolchain::check_host_clean()?;
             result
         }

@@ -110,7 +110,7 @@ fn fin_of(dir: u8) -> u8 {
 
 /// Looks the packet's own tuple up and follows its flow. Both entries of a flow hold its
 /// state: a change is written to both at once; the last-seen time at most once a second, so
-/// most packets write nothing. A forward entry's backend is checked to still exist then.
+/// most packets write nothing. A UDP flow's or a SYN's backend is checked to still exist then.
 #[inline(always)]
 pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
     let key = t.key();
@@ -142,7 +142,12 @@ pub fn track(t: &Tuple, flags: u8, now: u32) -> Tracked {
     let (state, fins) = next_state(v.state, v.fins, v.dir, tcp, flags);
     let changed = state != v.state || fins != v.fins;
     if changed || now != v.seen_s {
-        if v.dir == CT_DIR_FORWARD && !backend_is(&v) {
+        // A flow whose backend is gone moves to a live one only if nothing is lost by it: a
+        // UDP flow (kube-proxy forgets those), or a handshake whose SYN is sent again. A TCP
+        // connection stays on its pod after the pod leaves the Service, as with kube-proxy's
+        // conntrack: a terminating pod finishes its connections.
+        let movable = !tcp || flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if v.dir == CT_DIR_FORWARD && movable && !backend_is(&v) {
             return Tracked::New;
         }
         // SAFETY: as above; plain stores into this entry's value.

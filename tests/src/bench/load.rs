@@ -49,7 +49,7 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// An RST at close: the connection leaves no TIME_WAIT behind.
-fn linger_zero(s: &TcpStream) {
+pub fn linger_zero(s: &TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
