@@ -11,10 +11,9 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
-    PathReport,
     bed::{Bed, PODS},
     probe::monotonic_ns,
-    verdict::{Epoch, judge},
+    verdict::{Epoch, percentile},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -26,7 +25,7 @@ pub struct ChurnReport {
     pub apply_p50_ms: f64,
     pub apply_p99_ms: f64,
     pub apply_max_ms: f64,
-    pub paths: Vec<PathReport>,
+    pub paths: Vec<super::PathReport>,
     pub problems: Vec<String>,
 }
 
@@ -50,11 +49,6 @@ fn step(k: usize, rng: &mut fastrand::Rng) -> (Vec<usize>, Vec<usize>) {
             (ready, rest)
         }
     }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    let i = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
-    sorted.get(i).map_or(0.0, |v| *v as f64 / 1e6)
 }
 
 pub fn run(bed: &Bed, duration: Duration, per_second: u32) -> anyhow::Result<ChurnReport> {
@@ -99,17 +93,8 @@ pub fn run(bed: &Bed, duration: Duration, per_second: u32) -> anyhow::Result<Chu
     }
     let seconds = start.elapsed().as_secs_f64();
     sleep(Duration::from_millis(300));
-    let mut paths = Vec::new();
-    for p in probes {
-        let path = p.path;
-        let result = p.finish()?;
-        paths.push(PathReport::new(
-            path,
-            judge(&epochs, &result.attempts),
-            &result,
-        ));
-    }
-    problems.extend(paths.iter().flat_map(PathReport::problems));
+    let paths = super::finish(probes, &epochs)?;
+    problems.extend(paths.iter().flat_map(super::PathReport::problems));
     apply.sort_unstable();
     Ok(ChurnReport {
         seconds,

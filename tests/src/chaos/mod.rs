@@ -79,6 +79,22 @@ impl PathReport {
     }
 }
 
+/// Stops the probes and judges what each saw against `epochs`.
+pub fn finish(
+    probes: Vec<bed::Probe>,
+    epochs: &[verdict::Epoch],
+) -> anyhow::Result<Vec<PathReport>> {
+    probes
+        .into_iter()
+        .map(|p| {
+            let path = p.path;
+            let result = p.finish()?;
+            let v = verdict::judge(epochs, &result.attempts);
+            Ok(PathReport::new(path, v, &result))
+        })
+        .collect()
+}
+
 /// The per-path table of one scenario.
 pub fn table(paths: &[PathReport]) -> String {
     let mut s = String::from(

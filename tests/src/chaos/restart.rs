@@ -12,10 +12,9 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
-    PathReport,
     bed::{Bed, OLD_VIP},
     probe::monotonic_ns,
-    verdict::{Epoch, judge},
+    verdict::Epoch,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -37,7 +36,7 @@ pub struct Restart {
 pub struct RestartReport {
     pub seconds: f64,
     pub restarts: Vec<Restart>,
-    pub paths: Vec<PathReport>,
+    pub paths: Vec<super::PathReport>,
     /// What did not hold (empty: all of it did).
     pub problems: Vec<String>,
 }
@@ -115,17 +114,8 @@ pub fn run(bed: &mut Bed, kills: usize) -> anyhow::Result<RestartReport> {
         sleep(UP);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let mut paths = Vec::new();
-    for p in probes {
-        let path = p.path;
-        let result = p.finish()?;
-        paths.push(PathReport::new(
-            path,
-            judge(&epochs, &result.attempts),
-            &result,
-        ));
-    }
-    problems.extend(paths.iter().flat_map(PathReport::problems));
+    let paths = super::finish(probes, &epochs)?;
+    problems.extend(paths.iter().flat_map(super::PathReport::problems));
     Ok(RestartReport {
         seconds,
         restarts,

@@ -62,7 +62,8 @@ fn in_force(epochs: &[Epoch], start: u64, end: u64) -> impl Iterator<Item = &Epo
     })
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
+/// The `p` quantile of sorted nanoseconds, in milliseconds (0 if none).
+pub fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
