@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::{
     cleanup::Cleaner,
     maps::PinnedMaps,
-    metrics::{Health, Metrics, SyncKind, SyncLabels, WriteOp},
+    metrics::{Health, Metrics, SyncKind, SyncLabels},
     model::{Built, Changes, Index, Model, Problem, ProblemReason, ServiceRef},
     source::Source,
     sync::{DatapathError, SyncReport, Syncer},
@@ -185,6 +185,7 @@ impl Agent {
     pub fn retry_refused(&mut self) {
         let report = self.syncer.retry_refused(Instant::now());
         log_writes(&report);
+        self.metrics.record_writes(report.updates, report.deletes);
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
         (self.metrics.frontends_refused).set(self.syncer.refused_count() as i64);
         self.cleaner.removed(&report.removed_backends);
@@ -259,9 +260,7 @@ impl Agent {
             before.updates + p.report.updates,
             before.deletes + p.report.deletes,
         );
-        let writes = &self.metrics.map_writes;
-        (writes.get_or_create(&WriteOp { op: "update" })).inc_by(updates as u64);
-        (writes.get_or_create(&WriteOp { op: "delete" })).inc_by(deletes as u64);
+        self.metrics.record_writes(updates, deletes);
         // As a full sync, a progressive one counts every frontend programmed.
         let services = match (pass, p.built.changed.as_ref()) {
             (Pass::Progressive, _) => self.syncer.frontend_count(),

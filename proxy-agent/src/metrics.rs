@@ -189,7 +189,7 @@ impl Metrics {
         let map_writes = Family::<WriteOp, Counter>::default();
         registry.register(
             "map_writes",
-            "Map entries the syncs wrote, by op (update, delete): a restart on unchanged input writes none",
+            "Map entries written by syncs and retries, by op (update, delete): a restart on unchanged input writes none",
             map_writes.clone(),
         );
         let frontends_refused = Gauge::default();
@@ -269,6 +269,13 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+    }
+
+    /// Map entries written (syncs, and retries of refused frontends).
+    pub fn record_writes(&self, updates: usize, deletes: usize) {
+        let w = &self.map_writes;
+        (w.get_or_create(&WriteOp { op: "update" })).inc_by(updates as u64);
+        (w.get_or_create(&WriteOp { op: "delete" })).inc_by(deletes as u64);
     }
 
     pub fn record_state(&self, state: &MapState, frontends: usize) {

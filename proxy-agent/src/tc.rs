@@ -24,7 +24,7 @@ use aya::{
     },
 };
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     features::TcAttach,
@@ -197,10 +197,10 @@ fn attach(
             // and forget its flow. A pin whose interface was re-created is defunct: the
             // update fails, and a new link replaces it.
             if let Ok(old) = PinnedLink::from_pin(&pin) {
-                match replace_in_place(prog, old) {
+                match replace_in_place(prog, ifname, old) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
-                        debug!(interface = %ifname, error = %e, "pinned TCX link not reusable; attaching a new one");
+                        warn!(interface = %ifname, error = %e, "pinned TCX link not reusable (interface re-created or renamed?); attaching a new one");
                     }
                 }
             }
@@ -257,11 +257,25 @@ fn attach(
 }
 
 /// Swaps `prog` into the pinned TCX link `old`, which stays pinned (the handle aya keeps is
-/// dropped: that only closes its fd).
-fn replace_in_place(prog: &mut SchedClassifier, old: PinnedLink) -> Result<(), String> {
+/// dropped: that only closes its fd). The pin is found by name: if its link turns out to be
+/// on another device (an interface renamed while no agent ran), `ifname` still lacks the
+/// program afterwards, and that is an error (the caller attaches a new link).
+fn replace_in_place(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    old: PinnedLink,
+) -> Result<(), String> {
     let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| chain(&e))?;
     let id = prog.attach_to_link(link).map_err(|e| chain(&e))?;
-    prog.take_link(id).map(drop).map_err(|e| chain(&e))
+    prog.take_link(id).map(drop).map_err(|e| chain(&e))?;
+    let ours = prog.info().map_err(|e| chain(&e))?.id();
+    let (_, running) =
+        SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).map_err(|e| chain(&e))?;
+    if running.iter().any(|p| p.id() == ours) {
+        Ok(())
+    } else {
+        Err(format!("the pinned link is not on {ifname}"))
+    }
 }
 
 /// Removes this agent's cls_bpf filters (the clsact attachments) from every interface of the

@@ -451,7 +451,8 @@ fn an_established_flow_survives_the_agent_killed_and_started_again() {
     // second link beside the old one would run both programs on each packet while the
     // agent starts, and the second would forget the flows the first had just translated.
     for ((iface, before), after) in ifaces.iter().zip(before).zip(links(&f)) {
-        if let (Some((link, prog)), Some((link_now, prog_now))) = (before, after) {
+        if let Some((link, prog)) = before {
+            let (link_now, prog_now) = after.unwrap_or_else(|| panic!("{iface}: pin gone"));
             assert_eq!(
                 link, link_now,
                 "{iface}: a new TCX link replaced the pinned one"

@@ -164,8 +164,12 @@ impl Model {
             .find(|n| n.object.metadata.name.as_deref() == Some(node_name))
             .and_then(|n| n.object.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
         let mut changes = changes;
+        // Services the model had before a reset: one removed in this same pass must still be
+        // reported changed, or its frontends would outlive it.
+        let mut forgotten = BTreeSet::new();
         if zone != self.zone || node_name != self.node_name {
             // Endpoint selection depends on both: everything is recomputed.
+            forgotten = self.cache.keys().cloned().collect();
             *self = Model {
                 zone,
                 node_name: node_name.to_string(),
@@ -178,6 +182,7 @@ impl Model {
                 .cache
                 .keys()
                 .chain(index.groups.keys())
+                .chain(&forgotten)
                 .cloned()
                 .collect(),
             Changes::Only(set) => set.clone(),

@@ -31,8 +31,8 @@ use crate::{
 pub const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// A Service the restart scenario removes while the agent is down.
 pub const OLD_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-/// The long-lived connections' Service (port 7 -> echo on 7007), never changed: removing a
-/// flow's backend ends the flow by design (its conntrack entries are forgotten).
+/// The long-lived connections' Service (port 7 -> echo on 7007), never changed, so the
+/// long-lived connections measure restarts and the churn of another Service only.
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 
 /// Backend pods; the Services use some of them, so a reply from another is a wrong backend.
@@ -90,8 +90,13 @@ pub struct Probe {
 
 impl Probe {
     /// Closes its stdin (the probe's stop signal) and reads its result, within 10 s.
-    pub fn finish(mut self) -> anyhow::Result<ProbeResult> {
+    /// Closes its stdin: the probe's stop signal (see [`Self::finish`]).
+    pub fn stop(&mut self) {
         drop(self.stdin.take());
+    }
+
+    pub fn finish(mut self) -> anyhow::Result<ProbeResult> {
+        self.stop();
         let mut child = self.child.take().context("finished twice")?;
         let mut stdout = child.stdout.take().context("stdout")?;
         // Read while it writes: its result is larger than a pipe holds.
@@ -274,8 +279,9 @@ impl Bed {
         }
     }
 
-    /// One probe process per path, from the client pod: connects to `web`, plus the echo.
-    pub fn start_probes(&self) -> anyhow::Result<Vec<Probe>> {
+    /// One probe process per path: connects to `web`, plus the echo; each stops when
+    /// finished, or after `bound` whatever happens.
+    pub fn start_probes(&self, bound: Duration) -> anyhow::Result<Vec<Probe>> {
         (self.paths.iter())
             .map(|path| {
                 let mut cmd: Command = match path {
@@ -290,6 +296,8 @@ impl Bed {
                     .arg(format!("{WEB_VIP}:80"))
                     .arg("--echo")
                     .arg(format!("{ECHO_VIP}:7"))
+                    .arg("--max-ms")
+                    .arg(bound.as_millis().to_string())
                     .arg("--rate")
                     .arg(self.rate.to_string())
                     .stdin(Stdio::piped())

@@ -63,7 +63,7 @@ pub fn run(bed: &Bed, duration: Duration, per_second: u32) -> anyhow::Result<Chu
         applied_ns: Some(applied),
         backends: bed.names(&three),
     }];
-    let probes = bed.start_probes()?;
+    let probes = bed.start_probes(duration + Duration::from_secs(60))?;
     sleep(Duration::from_millis(500));
     let tick = Duration::from_secs(1) / per_second.max(1);
     let steps = (duration.as_secs_f64() * f64::from(per_second)) as usize;

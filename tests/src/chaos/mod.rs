@@ -81,9 +81,11 @@ impl PathReport {
 
 /// Stops the probes and judges what each saw against `epochs`.
 pub fn finish(
-    probes: Vec<bed::Probe>,
+    mut probes: Vec<bed::Probe>,
     epochs: &[verdict::Epoch],
 ) -> anyhow::Result<Vec<PathReport>> {
+    // All at once: each runs until it is told, and judging one takes a while.
+    probes.iter_mut().for_each(bed::Probe::stop);
     probes
         .into_iter()
         .map(|p| {

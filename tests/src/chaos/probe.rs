@@ -47,6 +47,9 @@ pub enum Outcome {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Attempt {
     pub start_ns: u64,
+    /// When the connect returned: the backend was chosen before (at connect() on the socket
+    /// path, at the SYN or its resend on the packet path).
+    pub connected_ns: u64,
     pub end_ns: u64,
     pub outcome: Outcome,
 }
@@ -65,8 +68,15 @@ pub struct ProbeResult {
     pub echo: Option<Echo>,
 }
 
-fn once(target: SocketAddr) -> Outcome {
-    let mut s = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+/// One connect and its greeting: the outcome, and when the connect returned.
+fn once(target: SocketAddr) -> (Outcome, u64) {
+    let connect = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT);
+    let connected_ns = monotonic_ns();
+    (greeting(connect), connected_ns)
+}
+
+fn greeting(connect: std::io::Result<TcpStream>) -> Outcome {
+    let mut s = match connect {
         Ok(s) => s,
         Err(e)
             if matches!(
@@ -109,9 +119,10 @@ fn worker(
             thread::sleep(next - now);
         }
         let start_ns = monotonic_ns();
-        let outcome = once(target);
+        let (outcome, connected_ns) = once(target);
         out.push(Attempt {
             start_ns,
+            connected_ns,
             end_ns: monotonic_ns(),
             outcome,
         });

@@ -53,7 +53,8 @@ pub fn run(bed: &mut Bed, kills: usize) -> anyhow::Result<RestartReport> {
     }];
     bed.wait_web(&three, Duration::from_secs(5))
         .context("web was never programmed")?;
-    let probes = bed.start_probes()?;
+    // Each restart takes about 1.5 s; a bound well past that.
+    let probes = bed.start_probes(Duration::from_secs(60 + 30 * (kills as u64 + 1)))?;
     let start = Instant::now();
     sleep(UP);
     let mut restarts = Vec::new();

@@ -51,15 +51,28 @@ impl Verdict {
 }
 
 /// The epochs that may have been in force at some time in `[start, end]`: epoch `k` from its
-/// write until the next one is seen in the maps.
-fn in_force(epochs: &[Epoch], start: u64, end: u64) -> impl Iterator<Item = &Epoch> {
-    epochs.iter().enumerate().filter_map(move |(k, e)| {
-        let until = match epochs.get(k + 1) {
-            Some(next) => next.applied_ns.unwrap_or(u64::MAX),
-            None => u64::MAX,
-        };
-        (e.written_ns <= end && until > start).then_some(e)
-    })
+/// write until a later one is seen in the maps (the driver writes one at a time, so a later
+/// state seen means this one is over, even if the one right after it was never seen).
+fn in_force<'a>(
+    epochs: &'a [Epoch],
+    until: &'a [u64],
+    start: u64,
+    end: u64,
+) -> impl Iterator<Item = &'a Epoch> {
+    (epochs.iter().zip(until))
+        .filter(move |(e, until)| e.written_ns <= end && **until > start)
+        .map(|(e, _)| e)
+}
+
+/// When each epoch stops being in force: the first time a later one was seen.
+fn ends(epochs: &[Epoch]) -> Vec<u64> {
+    let mut until = vec![u64::MAX; epochs.len()];
+    let mut seen = u64::MAX;
+    for k in (0..epochs.len()).rev() {
+        until[k] = seen;
+        seen = seen.min(epochs[k].applied_ns.unwrap_or(u64::MAX));
+    }
+    until
 }
 
 /// The `p` quantile of sorted nanoseconds, in milliseconds (0 if none).
@@ -79,9 +92,16 @@ pub fn judge(epochs: &[Epoch], attempts: &[Attempt]) -> Verdict {
     };
     let mut latencies = Vec::new();
     let mut refusal_max = 0u64;
+    let until = ends(epochs);
     for a in attempts {
         let took = a.end_ns.saturating_sub(a.start_ns);
-        let mut states = in_force(epochs, a.start_ns, a.end_ns).peekable();
+        // A reply's backend was chosen by the time the connect returned; a failure may come
+        // from anything until the end.
+        let chosen_by = match a.outcome {
+            Outcome::Reply(_) => a.connected_ns,
+            _ => a.end_ns,
+        };
+        let mut states = in_force(epochs, &until, a.start_ns, chosen_by).peekable();
         let (mut allowed, mut empty) = (BTreeSet::new(), states.peek().is_none());
         for e in states {
             allowed.extend(e.backends.iter().cloned());
@@ -153,6 +173,7 @@ mod tests {
     fn at(start: u64, outcome: Outcome) -> Attempt {
         Attempt {
             start_ns: start,
+            connected_ns: start + 1,
             end_ns: start + 1,
             outcome,
         }
@@ -201,10 +222,30 @@ mod tests {
     }
 
     #[test]
-    fn a_change_never_seen_leaves_both_states_in_force() {
+    fn a_change_never_seen_leaves_both_states_in_force_until_a_later_one_is_seen() {
         let epochs = [epoch(0, Some(0), &["a"]), epoch(100, None, &["b"])];
         let v = judge(&epochs, &[at(1000, reply("a")), at(1000, reply("b"))]);
         assert!(v.clean(), "{v:?}");
+        let mut epochs = epochs.to_vec();
+        epochs.push(epoch(2000, Some(2010), &["c"]));
+        let v = judge(&epochs, &[at(3000, reply("a"))]);
+        assert_eq!(
+            v.wrong_backend, 1,
+            "a's state ended when c's was seen: {v:?}"
+        );
+    }
+
+    /// A reply is judged by the states in force until its connect returned: where its
+    /// backend was chosen. A slow greeting does not widen what it may have reached.
+    #[test]
+    fn a_reply_is_judged_by_when_it_connected() {
+        let epochs = [epoch(0, Some(0), &["a"]), epoch(100, Some(110), &["b"])];
+        // Connected at 60, greeted at 5000: b came in later, so b cannot have been chosen.
+        let mut slow = at(50, reply("b"));
+        (slow.connected_ns, slow.end_ns) = (60, 5000);
+        assert_eq!(judge(&epochs, &[slow.clone()]).wrong_backend, 1);
+        slow.connected_ns = 4999;
+        assert!(judge(&epochs, &[slow]).clean());
     }
 
     #[test]

@@ -94,3 +94,44 @@ fn incremental_model_equals_a_fresh_build_after_every_change() {
         }
     }
 }
+
+/// A pass in which this node's zone changes recomputes everything; a Service removed in that
+/// same pass is still reported changed, so the writer deletes its frontends (found by the
+/// `model` fuzz target: the agent kept them until the next full sync).
+#[test]
+fn a_service_removed_in_the_pass_that_changes_the_zone_is_reported_changed() {
+    fn arc<T: serde::de::DeserializeOwned>(v: Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).expect("valid test object"))
+    }
+    let node = |zone: &str| ObjectSet {
+        nodes: vec![arc(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {LABEL_ZONE: zone}}}))],
+        ..ObjectSet::default()
+    };
+    let web = ObjectSet {
+        services: vec![arc(svc(
+            "web",
+            "10.96.0.10",
+            json!([{"name": "http", "port": 80}]),
+        ))],
+        ..ObjectSet::default()
+    };
+    let (a, n): (Arc<str>, Arc<str>) = (Arc::from("a.yaml"), Arc::from("n.yaml"));
+    let (mut index, mut model) = (Index::default(), Model::default());
+    index.insert(&a, &web);
+    index.insert(&n, &node("z1"));
+    let touched = index.take_touched();
+    let first = model.build(&index, touched.as_ref().into(), "node-a", false);
+    assert_eq!(first.desired.frontends.len(), 1);
+    index.remove(&a, &web);
+    index.remove(&n, &node("z1"));
+    index.insert(&n, &node("z2"));
+    let touched = index.take_touched();
+    let second = model.build(&index, touched.as_ref().into(), "node-a", false);
+    let web_ref = ServiceRef {
+        namespace: "default".into(),
+        name: "web".into(),
+    };
+    assert!(second.changed.expect("partial").contains(&web_ref));
+    assert!(second.desired.frontends.is_empty());
+}
