@@ -156,13 +156,7 @@ fn affinity_last_used(pins: &BpffsDir) -> Vec<u32> {
 
 /// The datapath's clock: CLOCK_MONOTONIC, in seconds.
 fn monotonic_s() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes only `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64
+    proxy_tests::chaos::probe::monotonic_ns() / 1_000_000_000
 }
 
 fn only(set: &BTreeSet<String>) -> String {
