@@ -92,6 +92,26 @@ impl Fixture {
         )
     }
 
+    /// The backends programmed for web's `port`/`protocol` ("TCP", "UDP"), from the pins.
+    fn backends(&self, port: u16, protocol: &str) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+        let i = proxy_agent::inspect::inspect(&self.pins.path)?;
+        Ok((i.services.iter())
+            .filter(|s| s.vip.to_string() == VIP && s.port == port && s.protocol == protocol)
+            .flat_map(|s| s.backends.iter().map(|b| b.ip))
+            .collect())
+    }
+
+    /// UDP conntrack entries (either direction) that name `pod`.
+    fn udp_flows_naming(&self, pod: std::net::Ipv4Addr) -> usize {
+        let md = aya::maps::MapData::from_pin(self.pins.path.join(proxy_common::CT_MAP)).unwrap();
+        let ct: aya::maps::HashMap<_, proxy_common::CtKey, proxy_common::CtValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
+        let pod = u32::from_ne_bytes(pod.octets());
+        (ct.iter().flatten())
+            .filter(|(k, v)| k.proto == 17 && (v.addr_be == pod || k.saddr_be == pod))
+            .count()
+    }
+
     fn counter(&self, name: &str) -> u64 {
         proxy_agent::inspect::inspect(&self.pins.path)
             .map(|i| i.counters[name])
@@ -244,10 +264,23 @@ fn a_udp_flow_on_one_source_port_follows_its_server_pod_being_replaced() {
     f.manifests
         .write("web.yaml", &web_manifest(&ips[..1]))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // On the maps, not after a fixed time: a flow started while the first state (all three
+    // pods) is still programmed could begin on pod-1 and never be on pod-0 at all.
+    let pod0 = f.cluster.pods[0].ip;
+    wait_for(Duration::from_secs(5), || {
+        f.backends(53, "UDP")
+            .ok()
+            .filter(|b| b == &[pod0])
+            .map(drop)
+    })
+    .expect("web:53 programmed with pod-0 alone");
     let bin = Path::new(env!("CARGO_BIN_EXE_pxt-client"));
-    let child = client::spawn(&f.cluster, bin, true, "udp-loop", &format!("{VIP}:53"), 60);
-    std::thread::sleep(Duration::from_millis(1200));
+    let child = client::spawn(&f.cluster, bin, true, "udp-loop", &format!("{VIP}:53"), 100);
+    wait_for(Duration::from_secs(5), || {
+        (f.udp_flows_naming(pod0) > 0).then_some(())
+    })
+    .expect("the flow reaches pod-0");
+    std::thread::sleep(scaled(Duration::from_millis(500)));
     // The server pod is replaced by one at another address.
     f.manifests
         .write("web.yaml", &web_manifest(&ips[1..2]))
@@ -260,16 +293,11 @@ fn a_udp_flow_on_one_source_port_follows_its_server_pod_being_replaced() {
     );
     assert_eq!(r.last, "pod-1", "{r:?}");
     // kube-proxy's conntrack cleanup: no UDP flow still names the old pod.
-    let md = aya::maps::MapData::from_pin(f.pins.path.join(proxy_common::CT_MAP)).unwrap();
-    let ct: aya::maps::HashMap<_, proxy_common::CtKey, proxy_common::CtValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(md)).unwrap();
-    let old = u32::from_ne_bytes(f.cluster.pods[0].ip.octets());
-    let stale = ct
-        .iter()
-        .flatten()
-        .filter(|(k, v)| k.proto == 17 && (v.addr_be == old || k.saddr_be == old))
-        .count();
-    assert_eq!(stale, 0, "UDP flows to the replaced pod are forgotten");
+    assert_eq!(
+        f.udp_flows_naming(pod0),
+        0,
+        "UDP flows to the replaced pod are forgotten"
+    );
     assert!(
         f.agent.log_text().contains("forgot UDP flows"),
         "{}",
@@ -380,7 +408,11 @@ fn direct_connections_after_translated_ones_on_the_same_ports_are_not_hijacked()
     f.manifests
         .write("web.yaml", &web_manifest(std::slice::from_ref(&pod)))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let one = [f.cluster.pods[0].ip];
+    wait_for(Duration::from_secs(5), || {
+        f.backends(80, "TCP").ok().filter(|b| b == &one).map(drop)
+    })
+    .expect("web:80 programmed with pod-0 alone");
     // The client's ephemeral ports narrowed to 200 (a namespace's own setting), so that 2 s
     // of closed-loop connections through the VIP (connect, read, close with RST) use each
     // several times, and so will the direct connections after them.
