@@ -20,6 +20,7 @@ use proxy_common::{
     REJECT_MODE_GLOBAL, RETIRED_MAPS, RejectMode,
 };
 
+use crate::capacity::Capacity;
 use crate::maps::{self, MapsError};
 
 /// The eBPF object built by build.rs (aligned: the ELF parser reads it in place).
@@ -202,6 +203,8 @@ pub struct Settings {
     pub maglev_tables: u16,
     /// Whether the socket hooks may call `bpf_get_netns_cookie` (session affinity).
     pub netns_cookie: bool,
+    /// The maps' capacities (the `--max-*` flags).
+    pub capacity: Capacity,
 }
 
 impl Default for Settings {
@@ -212,6 +215,7 @@ impl Default for Settings {
             maglev_size: proxy_common::MAGLEV_DEFAULT_TABLE_SIZE,
             maglev_tables: proxy_common::MAGLEV_DEFAULT_TABLES as u16,
             netns_cookie: true,
+            capacity: Capacity::default(),
         }
     }
 }
@@ -233,17 +237,24 @@ pub fn load(dir: &Path) -> Result<Ebpf, LoaderError> {
 pub fn load_with(dir: &Path, settings: &Settings) -> Result<Ebpf, LoaderError> {
     check_object(EBPF_OBJECT)?;
     ensure_bpffs_dir(dir)?;
+    // Before anything is touched: pins of other capacities than the flags ask for are
+    // refused (the Maglev map alone is replaced when its geometry changes: its tables are
+    // rewritten by the first sync).
+    let layouts = || maps::layouts(settings.capacity, settings.maglev_entries());
+    maps::check_layouts(dir, layouts(), |name| name == MAGLEV_MAP)?;
     if crate::maglev_map::retire_if_resized(dir, settings.maglev_entries())? {
         tracing::info!("the Maglev table geometry changed: a new map replaces the old one");
     }
-    maps::check_layouts(dir, maps::layouts(settings.maglev_entries()), false)?;
+    maps::check_layouts(dir, layouts(), |_| false)?;
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (m.name, dir.join(m.name))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
+    for layout in layouts() {
+        loader.map_max_entries(layout.name, layout.max_entries);
+    }
     let ebpf = loader
-        .map_max_entries(MAGLEV_MAP, settings.maglev_entries())
         .override_global(CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true)
         .override_global(REJECT_MODE_GLOBAL, &(settings.reject as u32), true)
         .override_global(MAGLEV_SIZE_GLOBAL, &settings.maglev_size, true)

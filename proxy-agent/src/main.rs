@@ -2,7 +2,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_agent::{inspect, loader, model::Algorithm, run, status};
+use proxy_agent::{capacity, inspect, loader, model::Algorithm, run, status};
 
 // A cold start parses thousands of small YAML files on every core, then builds the model: both
 // allocate many short-lived objects, where mimalloc's per-thread heaps take about a quarter off
@@ -109,6 +109,55 @@ struct RunArgs {
     conntrack: ConntrackArgs,
     #[command(flatten)]
     choice: ChoiceArgs,
+    #[command(flatten)]
+    capacity: CapacityArgs,
+}
+
+/// How many entries the maps hold. A map gets its size when it is created: an agent started
+/// with other sizes than the pinned maps have is refused (start it with theirs, or run
+/// `proxy-agent cleanup` first). A Service that does not fit is refused whole, reported, and
+/// programmed as soon as there is room.
+#[derive(clap::Args)]
+struct CapacityArgs {
+    /// Service map entries: one per Service port plus one per backend of it.
+    #[arg(long, default_value_t = proxy_common::SVC_MAP_ENTRIES, value_parser = entries)]
+    max_services: u32,
+    /// Distinct backends (pod IP, port, protocol) over all Services.
+    #[arg(long, default_value_t = proxy_common::BACKEND_MAP_ENTRIES, value_parser = entries)]
+    max_backends: u32,
+    /// Frontends (Service ports, each with its ClusterIP); at most 65535.
+    #[arg(long, default_value_t = proxy_common::REV_NAT_MAP_ENTRIES,
+          value_parser = clap::value_parser!(u32)
+              .range(i64::from(capacity::MIN_ENTRIES)..=i64::from(capacity::MAX_FRONTENDS)))]
+    max_frontends: u32,
+    /// Packet-path conntrack entries, two per flow; when full, the least recently used
+    /// flows are evicted.
+    #[arg(long, default_value_t = proxy_common::CT_MAP_ENTRIES, value_parser = entries)]
+    max_conntrack: u32,
+    /// ClientIP affinity records (client x Service port); when full, the least recently
+    /// used are forgotten.
+    #[arg(long, default_value_t = proxy_common::AFFINITY_MAP_ENTRIES, value_parser = entries)]
+    max_affinity: u32,
+}
+
+fn entries(s: &str) -> Result<u32, String> {
+    let (min, max) = (capacity::MIN_ENTRIES, capacity::MAX_ENTRIES);
+    match s.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: must be a number from {min} to {max}")),
+    }
+}
+
+impl CapacityArgs {
+    fn capacity(&self) -> capacity::Capacity {
+        capacity::Capacity {
+            services: self.max_services,
+            backends: self.max_backends,
+            frontends: self.max_frontends,
+            conntrack: self.max_conntrack,
+            affinity: self.max_affinity,
+        }
+    }
 }
 
 /// How a backend is chosen for a new connection (after ClientIP affinity).
@@ -219,6 +268,7 @@ fn main() -> anyhow::Result<()> {
                 tc_interfaces,
                 conntrack,
                 choice,
+                capacity,
             } = *args;
             if u64::from(choice.maglev_tables) * u64::from(choice.maglev_table_size)
                 > u64::from(u32::MAX)
@@ -262,6 +312,7 @@ fn main() -> anyhow::Result<()> {
                     maglev_size: choice.maglev_table_size,
                     maglev_tables: choice.maglev_tables,
                 },
+                capacity: capacity.capacity(),
                 kube_initial_list,
             }))
         }

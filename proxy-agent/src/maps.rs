@@ -18,6 +18,7 @@ use proxy_common::{
     SockRevNatKey, SockRevNatValue, VIP_MAP,
 };
 
+use crate::capacity::{self, Capacity};
 use crate::maglev_map::MaglevTables;
 use crate::sync::{Datapath, DatapathError, MapState, Partial};
 
@@ -42,6 +43,17 @@ pub enum MapsError {
         expected: (u32, u32, u32, u32),
         found: (u32, u32, u32, u32),
     },
+    #[error(
+        "pinned map {path} holds {pinned} entries, and {flag} asks for {asked}: the kernel cannot \
+         resize a map; start with {flag} {pinned}, or run `proxy-agent cleanup` first (connections \
+         through the datapath lose their translation until the agent has started again)"
+    )]
+    Capacity {
+        path: PathBuf,
+        flag: &'static str,
+        pinned: u32,
+        asked: u32,
+    },
     #[error("{op} on map {map}: {source}")]
     Syscall {
         map: &'static str,
@@ -63,31 +75,34 @@ pub enum MapsError {
     },
 }
 
-/// The maps' layouts with the capacities set at load time (`maglev_entries`: the Maglev
-/// map's, from the agent's flags).
-pub fn layouts(maglev_entries: u32) -> impl Iterator<Item = MapLayout> {
-    MAPS.iter().map(move |l| match l.name {
-        MAGLEV_MAP => MapLayout {
-            max_entries: maglev_entries,
-            ..*l
+/// The maps' layouts with the capacities set at load time: `capacity` (the `--max-*` flags)
+/// and `maglev_entries` (the Maglev map's, from its flags).
+pub fn layouts(capacity: Capacity, maglev_entries: u32) -> impl Iterator<Item = MapLayout> {
+    MAPS.iter().map(move |l| MapLayout {
+        max_entries: match l.name {
+            MAGLEV_MAP => maglev_entries,
+            name => capacity.of(name).unwrap_or(l.max_entries),
         },
-        _ => *l,
+        ..*l
     })
 }
 
 /// Checks every map already pinned in `dir` against the ABI (aya reuses a pin without
 /// checking its sizes). Maps that are not pinned yet are fine: they will be created. The
-/// Maglev map's capacity is whatever it was created with (checked against the flags at load).
+/// capacities set by flags are whatever the maps were created with (checked at load).
 pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
-    check_layouts(dir, MAPS.iter().copied(), true)
+    check_layouts(dir, MAPS.iter().copied(), |name| {
+        name == MAGLEV_MAP || capacity::flag_of(name).is_some()
+    })
 }
 
-/// [`check_pinned_layouts`], with the capacities `layouts` gives (`any_maglev_size`: accept
-/// any capacity of the Maglev map).
+/// [`check_pinned_layouts`], with the capacities `layouts` gives; `any_size(name)`: accept
+/// any capacity of that map. A map whose capacity alone differs, and is set by a flag, is a
+/// [`MapsError::Capacity`].
 pub fn check_layouts(
     dir: &Path,
     layouts: impl Iterator<Item = MapLayout>,
-    any_maglev_size: bool,
+    any_size: impl Fn(&str) -> bool,
 ) -> Result<(), MapsError> {
     for layout in layouts {
         let path = dir.join(layout.name);
@@ -105,7 +120,7 @@ pub fn check_layouts(
         // (An unknown map type never matches.)
         let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
         let found = (kind, info.key_size(), info.value_size(), info.max_entries());
-        let max_entries = if any_maglev_size && layout.name == MAGLEV_MAP {
+        let max_entries = if any_size(layout.name) {
             info.max_entries()
         } else {
             layout.max_entries
@@ -116,6 +131,17 @@ pub fn check_layouts(
             layout.value_size,
             max_entries,
         );
+        if let Some(flag) = capacity::flag_of(layout.name)
+            && found != expected
+            && (found.0, found.1, found.2) == (expected.0, expected.1, expected.2)
+        {
+            return Err(MapsError::Capacity {
+                path,
+                flag,
+                pinned: found.3,
+                asked: expected.3,
+            });
+        }
         if found != expected {
             return Err(MapsError::Layout {
                 path,

@@ -27,7 +27,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use proxy_common::{BACKEND_MAP, CT_MAP, CT_STATES, MAPS, REV_NAT_MAP, SVC_MAP};
+use proxy_common::{BACKEND_MAP, CT_MAP, CT_STATES, REV_NAT_MAP, SVC_MAP};
 use tracing::warn;
 
 use crate::{maps::PinnedMaps, model::ProblemReason, sync::MapState};
@@ -93,6 +93,8 @@ pub struct FeatureName {
 
 pub struct Metrics {
     pub registry: Registry,
+    /// The maps' capacities, for their fill ratios.
+    capacity: crate::capacity::Capacity,
     pub datapath_feature: Family<FeatureName, Gauge>,
     pub sync_duration: Family<SyncLabels, Histogram>,
     pub programming_latency: Histogram,
@@ -237,6 +239,7 @@ impl Metrics {
         registry.register_collector(Box::new(DatapathCounters { bpffs_dir }));
         Metrics {
             registry,
+            capacity: Default::default(),
             datapath_feature,
             sync_duration,
             programming_latency,
@@ -253,6 +256,12 @@ impl Metrics {
             kube_relists,
             kube_watch_errors,
         }
+    }
+
+    /// With the maps' capacities (the `--max-*` flags) instead of the default ones.
+    pub fn with_capacity(mut self, capacity: crate::capacity::Capacity) -> Self {
+        self.capacity = capacity;
+        self
     }
 
     pub fn record_features(&self, features: &crate::features::Features) {
@@ -281,16 +290,12 @@ impl Metrics {
     pub fn record_state(&self, state: &MapState, frontends: usize) {
         self.frontends.set(frontends as i64);
         self.backends.set(state.backends.len() as i64);
-        for l in MAPS {
-            let n = match l.name {
-                n if n == SVC_MAP => state.services.len(),
-                n if n == BACKEND_MAP => state.backends.len(),
-                n if n == REV_NAT_MAP => state.rev_nat.len(),
-                _ => continue,
-            };
-            self.map_fill
-                .get_or_create(&MapName { map: l.name })
-                .set(n as f64 / f64::from(l.max_entries));
+        for (map, n) in [
+            (SVC_MAP, state.services.len()),
+            (BACKEND_MAP, state.backends.len()),
+            (REV_NAT_MAP, state.rev_nat.len()),
+        ] {
+            self.record_fill(map, n);
         }
     }
 
@@ -303,11 +308,12 @@ impl Metrics {
                 .set(n as i64);
         }
         self.conntrack_collected.inc_by(pass.collected as u64);
-        if let Some(ct) = MAPS.iter().find(|m| m.name == CT_MAP) {
-            self.map_fill
-                .get_or_create(&MapName { map: ct.name })
-                .set(pass.entries as f64 / f64::from(ct.max_entries));
-        }
+        self.record_fill(CT_MAP, pass.entries);
+    }
+
+    fn record_fill(&self, map: &'static str, entries: usize) {
+        let capacity = self.capacity.of(map).unwrap_or(1).max(1);
+        (self.map_fill.get_or_create(&MapName { map })).set(entries as f64 / f64::from(capacity));
     }
 
     /// Latency from an EndpointSlice change (its trigger time) to now, when it was written.

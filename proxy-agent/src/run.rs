@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::Agent,
+    capacity::Capacity,
     cleanup::{Cleaner, Gc},
     conntrack,
     features::{self, Feature, Features},
@@ -45,6 +46,8 @@ pub struct RunConfig {
     pub ct_gc_interval: Duration,
     /// Backend choice: the node's algorithm and Maglev tables.
     pub choice: ChoiceConfig,
+    /// The maps' capacities (the `--max-*` flags).
+    pub capacity: Capacity,
     /// How the Kubernetes API source lists (streaming lists, or lists).
     pub kube_initial_list: InitialList,
 }
@@ -70,7 +73,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     // The first read begins now (the manifests are parsed on worker threads while the
     // datapath loads); the first sync takes it.
-    let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()));
+    let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()).with_capacity(cfg.capacity));
     let source = source.start(&cfg.node_name, cfg.kube_initial_list, &wake, &metrics);
     let settings = loader::Settings {
         ct_timeouts: cfg.ct_timeouts,
@@ -78,6 +81,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         maglev_size: cfg.choice.maglev_size,
         maglev_tables: cfg.choice.maglev_tables,
         netns_cookie: features.has(Feature::NetnsCookie),
+        capacity: cfg.capacity,
     };
     if !settings.netns_cookie {
         warn!(
@@ -138,7 +142,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .context("starting the cleanup thread")?;
     let mut agent = Agent::new(
         source,
-        Syncer::with_choice(maps, state, cfg.choice),
+        Syncer::with_choice(maps, state, cfg.choice).with_capacity(cfg.capacity),
         cfg.node_name.clone(),
         metrics,
         health,

@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::BACKEND_MAP_ENTRIES;
 use proxy_tests::{
     agent::{AGENT_CAPABILITIES, Agent, Manifests, agent_bin, free_port, frontends, http_get},
     client::{self, Report},
@@ -88,15 +87,11 @@ fn backends_of(pins: &BpffsDir, vip: &str) -> Option<usize> {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn a_full_map_refuses_one_service_and_the_agent_stays_healthy() {
-    if std::env::var_os("PXT_EXPECT_FEATURES").is_some() {
-        // The VM runner (TCG): 147k endpoints take minutes to program there; the behaviour is
-        // the kernel-independent sync's, checked on the host.
-        eprintln!("skipped under emulation");
-        return;
-    }
     let (cluster, manifests, pods, pins) = web();
-    // Three Services of `each` backends: two fit beside web's, the third does not.
-    let each = (BACKEND_MAP_ENTRIES as usize) * 3 / 8;
+    // A backend map of 64 (`--max-backends`): three Services of 24 backends beside web's 3,
+    // two fit, the third does not.
+    const CAPACITY: usize = 64;
+    let each = CAPACITY * 3 / 8;
     let big = |k: usize| -> Vec<String> {
         (0..each)
             .map(|i| format!("10.{}.{}.{}", 100 + k, i / 250, i % 250 + 1))
@@ -120,13 +115,14 @@ fn a_full_map_refuses_one_service_and_the_agent_stays_healthy() {
             "2".as_ref(),
             "--healthz-max-age-seconds".as_ref(),
             "10".as_ref(),
+            "--max-backends".as_ref(),
+            CAPACITY.to_string().as_ref(),
         ],
         &cluster.cgroup_path(),
         &pins,
     )
     .expect("agent starts");
-    // Three times 49,152 endpoints: minutes under emulation (the VM runner).
-    agent.wait_ready_within(Duration::from_secs(600)).unwrap();
+    agent.wait_ready_within(Duration::from_secs(60)).unwrap();
     let refused_lines = || agent.log_text().matches("frontend refused").count();
     wait_for(Duration::from_secs(60), || {
         (refused_lines() > 0).then_some(())
@@ -145,6 +141,12 @@ fn a_full_map_refuses_one_service_and_the_agent_stays_healthy() {
     assert_eq!(refused_lines(), 1, "{}", agent.log_text());
     let metrics = http_get(&agent.metrics_addr, "/metrics").1;
     assert!(metrics.contains("proxy_frontends_refused 1"), "{metrics}");
+    // The fill ratio is of the map's own capacity.
+    let fill = format!(
+        "proxy_map_fill_ratio{{map=\"PROXY_BE_V1\"}} {}",
+        (2 * each + 3) as f64 / CAPACITY as f64
+    );
+    assert!(metrics.contains(&fill), "{fill}\n{metrics}");
 
     // An unrelated change is programmed at once.
     manifests
@@ -176,6 +178,129 @@ fn a_full_map_refuses_one_service_and_the_agent_stays_healthy() {
     serves(&cluster, 20);
 }
 
+/// `proxy-agent run` with `extra` flags on these pins, expected to exit non-zero within
+/// 120 s ([`scaled`]): its stderr.
+fn refused_run(
+    cluster: &Cluster,
+    manifests: &Manifests,
+    pins: &BpffsDir,
+    extra: &[&str],
+) -> String {
+    let mut agent = Command::new(agent_bin())
+        .args(["run", "--node-name", "node-a", "--manifests"])
+        .arg(&manifests.dir)
+        .arg("--cgroup")
+        .arg(cluster.cgroup_path())
+        .arg("--bpffs-dir")
+        .arg(&pins.path)
+        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + scaled(Duration::from_secs(120));
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::io::read_to_string(agent.stderr.take().unwrap()).unwrap();
+    let status = status.unwrap_or_else(|| panic!("the agent ran:\n{stderr}"));
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+/// The `--max-*` flags size the maps when they are created; an agent started again with
+/// other sizes than the pinned maps have is refused before it touches anything, naming the
+/// flag and both sizes, and the datapath keeps serving; with the pinned sizes it adopts them
+/// without a write.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn map_sizes_are_flags_and_pinned_sizes_are_kept() {
+    use proxy_common::{
+        AFFINITY_MAP, AFFINITY_MATCH_MAP, BACKEND_MAP, CT_MAP, REV_NAT_MAP, SOCK_SLOT_MAP,
+        SOCK_SLOT_MAP_ENTRIES, SVC_MAP,
+    };
+    let (cluster, manifests, _, pins) = web();
+    let flags = [
+        "--max-services",
+        "4096",
+        "--max-backends",
+        "1024",
+        "--max-frontends",
+        "512",
+        "--max-conntrack",
+        "8192",
+        "--max-affinity",
+        "2048",
+    ];
+    let args = |flags: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut a = vec!["--manifests".into(), manifests.dir.clone().into_os_string()];
+        a.extend(flags.iter().map(Into::into));
+        a
+    };
+    let start = |flags: &[&str]| {
+        let a = args(flags);
+        let a: Vec<&std::ffi::OsStr> = a.iter().map(std::ffi::OsString::as_os_str).collect();
+        Agent::start_with(&a, &cluster.cgroup_path(), &pins).expect("agent starts")
+    };
+    let mut agent = start(&flags);
+    let size = |map: &str| {
+        let md = aya::maps::MapData::from_pin(pins.path.join(map)).unwrap();
+        md.info().unwrap().max_entries()
+    };
+    for (map, n) in [
+        (SVC_MAP, 4096),
+        (AFFINITY_MATCH_MAP, 4096),
+        (BACKEND_MAP, 1024),
+        (REV_NAT_MAP, 512),
+        (CT_MAP, 8192),
+        (AFFINITY_MAP, 2048),
+        // Not sized by a flag: as built.
+        (SOCK_SLOT_MAP, SOCK_SLOT_MAP_ENTRIES),
+    ] {
+        assert_eq!(size(map), n, "{map}");
+    }
+    serves(&cluster, 20);
+    agent.stop();
+    let before = frontends(&pins);
+
+    let stderr = refused_run(&cluster, &manifests, &pins, &{
+        let mut f = flags;
+        f[3] = "2048";
+        f
+    });
+    assert!(
+        stderr.contains("holds 1024 entries, and --max-backends asks for 2048"),
+        "{stderr}"
+    );
+    assert_eq!(size(BACKEND_MAP), 1024);
+    assert_eq!(frontends(&pins), before);
+    serves(&cluster, 20);
+    // The default sizes differ from these pins too: refused alike.
+    let stderr = refused_run(&cluster, &manifests, &pins, &[]);
+    assert!(stderr.contains("--max-services asks for"), "{stderr}");
+    // Out of range: refused by the flag's own check.
+    let stderr = refused_run(&cluster, &manifests, &pins, &["--max-frontends", "70000"]);
+    assert!(stderr.contains("--max-frontends"), "{stderr}");
+
+    let agent = start(&flags);
+    let metrics = http_get(&agent.metrics_addr, "/metrics").1;
+    assert!(
+        metrics.contains("proxy_map_writes_total{op=\"update\"} 0"),
+        "the pinned maps adopted as they are: {metrics}"
+    );
+    serves(&cluster, 20);
+}
+
 /// A second `run` on a bpffs directory in use is refused before it touches the pins or the
 /// links, naming the running agent; the first one keeps serving, unchanged.
 #[test]
@@ -190,34 +315,7 @@ fn a_second_agent_on_the_same_bpffs_dir_is_refused() {
     };
     let (before, links_before) = (frontends(&pins), links());
 
-    let mut second = Command::new(agent_bin())
-        .args(["run", "--node-name", "node-a", "--manifests"])
-        .arg(&manifests.dir)
-        .arg("--cgroup")
-        .arg(cluster.cgroup_path())
-        .arg("--bpffs-dir")
-        .arg(&pins.path)
-        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + scaled(Duration::from_secs(120));
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = second.kill();
-            let _ = second.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = std::io::read_to_string(second.stderr.take().unwrap()).unwrap();
-    let status = status.unwrap_or_else(|| panic!("a second agent ran:\n{stderr}"));
-    assert!(!status.success());
+    let stderr = refused_run(&cluster, &manifests, &pins, &[]);
     let pid = first.pid().unwrap();
     assert!(
         stderr.contains(&format!("another agent (pid {pid}) is running on")),

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use foldhash::{HashMap, HashSet};
-use proxy_common::{BACKEND_MAP_ENTRIES, Backend, REV_NAT_MAP_ENTRIES};
+use proxy_common::{Backend, REV_NAT_MAP_ENTRIES};
 
 use super::mirror::MapState;
 
@@ -59,12 +59,12 @@ impl BackendIds {
         self.ids.get(b).copied()
     }
 
-    /// A new id for `b`, which has none (the capacity check before guarantees a free one;
-    /// ids are never 0).
-    pub fn allocate(&mut self, b: Backend) -> u32 {
+    /// A new id for `b`, which has none, below twice the map's `capacity` (the capacity
+    /// check before guarantees a free one; ids are never 0).
+    pub fn allocate(&mut self, b: Backend, capacity: u32) -> u32 {
         loop {
             let id = self.next;
-            self.next = if id >= BACKEND_MAP_ENTRIES * 2 {
+            self.next = if id >= capacity.saturating_mul(2) {
                 1
             } else {
                 id + 1

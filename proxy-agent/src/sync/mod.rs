@@ -32,6 +32,7 @@ pub use self::{
         MapState, Mirror, TableContent, backend_value, frontend_of, rev_nat_value, service_key,
     },
 };
+use crate::capacity::Capacity;
 use crate::model::{Desired, Frontend, FrontendSpec, ServiceRef};
 
 /// What one sync did.
@@ -65,6 +66,7 @@ pub struct Syncer<D: Datapath> {
     rev_nat_ids: RevNatIds,
     table_ids: TableIds,
     choice: ChoiceConfig,
+    capacity: Capacity,
     refused: Refused,
 }
 
@@ -101,9 +103,16 @@ impl<D: Datapath> Syncer<D> {
             rev_nat_ids: RevNatIds::default(),
             table_ids: TableIds::default(),
             choice,
+            capacity: Capacity::default(),
             refused: Refused::default(),
             mirror,
         }
+    }
+
+    /// With the maps' capacities (the `--max-*` flags) instead of the default ones.
+    pub fn with_capacity(mut self, capacity: Capacity) -> Self {
+        self.capacity = capacity;
+        self
     }
 
     /// Frontends (masters) in the maps, counted as they are written rather than walked.

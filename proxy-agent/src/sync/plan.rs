@@ -1,10 +1,7 @@
 //! Planning one frontend's update before anything is written: refused as a whole when a map
 //! cannot hold it, otherwise its ids (Cilium's `upsertServiceProto` is handed its ids too).
 
-use proxy_common::{
-    BACKEND_MAP, BACKEND_MAP_ENTRIES, Backend, REV_NAT_MAP, REV_NAT_MAP_ENTRIES,
-    SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP, SVC_MAP_ENTRIES,
-};
+use proxy_common::{BACKEND_MAP, Backend, REV_NAT_MAP, SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP};
 
 use super::{
     Datapath, DatapathError, Syncer,
@@ -50,6 +47,7 @@ impl<D: Datapath> Syncer<D> {
         spec: &FrontendSpec,
     ) -> Result<Plan, DatapathError> {
         let state = self.mirror.state();
+        let capacity = self.capacity;
         let values: Vec<Backend> = (spec.backends.iter())
             .map(|b| backend_value(b, f.proto))
             .collect();
@@ -59,20 +57,20 @@ impl<D: Datapath> Syncer<D> {
             .collect();
         new_backends.sort_unstable();
         new_backends.dedup();
-        if state.backends.len() + new_backends.len() > BACKEND_MAP_ENTRIES as usize {
+        if state.backends.len() + new_backends.len() > capacity.backends as usize {
             return Err(DatapathError::Full {
                 map: BACKEND_MAP,
-                capacity: BACKEND_MAP_ENTRIES,
+                capacity: capacity.backends,
                 what: format!("{f} needs {} new backends", new_backends.len()),
             });
         }
         let old_master = self.mirror.master(f);
         let present = self.mirror.slot_count(f) + usize::from(old_master.is_some());
         let extra = (values.len() + 1).saturating_sub(present);
-        if state.services.len() + extra > SVC_MAP_ENTRIES as usize {
+        if state.services.len() + extra > capacity.services as usize {
             return Err(DatapathError::Full {
                 map: SVC_MAP,
-                capacity: SVC_MAP_ENTRIES,
+                capacity: capacity.services,
                 what: format!("{f} needs {extra} more entries"),
             });
         }
@@ -85,13 +83,13 @@ impl<D: Datapath> Syncer<D> {
                 let mirror = &self.mirror;
                 // Counted first: a walk of every id, for each frontend refused, is what a full
                 // map would cost at every retry.
-                let room = mirror.state().rev_nat.len() < REV_NAT_MAP_ENTRIES as usize;
+                let room = mirror.state().rev_nat.len() < capacity.frontends as usize;
                 let id = room
                     .then(|| (self.rev_nat_ids).allocate(|id| mirror.rev_nat(id).is_some()))
                     .flatten()
                     .ok_or_else(|| DatapathError::Full {
                         map: REV_NAT_MAP,
-                        capacity: REV_NAT_MAP_ENTRIES,
+                        capacity: capacity.frontends,
                         what: format!("no rev-NAT id left for {f}"),
                     })?;
                 RevNatPlan::New(id)
@@ -102,7 +100,7 @@ impl<D: Datapath> Syncer<D> {
             .map(|b| match self.backend_ids.get(b) {
                 Some(id) => id,
                 None => {
-                    let id = self.backend_ids.allocate(*b);
+                    let id = self.backend_ids.allocate(*b, capacity.backends);
                     new_ids.push(id);
                     new_backends.push(*b);
                     id

@@ -129,6 +129,15 @@ fn restart_after_a_crash_mid_update_cleans_orphans() {
     assert_eq!(s.dp.maps, MapState::default());
 }
 
+/// A syncer whose backend map holds [`BACKENDS`] (the `--max-backends` flag).
+fn small() -> Syncer<Fake> {
+    Syncer::new(Fake::default(), MapState::default()).with_capacity(Capacity {
+        backends: BACKENDS,
+        ..Capacity::default()
+    })
+}
+const BACKENDS: u32 = 16;
+
 /// Pretends the backend map holds `n` backends (in the mirror only).
 fn fill_backends(s: &mut Syncer<Fake>, n: u32) {
     for id in 1..=n {
@@ -146,8 +155,8 @@ fn fill_backends(s: &mut Syncer<Fake>, n: u32) {
 
 #[test]
 fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
-    let mut s = Syncer::new(Fake::default(), MapState::default());
-    fill_backends(&mut s, BACKEND_MAP_ENTRIES - 1);
+    let mut s = small();
+    fill_backends(&mut s, BACKENDS - 1);
     let (ok, big) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
     let r = s.sync(&desired(&[
         (ok, &[("10.1.0.1", 8080)]),
@@ -172,8 +181,8 @@ fn a_full_map_refuses_the_frontend_and_keeps_the_rest() {
 #[test]
 fn a_refused_frontend_backs_off_and_is_programmed_once_room_is_made() {
     use std::time::{Duration, Instant};
-    let mut s = Syncer::new(Fake::default(), MapState::default());
-    fill_backends(&mut s, BACKEND_MAP_ENTRIES - 2);
+    let mut s = small();
+    fill_backends(&mut s, BACKENDS - 2);
     let (a, big) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
     let a_backends: &[(&str, u16)] = &[("10.1.0.1", 8080), ("10.1.0.2", 8080)];
     let both = desired(&[
@@ -243,11 +252,63 @@ fn a_refused_frontend_backs_off_and_is_programmed_once_room_is_made() {
 /// A refused frontend whose Service is gone is forgotten.
 #[test]
 fn a_refused_frontend_no_longer_wanted_is_forgotten() {
-    let mut s = Syncer::new(Fake::default(), MapState::default());
-    fill_backends(&mut s, BACKEND_MAP_ENTRIES);
+    let mut s = small();
+    fill_backends(&mut s, BACKENDS);
     let big = fe("10.96.0.11", 80);
     s.sync(&desired(&[(big, &[("10.1.0.3", 8080)])]));
     assert_eq!(s.refused_count(), 1);
     s.sync(&Desired::default());
     assert_eq!((s.refused_count(), s.next_retry()), (0, None));
+}
+
+/// The service map's and the rev-NAT map's capacities (`--max-services`, `--max-frontends`)
+/// bound what is written as the backend map's does: a frontend that does not fit is refused
+/// whole, before anything of it is written, and the ones before it stay.
+#[test]
+fn each_sized_map_refuses_the_frontend_that_does_not_fit() {
+    let (a, b, c) = (
+        fe("10.96.0.10", 80),
+        fe("10.96.0.11", 80),
+        fe("10.96.0.12", 80),
+    );
+    let two: &[(&str, u16)] = &[("10.1.0.1", 8080), ("10.1.0.2", 8080)];
+    // a takes 3 service entries (master and two slots), b 3 more: 5 hold a only.
+    let services = Capacity {
+        services: 5,
+        ..Capacity::default()
+    };
+    // Two frontends' rev-NAT entries: c is one too many.
+    let frontends = Capacity {
+        frontends: 2,
+        ..Capacity::default()
+    };
+    for (capacity, fits, map) in [
+        (services, &[a][..], proxy_common::SVC_MAP),
+        (frontends, &[a, b], proxy_common::REV_NAT_MAP),
+    ] {
+        let mut s = Syncer::new(Fake::default(), MapState::default()).with_capacity(capacity);
+        let r = s.sync(&desired(&[(a, two), (b, two), (c, two)]));
+        let refused: Vec<_> = r.errors.iter().map(|(f, _)| *f).collect();
+        let wanted: Vec<_> = [a, b, c]
+            .into_iter()
+            .filter(|f| !fits.contains(f))
+            .collect();
+        assert_eq!(refused, wanted, "{map}");
+        for (_, e) in &r.errors {
+            assert!(
+                matches!(e, DatapathError::Full { map: m, .. } if *m == map),
+                "{map}: {e}"
+            );
+        }
+        assert!(r.in_sync(), "a full map is not out of sync");
+        for f in [a, b, c] {
+            let programmed = s.dp.maps.services.contains_key(&service_key(&f, 0));
+            assert_eq!(programmed, fits.contains(&f), "{map}: {f}");
+            // Never half-written: all of a frontend's slots, or none.
+            let slots = (s.dp.maps.services.keys())
+                .filter(|k| k.slot != 0 && k.vip_be == service_key(&f, 0).vip_be)
+                .count();
+            assert_eq!(slots, if programmed { 2 } else { 0 }, "{map}: {f}");
+        }
+    }
 }

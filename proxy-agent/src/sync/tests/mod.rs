@@ -3,12 +3,14 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use proxy_common::{
-    BACKEND_MAP, BACKEND_MAP_ENTRIES, Backend, RevNat, SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey,
-    ServiceValue,
+    BACKEND_MAP, Backend, RevNat, SVC_FLAG_NO_LOCAL_ENDPOINTS, ServiceKey, ServiceValue,
 };
 
 use super::*;
-use crate::model::{BackendAddr, FrontendSpec, Proto, ServiceRef};
+use crate::{
+    capacity::Capacity,
+    model::{BackendAddr, FrontendSpec, Proto, ServiceRef},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
