@@ -3,9 +3,11 @@
 //! order (`writer`), with ids allocated before anything is written (`ids`).
 //!
 //! A frontend's new backends and its changed slots each go to the kernel as one run (one
-//! batch syscall on the pinned maps). A frontend that cannot be written keeps its previous
-//! state: after a syscall error the next sync retries it; one refused for want of room (a
-//! map full) is retried with backoff, and at once when room is made (`refused`).
+//! batch syscall on the pinned maps). A frontend refused for want of room (a map full) keeps
+//! its previous state, untouched, and is retried with backoff, and at once when room is made
+//! (`refused`). After a syscall error part way, its old master stays, over slots of which
+//! some may already name new backends (each one existing, of the old or the new set: what a
+//! reader sees mid-update too); the next sync finishes it. `tests/properties.rs` checks both.
 
 mod choice;
 mod datapath;

@@ -1,7 +1,8 @@
 //! The commit order: how one frontend's entries are written so that a reader (the eBPF
 //! programs) never sees a master whose slots or backends are missing.
 //!
-//! update: new backends -> affinity matches (the usable backends) -> slots 1..n -> rev-NAT
+//! update: new backends -> affinity matches (the usable backends, under the new master's
+//!         id and, while it is read, the old one's) -> slots 1..n -> rev-NAT
 //!         -> Maglev table -> the VIP of a new frontend -> master (the commit point, one
 //!         atomic update) -> delete slots n+1..old_n, matches no longer usable, a table no
 //!         longer named -> release the old rev-NAT entry -> delete unreferenced backends;
@@ -58,6 +59,13 @@ impl<D: Datapath> Writer<'_, D> {
             self.remove_affinity_matches(id, &[])?;
         }
         self.add_affinity_matches(rev_nat_id, usable)?;
+        // Until the commit, readers see the old master over the new slots: if it has
+        // affinity, the new slots' backends are usable under its id too (removed after).
+        if let Some(m) = old_master
+            && m.affinity_timeout_s != 0
+        {
+            self.add_affinity_matches(m.rev_nat_id, &plan.slots)?;
+        }
         // 3. slots 1..n (those that differ, as one run)
         self.write_slots(f, &plan.slots, old_slots)?;
         // 4. rev-NAT

@@ -26,6 +26,32 @@ fn desired_n(f: Frontend, bs: &[(String, u16)]) -> Desired {
     desired(&[(f, &refs)])
 }
 
+/// ClientIP -> None with new backends (found by the syncer's properties): the old master,
+/// which still has affinity, reads the new slots until the commit, so their backends are
+/// usable under it first; its matches go after the commit.
+#[test]
+fn affinity_turned_off_with_new_backends_keeps_the_old_masters_view_whole() {
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    let f = fe("10.96.0.10", 80);
+    s.sync(&with_affinity(desired(&[(f, &[("10.1.0.1", 8080)])]), 60));
+    ops(&mut s);
+    // (The fake checks a reader's view at every write.)
+    s.sync(&desired(&[(f, &[("10.1.0.2", 8080)])]));
+    assert_eq!(
+        ops(&mut s),
+        vec![
+            Op::Backend(2),
+            Op::Match(2),
+            Op::Slot(1),
+            Op::Master(1),
+            Op::DelMatch(1),
+            Op::DelMatch(2),
+            Op::DelBackend(1)
+        ]
+    );
+    assert!(s.dp.maps.affinity_match.is_empty());
+}
+
 #[test]
 fn affinity_matches_come_before_the_master_and_go_after_it() {
     let mut s = Syncer::new(Fake::default(), MapState::default());

@@ -287,4 +287,5 @@ fn view(m: &MapState) -> BTreeMap<ServiceKey, (u16, Vec<Backend>)> {
 mod choice;
 mod commit_order;
 mod failures;
+mod properties;
 mod scope_and_churn;
