@@ -44,16 +44,12 @@ pub enum MapsError {
         found: (u32, u32, u32, u32),
     },
     #[error(
-        "pinned map {path} holds {pinned} entries, and {flag} asks for {asked}: the kernel cannot \
-         resize a map; start with {flag} {pinned}, or run `proxy-agent cleanup` first (connections \
-         through the datapath lose their translation until the agent has started again)"
+        "{}: the kernel cannot resize a map; start with the pinned sizes, or run `proxy-agent \
+         cleanup` first (connections through the datapath lose their translation until the \
+         agent has started again)",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
-    Capacity {
-        path: PathBuf,
-        flag: &'static str,
-        pinned: u32,
-        asked: u32,
-    },
+    Capacity(Vec<CapacityMismatch>),
     #[error("{op} on map {map}: {source}")]
     Syscall {
         map: &'static str,
@@ -73,6 +69,28 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+}
+
+/// A pinned map whose capacity is not what its flag asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityMismatch {
+    pub path: PathBuf,
+    pub flag: &'static str,
+    pub pinned: u32,
+    pub asked: u32,
+}
+
+impl std::fmt::Display for CapacityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pinned map {} holds {} entries, and {} asks for {}",
+            self.path.display(),
+            self.pinned,
+            self.flag,
+            self.asked
+        )
+    }
 }
 
 /// The maps' layouts with the capacities set at load time: `capacity` (the `--max-*` flags)
@@ -98,12 +116,13 @@ pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
 
 /// [`check_pinned_layouts`], with the capacities `layouts` gives; `any_size(name)`: accept
 /// any capacity of that map. A map whose capacity alone differs, and is set by a flag, is a
-/// [`MapsError::Capacity`].
+/// [`MapsError::Capacity`], which names every such map at once.
 pub fn check_layouts(
     dir: &Path,
     layouts: impl Iterator<Item = MapLayout>,
     any_size: impl Fn(&str) -> bool,
 ) -> Result<(), MapsError> {
+    let mut mismatches = Vec::new();
     for layout in layouts {
         let path = dir.join(layout.name);
         if !path.exists() {
@@ -135,12 +154,13 @@ pub fn check_layouts(
             && found != expected
             && (found.0, found.1, found.2) == (expected.0, expected.1, expected.2)
         {
-            return Err(MapsError::Capacity {
+            mismatches.push(CapacityMismatch {
                 path,
                 flag,
                 pinned: found.3,
                 asked: expected.3,
             });
+            continue;
         }
         if found != expected {
             return Err(MapsError::Layout {
@@ -150,7 +170,11 @@ pub fn check_layouts(
             });
         }
     }
-    Ok(())
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(MapsError::Capacity(mismatches))
+    }
 }
 
 pub struct PinnedMaps {

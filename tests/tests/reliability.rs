@@ -285,9 +285,20 @@ fn map_sizes_are_flags_and_pinned_sizes_are_kept() {
     assert_eq!(size(BACKEND_MAP), 1024);
     assert_eq!(frontends(&pins), before);
     serves(&cluster, 20);
-    // The default sizes differ from these pins too: refused alike.
+    // The default sizes differ from every one of these pins: each is named, at once.
     let stderr = refused_run(&cluster, &manifests, &pins, &[]);
-    assert!(stderr.contains("--max-services asks for"), "{stderr}");
+    for flag in [
+        "--max-services",
+        "--max-backends",
+        "--max-frontends",
+        "--max-conntrack",
+        "--max-affinity",
+    ] {
+        assert!(
+            stderr.contains(&format!("{flag} asks for")),
+            "{flag}: {stderr}"
+        );
+    }
     // Out of range: refused by the flag's own check.
     let stderr = refused_run(&cluster, &manifests, &pins, &["--max-frontends", "70000"]);
     assert!(stderr.contains("--max-frontends"), "{stderr}");

@@ -59,21 +59,20 @@ impl BackendIds {
         self.ids.get(b).copied()
     }
 
-    /// A new id for `b`, which has none, below twice the map's `capacity` (the capacity
-    /// check before guarantees a free one; ids are never 0).
-    pub fn allocate(&mut self, b: Backend, capacity: u32) -> u32 {
-        loop {
+    /// A new id for `b`, which has none, from 1 to twice the map's `capacity` (ids are never
+    /// 0); None when every one is taken (the capacity check before makes that impossible
+    /// unless stale references hold them).
+    pub fn allocate(&mut self, b: Backend, capacity: u32) -> Option<u32> {
+        let last = capacity.saturating_mul(2).max(1);
+        for _ in 0..last {
             let id = self.next;
-            self.next = if id >= capacity.saturating_mul(2) {
-                1
-            } else {
-                id + 1
-            };
+            self.next = if id >= last { 1 } else { id + 1 };
             if self.taken.insert(id) {
                 self.ids.insert(b, id);
-                return id;
+                return Some(id);
             }
         }
+        None
     }
 
     /// Frees the id of `b`: deleted from the maps, or never written.

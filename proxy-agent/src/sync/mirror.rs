@@ -202,6 +202,17 @@ impl Mirror {
         self.state.services.get(key).copied()
     }
 
+    /// How many of `f`'s slots 1..=`upto` are present (slots are written in place).
+    pub fn slots_present(&self, f: &Frontend, upto: usize) -> usize {
+        if upto == 0 {
+            return 0;
+        }
+        let hi = service_key(f, u16::try_from(upto).unwrap_or(u16::MAX));
+        (self.state.services.range(service_key(f, 1)..=hi))
+            .filter(|(k, _)| frontend_of(k) == Some(*f))
+            .count()
+    }
+
     /// Highest slot index present for `f` (slots may outlive their master after a crash).
     pub fn slot_count(&self, f: &Frontend) -> usize {
         let lo = service_key(f, 1);

@@ -1,7 +1,10 @@
 //! Planning one frontend's update before anything is written: refused as a whole when a map
 //! cannot hold it, otherwise its ids (Cilium's `upsertServiceProto` is handed its ids too).
 
-use proxy_common::{BACKEND_MAP, Backend, REV_NAT_MAP, SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP};
+use proxy_common::{
+    AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, REV_NAT_MAP,
+    SVC_FLAG_NO_LOCAL_ENDPOINTS, SVC_MAP,
+};
 
 use super::{
     Datapath, DatapathError, Syncer,
@@ -64,9 +67,11 @@ impl<D: Datapath> Syncer<D> {
                 what: format!("{f} needs {} new backends", new_backends.len()),
             });
         }
+        // At most, before the slots past the new count go (after the commit): slots 1..=n
+        // written in place, and a new master.
         let old_master = self.mirror.master(f);
-        let present = self.mirror.slot_count(f) + usize::from(old_master.is_some());
-        let extra = (values.len() + 1).saturating_sub(present);
+        let extra = values.len() - self.mirror.slots_present(f, values.len())
+            + usize::from(old_master.is_none());
         if state.services.len() + extra > capacity.services as usize {
             return Err(DatapathError::Full {
                 map: SVC_MAP,
@@ -95,18 +100,53 @@ impl<D: Datapath> Syncer<D> {
                 RevNatPlan::New(id)
             }
         };
+        // The writer adds the new slots' matches before the commit and removes the old ones
+        // after it, so an update briefly holds both: under the new master's id, and under the
+        // old master's while it has affinity (see the writer).
+        let rev_nat_id = match rev_nat {
+            RevNatPlan::Keep(id) | RevNatPlan::New(id) => id,
+        };
+        let old_affinity = old_master.filter(|m| m.affinity_timeout_s != 0);
+        let matches: usize = (spec.affinity_timeout_s != 0)
+            .then_some(rev_nat_id)
+            .into_iter()
+            .chain(old_affinity.map(|m| m.rev_nat_id))
+            .collect::<std::collections::BTreeSet<u16>>()
+            .into_iter()
+            .map(|rev| self.missing_matches(rev, &values))
+            .sum();
+        if self.mirror.state().affinity_match.len() + matches > capacity.services as usize {
+            return Err(DatapathError::Full {
+                map: AFFINITY_MATCH_MAP,
+                capacity: capacity.services,
+                what: format!("{f} needs {matches} more affinity matches"),
+            });
+        }
         let (mut new_ids, mut new_backends) = (Vec::new(), Vec::new());
-        let slots: Vec<u32> = (values.iter())
-            .map(|b| match self.backend_ids.get(b) {
+        let mut slots = Vec::with_capacity(values.len());
+        for b in &values {
+            let id = match self.backend_ids.get(b) {
                 Some(id) => id,
                 None => {
-                    let id = self.backend_ids.allocate(*b, capacity.backends);
+                    // None only if stale references hold every id (never after the check
+                    // above): refused like a full map rather than written over one.
+                    let Some(id) = self.backend_ids.allocate(*b, capacity.backends) else {
+                        for (id, b) in new_ids.iter().zip(&new_backends) {
+                            self.backend_ids.release(*id, b);
+                        }
+                        return Err(DatapathError::Full {
+                            map: BACKEND_MAP,
+                            capacity: capacity.backends,
+                            what: format!("no backend id left for {f}"),
+                        });
+                    };
                     new_ids.push(id);
                     new_backends.push(*b);
                     id
                 }
-            })
-            .collect();
+            };
+            slots.push(id);
+        }
         let (maglev_table, tables_full) = self.plan_table(old_master, spec, values.len());
         Ok(Plan {
             frontend: *f,
@@ -128,6 +168,18 @@ impl<D: Datapath> Syncer<D> {
 }
 
 impl<D: Datapath> Syncer<D> {
+    /// How many of `values` have no affinity match under `rev_nat_id` yet (new backends have
+    /// none).
+    fn missing_matches(&self, rev_nat_id: u16, values: &[Backend]) -> usize {
+        (values.iter())
+            .filter(|b| {
+                self.backend_ids.get(b).is_none_or(|id| {
+                    !(self.mirror).has_affinity_match(&AffinityMatchKey::new(id, rev_nat_id))
+                })
+            })
+            .count()
+    }
+
     /// The Maglev table of a frontend with `backends` backends (0: random choice; no table
     /// for none) and whether one was wanted and none was free. A frontend keeps its table.
     fn plan_table(

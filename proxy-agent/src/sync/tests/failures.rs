@@ -312,3 +312,55 @@ fn each_sized_map_refuses_the_frontend_that_does_not_fit() {
         }
     }
 }
+
+/// An update holds its new slots' affinity matches beside the old ones until its commit: the
+/// plan counts them, so a map too full for both refuses the update whole (the frontend keeps
+/// its backends) instead of failing a write at every sync. The fake refuses what the kernel
+/// would (E2BIG).
+#[test]
+fn an_update_that_needs_more_affinity_matches_than_fit_is_refused_whole() {
+    let capacity = Capacity {
+        services: 12,
+        ..Capacity::default()
+    };
+    let fake = Fake {
+        capacity: Some(capacity),
+        ..Fake::default()
+    };
+    let mut s = Syncer::new(fake, MapState::default()).with_capacity(capacity);
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    let ips = |r: std::ops::Range<u8>| -> Vec<(String, u16)> {
+        r.map(|i| (format!("10.1.0.{i}"), 8080)).collect()
+    };
+    let with = |fs: &[(Frontend, Vec<(String, u16)>)]| {
+        let mut d = Desired::default();
+        for (f, bs) in fs {
+            let refs: Vec<(&str, u16)> = bs.iter().map(|(ip, p)| (ip.as_str(), *p)).collect();
+            let mut one = desired(&[(*f, &refs)]);
+            for spec in one.frontends.values_mut() {
+                spec.affinity_timeout_s = 60;
+            }
+            d.frontends.extend(one.frontends);
+        }
+        d
+    };
+    // Both fit: 12 service entries, 10 matches.
+    let r = s.sync(&with(&[(a, ips(1..6)), (b, ips(1..6))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    // a moves to three new backends: 13 matches until its commit, one too many.
+    let before = view(&s.dp.maps);
+    let r = s.sync(&with(&[(a, ips(4..9)), (b, ips(1..6))]));
+    assert!(
+        matches!(
+            r.errors[..],
+            [(f, DatapathError::Full { map: proxy_common::AFFINITY_MATCH_MAP, .. })] if f == a
+        ),
+        "{:?}",
+        r.errors
+    );
+    assert!(r.in_sync());
+    assert_eq!(view(&s.dp.maps), before, "a keeps its backends");
+    // Room: b gone, a is programmed.
+    let r = s.sync(&with(&[(a, ips(4..9))]));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}

@@ -39,6 +39,9 @@ struct Fake {
     /// Fail the operation with this index (0-based, counted over the fake's lifetime).
     fail_at: Option<usize>,
     calls: usize,
+    /// Refuse a new entry beyond these capacities, as the kernel does (E2BIG); unlimited
+    /// when None.
+    capacity: Option<Capacity>,
 }
 
 impl Fake {
@@ -53,6 +56,19 @@ impl Fake {
             });
         }
         self.ops.push(op);
+        Ok(())
+    }
+
+    /// E2BIG when `map` is at its capacity and `new` adds an entry to it.
+    fn room(&self, map: &'static str, len: usize, new: bool) -> Result<(), DatapathError> {
+        let cap = (self.capacity.as_ref()).and_then(|c| c.of(map));
+        if new && cap.is_some_and(|cap| len >= cap as usize) {
+            return Err(DatapathError::Map {
+                map,
+                op: "update",
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
         Ok(())
     }
 
@@ -110,6 +126,8 @@ impl Fake {
 
 impl Datapath for Fake {
     fn update_backend(&mut self, id: u32, b: Backend) -> Result<(), DatapathError> {
+        let new = !self.maps.backends.contains_key(&id);
+        self.room(BACKEND_MAP, self.maps.backends.len(), new)?;
         self.step(Op::Backend(id))?;
         self.maps.backends.insert(id, b);
         self.check_reader_view();
@@ -122,6 +140,8 @@ impl Datapath for Fake {
         Ok(())
     }
     fn update_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), DatapathError> {
+        let new = !self.maps.services.contains_key(&k);
+        self.room(proxy_common::SVC_MAP, self.maps.services.len(), new)?;
         self.step(if k.slot == 0 {
             Op::Master(v.count)
         } else {
@@ -142,6 +162,8 @@ impl Datapath for Fake {
         Ok(())
     }
     fn update_rev_nat(&mut self, id: u16, v: RevNat) -> Result<(), DatapathError> {
+        let new = !self.maps.rev_nat.contains_key(&id);
+        self.room(proxy_common::REV_NAT_MAP, self.maps.rev_nat.len(), new)?;
         self.step(Op::RevNat(id))?;
         self.maps.rev_nat.insert(id, v);
         self.check_reader_view();
@@ -169,6 +191,9 @@ impl Datapath for Fake {
         &mut self,
         key: proxy_common::AffinityMatchKey,
     ) -> Result<(), DatapathError> {
+        let new = !self.maps.affinity_match.contains(&key);
+        let len = self.maps.affinity_match.len();
+        self.room(proxy_common::AFFINITY_MATCH_MAP, len, new)?;
         self.step(Op::Match(key.backend_id))?;
         self.maps.affinity_match.insert(key);
         self.check_reader_view();
