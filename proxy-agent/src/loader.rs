@@ -239,13 +239,12 @@ pub fn load_with(dir: &Path, settings: &Settings) -> Result<Ebpf, LoaderError> {
     ensure_bpffs_dir(dir)?;
     // Before anything is touched: pins of other capacities than the flags ask for are
     // refused (the Maglev map alone is replaced when its geometry changes: its tables are
-    // rewritten by the first sync).
+    // rewritten by the first sync; its kind and sizes are checked here all the same).
     let layouts = || maps::layouts(settings.capacity, settings.maglev_entries());
     maps::check_layouts(dir, layouts(), |name| name == MAGLEV_MAP)?;
     if crate::maglev_map::retire_if_resized(dir, settings.maglev_entries())? {
         tracing::info!("the Maglev table geometry changed: a new map replaces the old one");
     }
-    maps::check_layouts(dir, layouts(), |_| false)?;
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (m.name, dir.join(m.name))).collect();
     for (name, path) in &pins {

@@ -27,6 +27,10 @@ pub(super) struct Plan {
     /// The backends of `slots`, in order (Maglev hashes their addresses).
     pub members: Vec<Backend>,
     pub affinity_timeout_s: u32,
+    /// The rev-NAT ids under which the slots' backends are made usable by remembered choices
+    /// before the commit: the new master's if it has affinity, and the old master's if it
+    /// has (readers see it over the new slots until the commit).
+    pub matches_under: Vec<u16>,
     /// The frontend's Maglev table (1-based), 0 for random choice.
     pub maglev_table: u16,
     /// Maglev was asked for and every table is taken: written with random choice.
@@ -106,14 +110,18 @@ impl<D: Datapath> Syncer<D> {
         let rev_nat_id = match rev_nat {
             RevNatPlan::Keep(id) | RevNatPlan::New(id) => id,
         };
-        let old_affinity = old_master.filter(|m| m.affinity_timeout_s != 0);
-        let matches: usize = (spec.affinity_timeout_s != 0)
-            .then_some(rev_nat_id)
-            .into_iter()
-            .chain(old_affinity.map(|m| m.rev_nat_id))
-            .collect::<std::collections::BTreeSet<u16>>()
-            .into_iter()
-            .map(|rev| self.missing_matches(rev, &values))
+        let mut matches_under = Vec::new();
+        if spec.affinity_timeout_s != 0 {
+            matches_under.push(rev_nat_id);
+        }
+        if let Some(m) = old_master
+            && m.affinity_timeout_s != 0
+            && !matches_under.contains(&m.rev_nat_id)
+        {
+            matches_under.push(m.rev_nat_id);
+        }
+        let matches: usize = (matches_under.iter())
+            .map(|id| self.missing_matches(*id, &values))
             .sum();
         if self.mirror.state().affinity_match.len() + matches > capacity.services as usize {
             return Err(DatapathError::Full {
@@ -152,6 +160,7 @@ impl<D: Datapath> Syncer<D> {
             frontend: *f,
             members: values,
             affinity_timeout_s: spec.affinity_timeout_s,
+            matches_under,
             maglev_table,
             tables_full,
             slots,

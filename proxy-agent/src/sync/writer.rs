@@ -45,7 +45,7 @@ impl<D: Datapath> Writer<'_, D> {
         // 1. backends (new ones, as one run)
         self.write_backends(&plan.new_ids, &plan.new_backends)?;
         // 2. affinity: the backends a remembered choice may go on using, before any slot
-        // names them (under the rev-NAT id the master will name).
+        // names them (under the ids the plan says; those of the old master go after).
         let rev_nat_id = match plan.rev_nat {
             RevNatPlan::Keep(id) | RevNatPlan::New(id) => id,
         };
@@ -58,13 +58,8 @@ impl<D: Datapath> Writer<'_, D> {
             // Left by a failed update of a frontend that had this id: never this one's.
             self.remove_affinity_matches(id, &[])?;
         }
-        self.add_affinity_matches(rev_nat_id, usable)?;
-        // Until the commit, readers see the old master over the new slots: if it has
-        // affinity, the new slots' backends are usable under its id too (removed after).
-        if let Some(m) = old_master
-            && m.affinity_timeout_s != 0
-        {
-            self.add_affinity_matches(m.rev_nat_id, &plan.slots)?;
+        for id in &plan.matches_under {
+            self.add_affinity_matches(*id, &plan.slots)?;
         }
         // 3. slots 1..n (those that differ, as one run)
         self.write_slots(f, &plan.slots, old_slots)?;

@@ -10,13 +10,6 @@ const MAGLEV: ChoiceConfig = ChoiceConfig {
     maglev_tables: 4,
 };
 
-fn with_affinity(mut d: Desired, timeout_s: u32) -> Desired {
-    for spec in d.frontends.values_mut() {
-        spec.affinity_timeout_s = timeout_s;
-    }
-    d
-}
-
 fn backends(n: usize) -> Vec<(String, u16)> {
     (1..=n).map(|i| (format!("10.1.0.{i}"), 8080)).collect()
 }

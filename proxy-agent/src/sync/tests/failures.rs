@@ -329,27 +329,26 @@ fn an_update_that_needs_more_affinity_matches_than_fit_is_refused_whole() {
     };
     let mut s = Syncer::new(fake, MapState::default()).with_capacity(capacity);
     let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
-    let ips = |r: std::ops::Range<u8>| -> Vec<(String, u16)> {
-        r.map(|i| (format!("10.1.0.{i}"), 8080)).collect()
+    let ips = [
+        "10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7",
+        "10.1.0.8",
+    ];
+    let backends = |r: std::ops::Range<usize>| -> Vec<(&str, u16)> {
+        ips[r].iter().map(|ip| (*ip, 8080)).collect()
     };
-    let with = |fs: &[(Frontend, Vec<(String, u16)>)]| {
-        let mut d = Desired::default();
-        for (f, bs) in fs {
-            let refs: Vec<(&str, u16)> = bs.iter().map(|(ip, p)| (ip.as_str(), *p)).collect();
-            let mut one = desired(&[(*f, &refs)]);
-            for spec in one.frontends.values_mut() {
-                spec.affinity_timeout_s = 60;
-            }
-            d.frontends.extend(one.frontends);
-        }
-        d
+    let with = |fs: &[(Frontend, std::ops::Range<usize>)]| {
+        let bs: Vec<(Frontend, Vec<(&str, u16)>)> =
+            fs.iter().map(|(f, r)| (*f, backends(r.clone()))).collect();
+        let refs: Vec<(Frontend, &[(&str, u16)])> =
+            bs.iter().map(|(f, b)| (*f, b.as_slice())).collect();
+        with_affinity(desired(&refs), 60)
     };
     // Both fit: 12 service entries, 10 matches.
-    let r = s.sync(&with(&[(a, ips(1..6)), (b, ips(1..6))]));
+    let r = s.sync(&with(&[(a, 0..5), (b, 0..5)]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     // a moves to three new backends: 13 matches until its commit, one too many.
     let before = view(&s.dp.maps);
-    let r = s.sync(&with(&[(a, ips(4..9)), (b, ips(1..6))]));
+    let r = s.sync(&with(&[(a, 3..8), (b, 0..5)]));
     assert!(
         matches!(
             r.errors[..],
@@ -361,6 +360,6 @@ fn an_update_that_needs_more_affinity_matches_than_fit_is_refused_whole() {
     assert!(r.in_sync());
     assert_eq!(view(&s.dp.maps), before, "a keeps its backends");
     // Room: b gone, a is programmed.
-    let r = s.sync(&with(&[(a, ips(4..9))]));
+    let r = s.sync(&with(&[(a, 3..8)]));
     assert!(r.errors.is_empty(), "{:?}", r.errors);
 }

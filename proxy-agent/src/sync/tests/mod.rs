@@ -266,6 +266,14 @@ fn desired(entries: &[(Frontend, &[(&str, u16)])]) -> Desired {
     d
 }
 
+/// `d` with ClientIP affinity of `timeout_s` on every frontend.
+fn with_affinity(mut d: Desired, timeout_s: u32) -> Desired {
+    for spec in d.frontends.values_mut() {
+        spec.affinity_timeout_s = timeout_s;
+    }
+    d
+}
+
 /// Once a sync is done, each Maglev table names exactly its frontend's backends.
 fn assert_tables_settled(s: &Syncer<Fake>) {
     for (k, v) in &s.dp.maps.services {
