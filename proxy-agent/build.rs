@@ -109,6 +109,10 @@ fn run() -> Result<(), String> {
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = rustup(&["cargo", "build", "--release", "--target", TARGET]);
     cmd.arg("--manifest-path").arg(ebpf_dir.join("Cargo.toml"));
+    // The programs' maps follow the agent's: the rehearsal of the next layout change.
+    if env::var_os("CARGO_FEATURE_ABI_NEXT").is_some() {
+        cmd.args(["--features", "abi-next"]);
+    }
     cmd.arg("--target-dir").arg(&target_dir);
     if !prebuilt_core {
         cmd.args(["-Z", "build-std=core"]);

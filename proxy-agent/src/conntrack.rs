@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 use proxy_common::{
-    CT_ESTABLISHED, CT_MAP, CT_STATES, CT_UDP, CtKey, CtTimeouts, CtValue, PROTO_TCP, RETIRED_MAPS,
+    CT_ESTABLISHED, CT_MAP, CT_STATES, CT_UDP, CtKey, CtTimeouts, CtValue, PROTO_TCP,
 };
 
 use crate::maps::{MapsError, bpf, open_pinned};
@@ -107,57 +107,47 @@ pub const CARRY_OVER_GRACE_TCP_S: u32 = 600;
 /// The same for UDP, whose flows send often or are gone.
 pub const CARRY_OVER_GRACE_UDP_S: u32 = 10;
 
-/// Copies the flows a map of an earlier layout holds (an upgrade: the programs being put in
-/// place use the current map) into the current map, where it has no entry for them yet, as
-/// established (or UDP) with a short lifetime left ([`CARRY_OVER_GRACE_TCP_S`]). Run before
-/// the new programs are attached, so they find the flows, and again after, for what the old
-/// programs wrote meanwhile; then [`retire`]. Returns how many entries it copied.
+/// The conntrack map of the layout without states or times.
+pub const CT_V1: &str = "PROXY_CT_V1";
+
+/// Copies the flows `PROXY_CT_V1` holds (an upgrade: the programs being put in place use the
+/// current map) into the current map, where it has no entry for them yet, as established (or
+/// UDP) with a short lifetime left ([`CARRY_OVER_GRACE_TCP_S`]). Run by
+/// [`crate::migrate::carry`] before the new programs are attached, so they find the flows, and
+/// again after, for what the old programs wrote meanwhile. Returns how many entries it copied.
 pub fn carry_over(bpffs_dir: &Path, timeouts: &CtTimeouts, now_s: u32) -> Result<usize, MapsError> {
+    if !bpffs_dir.join(CT_V1).exists() {
+        return Ok(0);
+    }
     let mut carried = 0;
-    for name in RETIRED_MAPS {
-        if *name != "PROXY_CT_V1" || !bpffs_dir.join(name).exists() {
-            continue;
-        }
-        let mut current = open(bpffs_dir)?;
-        let old: HashMap<MapData, proxy_common::v1::CtKey, proxy_common::v1::CtValue> =
-            open_pinned(bpffs_dir, name, Map::LruHashMap)?;
-        for kv in old.iter() {
-            let (k, v) = kv.map_err(|source| MapsError::Read { map: name, source })?;
-            let key = CtKey::new(k.saddr_be, k.sport_be, k.daddr_be, k.dport_be, k.proto);
-            let (state, grace) = if k.proto == PROTO_TCP {
-                (CT_ESTABLISHED, CARRY_OVER_GRACE_TCP_S)
-            } else {
-                (CT_UDP, CARRY_OVER_GRACE_UDP_S)
-            };
-            let left = timeouts.lifetime(state).saturating_sub(grace);
-            let value = CtValue::new(
-                v.addr_be,
-                v.port_be,
-                v.rev_nat_id,
-                v.backend_id,
-                // (The same values in both layouts.)
-                k.dir,
-                state,
-                now_s.wrapping_sub(left),
-            );
-            // BPF_NOEXIST: what the current programs wrote is newer.
-            if current.insert(key, value, 1).is_ok() {
-                carried += 1;
-            }
+    let mut current = open(bpffs_dir)?;
+    let old: HashMap<MapData, proxy_common::v1::CtKey, proxy_common::v1::CtValue> =
+        open_pinned(bpffs_dir, CT_V1, Map::LruHashMap)?;
+    for kv in old.iter() {
+        let (k, v) = kv.map_err(|source| MapsError::Read { map: CT_V1, source })?;
+        let key = CtKey::new(k.saddr_be, k.sport_be, k.daddr_be, k.dport_be, k.proto);
+        let (state, grace) = if k.proto == PROTO_TCP {
+            (CT_ESTABLISHED, CARRY_OVER_GRACE_TCP_S)
+        } else {
+            (CT_UDP, CARRY_OVER_GRACE_UDP_S)
+        };
+        let left = timeouts.lifetime(state).saturating_sub(grace);
+        let value = CtValue::new(
+            v.addr_be,
+            v.port_be,
+            v.rev_nat_id,
+            v.backend_id,
+            // (The same values in both layouts.)
+            k.dir,
+            state,
+            now_s.wrapping_sub(left),
+        );
+        // BPF_NOEXIST: what the current programs wrote is newer.
+        if current.insert(key, value, 1).is_ok() {
+            carried += 1;
         }
     }
     Ok(carried)
-}
-
-/// Removes the pins of the earlier layouts' maps (once nothing attached uses them).
-pub fn retire(bpffs_dir: &Path) -> Result<(), MapsError> {
-    for name in RETIRED_MAPS {
-        let path = bpffs_dir.join(name);
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|source| MapsError::Unpin { path, source })?;
-        }
-    }
-    Ok(())
 }
 
 fn batch_unsupported(e: &std::io::Error) -> bool {

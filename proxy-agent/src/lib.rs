@@ -14,6 +14,7 @@ pub mod maglev;
 pub mod maglev_map;
 pub mod maps;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod netlink;
 pub mod run;

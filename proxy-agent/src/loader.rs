@@ -17,7 +17,7 @@ use aya::{
 };
 use proxy_common::{
     CT_TIMEOUTS_GLOBAL, CtTimeouts, MAGLEV_MAP, MAGLEV_SIZE_GLOBAL, MAPS, NETNS_COOKIE_GLOBAL,
-    REJECT_MODE_GLOBAL, RETIRED_MAPS, RejectMode,
+    REJECT_MODE_GLOBAL, RejectMode,
 };
 
 use crate::capacity::Capacity;
@@ -350,16 +350,20 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup, LoaderError> {
         }
         fs::remove_dir(&links).map_err(io_err(&links))?;
     }
-    for name in MAPS
-        .iter()
-        .map(|m| m.name)
-        .chain(RETIRED_MAPS.iter().copied())
-    {
-        let path = dir.join(name);
-        if path.exists() {
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            done.maps.push(path);
+    // Every version of every map (an older one an upgrade left, a newer one a downgrade
+    // found); nothing else, so a directory holding other files is not removed.
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let name = entry.map_err(io_err(dir))?.file_name();
+        if name.to_str().and_then(crate::migrate::version).is_some() {
+            names.push(name);
         }
+    }
+    names.sort();
+    for name in names {
+        let path = dir.join(name);
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        done.maps.push(path);
     }
     fs::remove_dir(dir).map_err(io_err(dir))?;
     Ok(done)

@@ -317,6 +317,8 @@ fn main() -> anyhow::Result<()> {
             }))
         }
         Command::Services { bpffs_dir, output } => {
+            // A newer agent's maps: say so, rather than that one of ours is missing.
+            proxy_agent::migrate::refuse_newer(&bpffs_dir)?;
             let view = inspect::inspect(&bpffs_dir)?;
             match output {
                 Output::Table => print!("{}", inspect::render_table(&view)),

@@ -23,6 +23,7 @@ use crate::{
     loader, lock,
     maps::PinnedMaps,
     metrics::{self, Health, Metrics},
+    migrate,
     source::{SourceConfig, kube::watch::InitialList},
     sync::{ChoiceConfig, Syncer},
     tc::{self, TcAttacher},
@@ -69,6 +70,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // until the agent exits.
     loader::ensure_bpffs_dir(&cfg.bpffs_dir)?;
     let _lock = lock::lock(&cfg.bpffs_dir)?;
+    // A newer agent's maps are refused before anything is pinned: the datapath it attached
+    // keeps serving.
+    migrate::refuse_newer(&cfg.bpffs_dir)?;
 
     let wake = Arc::new(Notify::new());
     // The first read begins now (the manifests are parsed on worker threads while the
@@ -90,40 +94,30 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut ebpf = loader::load_with(&cfg.bpffs_dir, &settings)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
-    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup, plan.getpeername)
-        .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
-    // What an earlier layout's conntrack map holds moves over before the new packet-path
-    // programs are attached (they find the flows), and again after (what the old programs
-    // wrote meanwhile); then its pin goes.
-    let carry = |when: &str| match conntrack::carry_over(
-        &cfg.bpffs_dir,
-        &cfg.ct_timeouts,
-        conntrack::now_s(),
-    ) {
-        Ok(0) => {}
-        Ok(n) => info!(
-            entries = n,
-            when, "carried conntrack entries over from the previous layout"
-        ),
-        Err(e) => warn!(error = %e, "could not carry over the previous layout's conntrack entries"),
+    // An upgrade across a layout change: what the older maps hold moves into the new ones
+    // before anything uses them (ids included, so the maps that name backends and frontends
+    // by id still agree), and again after the new programs are attached for the maps the old
+    // programs kept writing (conntrack); then the old pins go.
+    let carry = |phase| -> anyhow::Result<()> {
+        let context = migrate::CarryContext {
+            timeouts: cfg.ct_timeouts,
+            now_s: conntrack::now_s(),
+        };
+        for (from, entries) in migrate::carry(&cfg.bpffs_dir, phase, &context)? {
+            info!(
+                from,
+                entries,
+                ?phase,
+                "carried a previous layout's entries over"
+            );
+        }
+        Ok(())
     };
-    carry("before attaching");
-    let links_changed = Arc::new(Notify::new());
-    // When a TC attach failed: retry soon rather than at the next event.
-    const TC_RETRY: Duration = Duration::from_millis(250);
-    let mut tc_retry: Option<Instant> = None;
-    if !tc.is_empty() {
-        tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
-        tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
-    }
-    carry("after attaching");
-    if let Err(e) = conntrack::retire(&cfg.bpffs_dir) {
-        warn!(error = %e, "could not remove the previous layout's maps");
-    }
+    carry(migrate::Phase::BeforeSync)?;
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
-    info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),
-          frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(), "datapath attached");
+    let frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count();
+    info!(bpffs_dir = %cfg.bpffs_dir.display(), frontends_in_maps, "datapath loaded; the first sync comes before attaching");
 
     metrics.record_features(&features);
     let health = Arc::new(Health::new(cfg.healthz_max_age));
@@ -149,11 +143,30 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cleaner,
     );
 
+    // Level-triggered start: one full sync against what the pinned maps already hold, then
+    // the programs that read them (a new version's programs never see maps that are not yet
+    // equal to the source), then ready.
+    agent.first_sync();
+    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup, plan.getpeername)
+        .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
+    let links_changed = Arc::new(Notify::new());
+    // When a TC attach failed: retry soon rather than at the next event.
+    const TC_RETRY: Duration = Duration::from_millis(250);
+    let mut tc_retry: Option<Instant> = None;
+    if !tc.is_empty() {
+        tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
+        tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
+    }
+    carry(migrate::Phase::AfterAttach)?;
+    match migrate::retire(&cfg.bpffs_dir) {
+        Ok(gone) if gone.is_empty() => {}
+        Ok(gone) => info!(?gone, "removed the previous layout's maps"),
+        Err(e) => warn!(error = %e, "could not remove the previous layout's maps"),
+    }
+    info!(cgroup = %cfg.cgroup.display(), "datapath attached");
+
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
-
-    // Level-triggered start: one full sync against what the pinned maps already hold, then ready.
-    agent.first_sync();
     // Handled only from here: until the first sync is done (it can wait on the API server's
     // lists) SIGTERM and SIGINT keep their default action and end the agent at once; the
     // pinned datapath stays either way.

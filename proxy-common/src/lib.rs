@@ -5,7 +5,11 @@
 //! - byte order is in the field name (`*_be` = network byte order);
 //! - no `bool`, `Option` or enums in map values (flags are integers);
 //! - a layout change bumps the `_V<n>` suffix of the map names, so an agent never reuses a
-//!   pinned map of another layout (the agent also checks key/value sizes of existing pins).
+//!   pinned map of another layout (the agent also checks key/value sizes of existing pins);
+//! - the agent migrates from a pin of an older version of one of its maps: it carries the
+//!   entries over (old layouts are kept here, as [`v1`]; the converters are in the
+//!   agent's `migrate` module) before anything uses the new map, then removes the old pin; a pin of a
+//!   newer version is a downgrade, which it refuses.
 //!
 //! What is here: the maps, one line each ([`map_table!`]); the counters, one line each
 //! ([`Counter`]); the key and value types with their constructors. Nothing else.
@@ -26,6 +30,8 @@ mod sock;
 pub use affinity::*;
 pub use conntrack::*;
 pub use counters::*;
+#[cfg(feature = "abi-next")]
+pub use retired::be_v1;
 pub use retired::v1;
 pub use service::*;
 pub use sock::*;
@@ -41,13 +47,17 @@ pub use sock::*;
 #[macro_export]
 macro_rules! map_table {
     ($then:ident) => {
+        $crate::__with_backend_map_name!($then);
+    };
+    // The backend map's name, which the `abi-next` rehearsal changes (chosen in this crate).
+    (@named $then:ident, $backends:ident) => {
         $then! {
             /// Frontends: key {vip, port, proto, slot}; slot 0 is the master entry, slots
             /// 1..=count hold backend ids (Cilium's `lb4_services_v2` layout).
             SVC_MAP = PROXY_SVC_V1:
                 HashMap<$crate::ServiceKey, $crate::ServiceValue>[$crate::SVC_MAP_ENTRIES];
             /// Backends: backend id (never 0) -> {ip, port, proto}.
-            BACKEND_MAP = PROXY_BE_V1: HashMap<u32, $crate::Backend>[$crate::BACKEND_MAP_ENTRIES];
+            BACKEND_MAP = $backends: HashMap<u32, $crate::Backend>[$crate::BACKEND_MAP_ENTRIES];
             /// Reverse NAT: rev-NAT id (never 0) -> {vip, port}.
             REV_NAT_MAP = PROXY_RNAT_V1: HashMap<u16, $crate::RevNat>[$crate::REV_NAT_MAP_ENTRIES];
             /// Socket reverse NAT (LRU): {socket cookie, backend ip, backend port} -> {vip, port}.
@@ -77,6 +87,25 @@ macro_rules! map_table {
             /// table as memory rather than an entry per syscall.
             MAGLEV_MAP = PROXY_MAGLEV_V1: MmapArray<u32, $crate::MaglevPair>[$crate::MAGLEV_MAP_ENTRIES];
         }
+    };
+}
+
+/// The backend map's ABI name, for [`map_table!`]: `PROXY_BE_V1`, or `PROXY_BE_V2` in the
+/// `abi-next` rehearsal (see the feature in Cargo.toml).
+#[cfg(not(feature = "abi-next"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_backend_map_name {
+    ($then:ident) => {
+        $crate::map_table!(@named $then, PROXY_BE_V1);
+    };
+}
+#[cfg(feature = "abi-next")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_backend_map_name {
+    ($then:ident) => {
+        $crate::map_table!(@named $then, PROXY_BE_V2);
     };
 }
 
@@ -138,10 +167,6 @@ macro_rules! define_maps {
     };
 }
 map_table!(define_maps);
-
-/// Maps of earlier layouts, no longer used: the agent removes their pins once the programs
-/// that used them are replaced (and `cleanup` removes them too).
-pub const RETIRED_MAPS: &[&str] = &["PROXY_CT_V1"];
 
 /// Capacity of [`SVC_MAP`]: masters plus backend slots of all frontends.
 pub const SVC_MAP_ENTRIES: u32 = 262_144;
@@ -212,6 +237,8 @@ mod user {
         v1::CtKey,
         v1::CtValue
     );
+    #[cfg(feature = "abi-next")]
+    pod!(be_v1::Backend);
 }
 
 #[cfg(test)]

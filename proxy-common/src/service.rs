@@ -103,8 +103,14 @@ pub struct Backend {
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
+    /// The `abi-next` rehearsal's layout change: a reserved word (zero).
+    #[cfg(feature = "abi-next")]
+    pub _next: u32,
 }
+#[cfg(not(feature = "abi-next"))]
 const _: () = assert!(size_of::<Backend>() == 8);
+#[cfg(feature = "abi-next")]
+const _: () = assert!(size_of::<Backend>() == 12);
 
 impl Backend {
     pub const fn new(addr_be: u32, port_be: u16, proto: u8) -> Self {
@@ -113,6 +119,8 @@ impl Backend {
             port_be,
             proto,
             _pad: 0,
+            #[cfg(feature = "abi-next")]
+            _next: 0,
         }
     }
 }

@@ -13,8 +13,7 @@ use proxy_common::{
 use crate::{
     clock,
     maps::{
-        PROXY_AFF_V1, PROXY_AFFM_V1, PROXY_BE_V1, PROXY_MAGLEV_V1, PROXY_SVC_V1, PROXY_VIP_V1,
-        count,
+        BACKENDS, PROXY_AFF_V1, PROXY_AFFM_V1, PROXY_MAGLEV_V1, PROXY_SVC_V1, PROXY_VIP_V1, count,
     },
 };
 
@@ -67,7 +66,7 @@ pub fn lookup_service(key: ServiceKey) -> Option<ServiceValue> {
 #[inline(always)]
 pub fn lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once.
-    unsafe { PROXY_BE_V1.get(id) }.copied()
+    unsafe { BACKENDS.get(id) }.copied()
 }
 
 /// A backend for a new connection `flow` to frontend `svc`, whose master is `master`.

@@ -26,6 +26,12 @@ macro_rules! declare_maps {
 }
 proxy_common::map_table!(declare_maps);
 
+/// The backend map under its name in this build (the `abi-next` rehearsal renames it).
+#[cfg(not(feature = "abi-next"))]
+pub use self::PROXY_BE_V1 as BACKENDS;
+#[cfg(feature = "abi-next")]
+pub use self::PROXY_BE_V2 as BACKENDS;
+
 #[inline(always)]
 pub fn count(reason: Counter) {
     if let Some(slot) = PROXY_CNT_V1.get_ptr_mut(reason as u32) {

@@ -128,17 +128,43 @@ impl Agent {
         cgroup: &Path,
         pins: &BpffsDir,
     ) -> anyhow::Result<Self> {
+        Self::spawn_bin_in(&agent_bin(), netns, args, cgroup, pins)
+    }
+
+    /// Like [`Self::spawn_in`], with another agent binary (another build).
+    pub fn spawn_bin_in(
+        bin: &Path,
+        netns: Option<&Path>,
+        args: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pins: &BpffsDir,
+    ) -> anyhow::Result<Self> {
         // nsenter switches only the network namespace, so the agent still sees the host's
         // cgroup and bpffs mounts (`ip netns exec` would remount /sys).
         let cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display())).arg(agent_bin());
+                c.arg(format!("--net={}", ns.display())).arg(bin);
                 c
             }
-            None => Command::new(agent_bin()),
+            None => Command::new(bin),
         };
         Self::spawn(cmd, args, cgroup, pins)
+    }
+
+    /// Waits until the agent exits by itself, at most `bound` ([`scaled`]): its exit code
+    /// (None: it did not exit, and is left running, or a signal ended it).
+    pub fn wait_exit_within(&mut self, bound: Duration) -> Option<i32> {
+        let deadline = Instant::now() + scaled(bound);
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Like [`Self::start_with`], with only these capabilities (names as in a Pod's

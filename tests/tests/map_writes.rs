@@ -335,7 +335,7 @@ fn flows_of_the_previous_conntrack_layout_are_carried_over() {
         0,
         "a second pass copies only what is new"
     );
-    conntrack::retire(&pins.path).unwrap();
+    proxy_agent::migrate::retire(&pins.path).unwrap();
     assert!(!old_path.exists(), "the old pin is removed");
     let get = |proto, sport| ct.get(&CtKey::new(1, sport, 2, 3, proto), 0).unwrap();
     // Carried entries have a short lifetime left: a flow long gone does not stay for hours.

@@ -312,6 +312,79 @@ fn map_sizes_are_flags_and_pinned_sizes_are_kept() {
     serves(&cluster, 20);
 }
 
+/// Pins of other versions of the agent's maps: a newer one (a newer agent ran here) is a
+/// downgrade, refused before anything is pinned or attached, with the running datapath left
+/// serving; an older one (an upgrade) is removed once the new programs are attached; and
+/// `cleanup` removes every version.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_newer_layouts_pins_are_refused_and_an_older_ones_removed() {
+    use proxy_common::{MAPS, VIP_MAP};
+    let (cluster, manifests, _, pins) = web();
+    let mut agent =
+        Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+    serves(&cluster, 20);
+    agent.stop();
+    let vip = MAPS.iter().find(|m| m.name == VIP_MAP).unwrap();
+    let pin_like = |name: &str| {
+        let obj = aya_obj::Map::new_from_params(
+            vip.kind.bpf_map_type(),
+            vip.key_size,
+            vip.value_size,
+            16,
+            0,
+        );
+        let map = aya::maps::MapData::create(obj, "PROXY_TEST", None).unwrap();
+        map.pin(pins.path.join(name)).unwrap();
+    };
+    let listing = || {
+        let mut names: Vec<String> = (std::fs::read_dir(&pins.path).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let links = || std::fs::read_dir(pins.path.join("links")).unwrap().count();
+
+    pin_like("PROXY_VIP_V2");
+    let (before, pinned, linked) = (frontends(&pins), listing(), links());
+    let stderr = refused_run(&cluster, &manifests, &pins, &[]);
+    for part in [
+        "downgrade",
+        "PROXY_VIP_V2",
+        "PROXY_VIP_V1",
+        "proxy-agent cleanup",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+    assert_eq!(listing(), pinned, "nothing pinned or removed");
+    assert_eq!((frontends(&pins), links()), (before, linked));
+    serves(&cluster, 20);
+    std::fs::remove_file(pins.path.join("PROXY_VIP_V2")).unwrap();
+
+    // An older version than the agent's (a map of a layout it replaced): removed after attach.
+    pin_like("PROXY_VIP_V0");
+    let _agent = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+    assert!(
+        !pins.path.join("PROXY_VIP_V0").exists(),
+        "the older pin stays: {:?}",
+        listing()
+    );
+    serves(&cluster, 20);
+    drop(_agent);
+
+    // (`proxy-agent cleanup`'s part for the pins; it also looks for tc filters on the
+    // namespace's interfaces, which is not this test's business.)
+    pin_like("PROXY_VIP_V7");
+    let done = proxy_agent::loader::cleanup(&pins.path).unwrap();
+    assert!(
+        done.maps.iter().any(|m| m.ends_with("PROXY_VIP_V7")),
+        "{:?}",
+        done.maps
+    );
+    assert!(!pins.path.exists(), "cleanup removes every version");
+}
+
 /// A second `run` on a bpffs directory in use is refused before it touches the pins or the
 /// links, naming the running agent; the first one keeps serving, unchanged.
 #[test]

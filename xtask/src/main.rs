@@ -175,6 +175,26 @@ fn build_release_bins() -> anyhow::Result<PathBuf> {
     Ok(root().join("target/release"))
 }
 
+/// The agent built with the next map layout rehearsed (`--features abi-next`), copied aside
+/// as `target/release/proxy-agent-abi-next`.
+fn build_abi_next_agent() -> anyhow::Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-agent",
+        "--bin",
+        "proxy-agent",
+        "--features",
+        "abi-next",
+    ]))?;
+    let dir = root().join("target/release");
+    let next = dir.join("proxy-agent-abi-next");
+    std::fs::copy(dir.join("proxy-agent"), &next)
+        .with_context(|| format!("copying the abi-next agent to {}", next.display()))?;
+    Ok(next)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Toolchain => toolchain::ensure(),
@@ -265,12 +285,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::Chaos { quick, args } => {
             toolchain::ensure()?;
             require_root("cargo xtask chaos")?;
+            // First: it leaves its agent where the plain build then goes.
+            let next = build_abi_next_agent()?;
             let dir = build_release_bins()?;
             let mut cmd = Command::new(dir.join("pxt-chaos"));
             cmd.arg("--agent")
                 .arg(dir.join("proxy-agent"))
                 .arg("--probe")
-                .arg(dir.join("pxt-probe"));
+                .arg(dir.join("pxt-probe"))
+                .arg("--next-agent")
+                .arg(next);
             if quick {
                 cmd.arg("--quick");
             }

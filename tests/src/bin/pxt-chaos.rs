@@ -1,13 +1,13 @@
-//! `pxt-chaos`: run by `cargo xtask chaos` (as root). Restarts and upgrades the agent, then
-//! churns endpoints, while a client pod connects through both datapaths; prints what it saw
-//! and exits non-zero if a connect failed, reached a wrong backend, or a long-lived
-//! connection broke.
+//! `pxt-chaos`: run by `cargo xtask chaos` (as root). Restarts and upgrades the agent, churns
+//! endpoints, then upgrades it across a map layout change (and refuses the downgrade), while a
+//! client pod connects through both datapaths; prints what it saw and exits non-zero if a
+//! connect failed, reached a wrong backend, or a long-lived connection broke.
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use proxy_tests::chaos::{self, bed::Bed, churn, restart};
+use proxy_tests::chaos::{self, bed::Bed, churn, migrate, restart};
 
 #[derive(Parser)]
 struct Args {
@@ -17,6 +17,10 @@ struct Args {
     /// The `pxt-probe` binary.
     #[arg(long)]
     probe: PathBuf,
+    /// An agent built with `--features abi-next` (another backend map layout): the last
+    /// scenario upgrades to it under load and tries the downgrade back (skipped without).
+    #[arg(long)]
+    next_agent: Option<PathBuf>,
     /// 3 restarts and 10 s of churn instead of 10 and 60.
     #[arg(long)]
     quick: bool,
@@ -108,16 +112,54 @@ fn main() -> anyhow::Result<()> {
             .join(", ")
     );
 
+    let m = match &a.next_agent {
+        Some(next) => {
+            eprintln!("chaos: upgrade across a map layout change, then the downgrade ...");
+            let m = migrate::run(&mut bed, next)?;
+            println!(
+                "\n## Upgrade across a map layout change under load ({} -> {}), then the downgrade, {:.1} s\n",
+                m.pins_before
+                    .iter()
+                    .find(|p| p.starts_with("PROXY_BE_"))
+                    .map_or("?", |p| p.as_str()),
+                m.pins_after
+                    .iter()
+                    .find(|p| p.starts_with("PROXY_BE_"))
+                    .map_or("?", |p| p.as_str()),
+                m.seconds
+            );
+            print!("{}", chaos::table(&m.paths));
+            println!(
+                "\nSIGTERM -> newer build ready: {:.0} ms; backends carried over: {}; entries its first sync wrote: {}. The older build on the newer pins: exit {:?}, `{}`. The newer build started again wrote {}.",
+                m.upgrade_ms,
+                m.carried.map_or("?".into(), |n| n.to_string()),
+                m.upgrade_map_writes,
+                m.downgrade_exit,
+                m.downgrade_error.trim(),
+                m.restart_map_writes
+            );
+            Some(m)
+        }
+        None => {
+            println!("\n(no --next-agent: the upgrade across a map layout change was not run)");
+            None
+        }
+    };
+
     if let Some(path) = &a.json {
-        let all = serde_json::json!({ "restart": r, "churn": c });
+        let all = serde_json::json!({ "restart": r, "churn": c, "migrate": m });
         std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
     }
-    for p in r.paths.iter().chain(&c.paths) {
+    let (m_paths, m_problems) = m.map_or((vec![], vec![]), |m| (m.paths, m.problems));
+    for p in r.paths.iter().chain(&c.paths).chain(&m_paths) {
         for e in &p.verdict.slow_examples {
             eprintln!("slow ({}): {e}", p.path.label());
         }
     }
-    let problems: Vec<&String> = r.problems.iter().chain(&c.problems).collect();
+    let problems: Vec<&String> = (r.problems.iter())
+        .chain(&c.problems)
+        .chain(&m_problems)
+        .collect();
     if !problems.is_empty() {
         eprintln!("\nchaos: what did not hold:");
         for p in &problems {

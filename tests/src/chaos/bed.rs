@@ -131,6 +131,8 @@ impl Drop for Probe {
 /// Field order is drop order: the agent stops first, the namespaces go last.
 pub struct Bed {
     agent: Option<Agent>,
+    /// The build [`Self::start_agent`] starts.
+    pub agent_bin: PathBuf,
     pub manifests: Manifests,
     pub pins: BpffsDir,
     pub cluster: Cluster,
@@ -149,6 +151,7 @@ impl Bed {
         let manifests = Manifests::new()?;
         let mut bed = Bed {
             agent: None,
+            agent_bin: crate::agent::agent_bin(),
             manifests,
             pins: BpffsDir::new(&unique("chaos")),
             cluster,
@@ -199,6 +202,14 @@ impl Bed {
 
     pub fn start_agent(&mut self) -> anyhow::Result<Duration> {
         let t = Instant::now();
+        let mut agent = self.spawn_agent(&self.agent_bin.clone())?;
+        agent.wait_ready_within(Duration::from_secs(60))?;
+        self.agent = Some(agent);
+        Ok(t.elapsed())
+    }
+
+    /// `bin` started on the bed as [`Self::start_agent`] starts it, not waited for.
+    pub fn spawn_agent(&self, bin: &std::path::Path) -> anyhow::Result<Agent> {
         let dir = self.manifests.dir.clone();
         let args: [&OsStr; 6] = [
             "--manifests".as_ref(),
@@ -208,13 +219,22 @@ impl Bed {
             "--tc-interface".as_ref(),
             "vpod*".as_ref(),
         ];
-        self.agent = Some(Agent::start_in(
+        Agent::spawn_bin_in(
+            bin,
             Some(&self.cluster.node.path()),
             &args,
             &self.cluster.cgroup_path(),
             &self.pins,
-        )?);
-        Ok(t.elapsed())
+        )
+    }
+
+    /// The names pinned in the bed's bpffs directory (maps, and `links`).
+    pub fn pin_names(&self) -> anyhow::Result<Vec<String>> {
+        let mut names: Vec<String> = (std::fs::read_dir(&self.pins.path)?)
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        Ok(names)
     }
 
     pub fn kill_agent(&mut self) {

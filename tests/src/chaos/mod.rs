@@ -4,6 +4,7 @@
 
 pub mod bed;
 pub mod churn;
+pub mod migrate;
 pub mod probe;
 pub mod restart;
 pub mod verdict;

@@ -100,15 +100,7 @@ fn restart_after_a_crash_mid_update_cleans_orphans() {
     let f = fe("10.96.0.10", 80);
     let mut maps = MapState::default();
     // A writer died after writing a backend, a slot and a rev-NAT, before the master.
-    maps.backends.insert(
-        7,
-        Backend {
-            addr_be: 1,
-            port_be: 1,
-            proto: 6,
-            _pad: 0,
-        },
-    );
+    maps.backends.insert(7, Backend::new(1, 1, 6));
     maps.services.insert(
         service_key(&f, 1),
         ServiceValue {
@@ -141,15 +133,7 @@ const BACKENDS: u32 = 16;
 /// Pretends the backend map holds `n` backends (in the mirror only).
 fn fill_backends(s: &mut Syncer<Fake>, n: u32) {
     for id in 1..=n {
-        s.mirror.set_backend(
-            id + 1_000_000,
-            Backend {
-                addr_be: id,
-                port_be: 0,
-                proto: 6,
-                _pad: 0,
-            },
-        );
+        s.mirror.set_backend(id + 1_000_000, Backend::new(id, 0, 6));
     }
 }
 
