@@ -9,9 +9,10 @@
 //!   attaches anything, and the running datapath keeps serving.
 //!
 //! The order of an upgrade (`run`): refuse a downgrade, load (the new maps are created and
-//! pinned beside the old ones), carry, the first sync (the new maps are made equal to the
-//! source), attach the new programs (they replace the old ones in place), carry again what
-//! the programs write (the old programs ran until then), remove the old pins.
+//! pinned beside the old ones), carry (the new maps now hold what the old ones do), attach the
+//! new programs (they replace the old ones in place), carry again what the programs write
+//! (the old programs ran until then), remove the old pins, then the first sync (it brings the
+//! new maps to the source, with no old program left to read a map it changes).
 
 use std::{
     io,
@@ -85,6 +86,12 @@ pub enum MigrateError {
         #[source]
         source: io::Error,
     },
+    #[error("removing {}: {source}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("carrying {from} over into the new layout: {source}")]
     Carry {
         from: &'static str,
@@ -140,8 +147,8 @@ pub struct CarryContext {
 /// When a carry runs (see the module's order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// After load, before the first sync and before the new programs are attached.
-    BeforeSync,
+    /// After load, before the new programs are attached.
+    BeforeAttach,
     /// After the new programs are attached.
     AfterAttach,
 }
@@ -184,7 +191,7 @@ fn carry_conntrack_v1(dir: &Path, c: &CarryContext) -> Result<usize, MapsError> 
 /// affinity entries name backends by id).
 #[cfg(feature = "abi-next")]
 fn carry_backends_v1(dir: &Path, _: &CarryContext) -> Result<usize, MapsError> {
-    use aya::maps::{HashMap, Map, MapData};
+    use aya::maps::{HashMap, Map, MapData, MapError};
     use proxy_common::{BACKEND_MAP, Backend, be_v1};
 
     const FROM: &str = "PROXY_BE_V1";
@@ -198,9 +205,27 @@ fn carry_backends_v1(dir: &Path, _: &CarryContext) -> Result<usize, MapsError> {
     let mut carried = 0;
     for kv in old.iter() {
         let (id, b) = kv.map_err(|source| MapsError::Read { map: FROM, source })?;
-        // BPF_NOEXIST: an entry already there was written by this version.
-        if (new.insert(id, Backend::new(b.addr_be, b.port_be, b.proto), 1)).is_ok() {
-            carried += 1;
+        // BPF_NOEXIST: an id already there was carried by an earlier start of this version
+        // (killed before it removed the old pin), or written by its sync, which only runs
+        // once the old pin is gone (or could not be removed), so it is the newer.
+        match new.insert(id, Backend::new(b.addr_be, b.port_be, b.proto), 1) {
+            Ok(()) => carried += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            // A full map (a smaller --max-backends) or no memory: the new map would not
+            // hold what the slots name.
+            Err(MapError::SyscallError(e)) => {
+                return Err(MapsError::Syscall {
+                    map: BACKEND_MAP,
+                    op: "carrying a backend into",
+                    source: e.io_error,
+                });
+            }
+            Err(source) => {
+                return Err(MapsError::Read {
+                    map: BACKEND_MAP,
+                    source,
+                });
+            }
         }
     }
     Ok(carried)
@@ -215,6 +240,16 @@ pub fn carry(
     context: &CarryContext,
 ) -> Result<Vec<(&'static str, usize)>, MigrateError> {
     let mut done = Vec::new();
+    if phase == Phase::BeforeAttach {
+        for old in versions(dir)?.older {
+            if !CARRIES.iter().any(|c| c.from == old) {
+                tracing::warn!(
+                    from = old,
+                    "a previous layout's map this version has no converter for: its entries are not carried over (the first sync rewrites what the agent writes; state the programs kept is lost)"
+                );
+            }
+        }
+    }
     for c in CARRIES {
         if (phase == Phase::AfterAttach && !c.programs_write) || !dir.join(c.from).exists() {
             continue;
@@ -245,7 +280,7 @@ pub fn retire(dir: &Path) -> Result<Vec<String>, MigrateError> {
         if let Err(source) = std::fs::remove_file(&path)
             && source.kind() != io::ErrorKind::NotFound
         {
-            return Err(MigrateError::List { dir: path, source });
+            return Err(MigrateError::Remove { path, source });
         }
     }
     Ok(older)

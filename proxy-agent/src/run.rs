@@ -95,9 +95,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut ebpf = loader::load_with(&cfg.bpffs_dir, &settings)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
     // An upgrade across a layout change: what the older maps hold moves into the new ones
-    // before anything uses them (ids included, so the maps that name backends and frontends
-    // by id still agree), and again after the new programs are attached for the maps the old
-    // programs kept writing (conntrack); then the old pins go.
+    // before the new programs are attached (ids included, so the maps that name backends and
+    // frontends by id agree), and again after for the maps the old programs kept writing
+    // (conntrack); then the old pins go. The new programs then see what the old ones saw, and
+    // the first sync, after them, changes the new maps only: a sync before them would write
+    // the maps both versions share (a slot naming a backend id) while the old programs, which
+    // look the backend up in the old map, still run.
     let carry = |phase| -> anyhow::Result<()> {
         let context = migrate::CarryContext {
             timeouts: cfg.ct_timeouts,
@@ -113,11 +116,27 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    carry(migrate::Phase::BeforeSync)?;
+    carry(migrate::Phase::BeforeAttach)?;
+    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup, plan.getpeername)
+        .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
+    let links_changed = Arc::new(Notify::new());
+    // When a TC attach failed: retry soon rather than at the next event.
+    const TC_RETRY: Duration = Duration::from_millis(250);
+    let mut tc_retry: Option<Instant> = None;
+    if !tc.is_empty() {
+        tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
+        tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
+    }
+    carry(migrate::Phase::AfterAttach)?;
+    match migrate::retire(&cfg.bpffs_dir) {
+        Ok(gone) if gone.is_empty() => {}
+        Ok(gone) => info!(?gone, "removed the previous layout's maps"),
+        Err(e) => warn!(error = %e, "could not remove the previous layout's maps"),
+    }
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
-    let frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count();
-    info!(bpffs_dir = %cfg.bpffs_dir.display(), frontends_in_maps, "datapath loaded; the first sync comes before attaching");
+    info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),
+          frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(), "datapath attached");
 
     metrics.record_features(&features);
     let health = Arc::new(Health::new(cfg.healthz_max_age));
@@ -143,30 +162,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cleaner,
     );
 
-    // Level-triggered start: one full sync against what the pinned maps already hold, then
-    // the programs that read them (a new version's programs never see maps that are not yet
-    // equal to the source), then ready.
-    agent.first_sync();
-    loader::attach_sockets(&mut ebpf, &cfg.bpffs_dir, &cfg.cgroup, plan.getpeername)
-        .with_context(|| format!("attaching the socket programs to {}", cfg.cgroup.display()))?;
-    let links_changed = Arc::new(Notify::new());
-    // When a TC attach failed: retry soon rather than at the next event.
-    const TC_RETRY: Duration = Duration::from_millis(250);
-    let mut tc_retry: Option<Instant> = None;
-    if !tc.is_empty() {
-        tc::watch_links(links_changed.clone()).context("watching network interfaces (netlink)")?;
-        tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
-    }
-    carry(migrate::Phase::AfterAttach)?;
-    match migrate::retire(&cfg.bpffs_dir) {
-        Ok(gone) if gone.is_empty() => {}
-        Ok(gone) => info!(?gone, "removed the previous layout's maps"),
-        Err(e) => warn!(error = %e, "could not remove the previous layout's maps"),
-    }
-    info!(cgroup = %cfg.cgroup.display(), "datapath attached");
-
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
+
+    // Level-triggered start: one full sync against what the pinned maps already hold, then ready.
+    agent.first_sync();
     // Handled only from here: until the first sync is done (it can wait on the API server's
     // lists) SIGTERM and SIGINT keep their default action and end the agent at once; the
     // pinned datapath stays either way.

@@ -505,9 +505,9 @@ fn sigterm_during_the_first_lists_stops_the_agent() {
     )
     .expect("agent starts");
     wait_for(Duration::from_secs(30), || {
-        agent.log_text().contains("datapath loaded").then_some(())
+        agent.log_text().contains("datapath attached").then_some(())
     })
-    .unwrap_or_else(|| panic!("the agent never loaded:\n{}", agent.log_text()));
+    .unwrap_or_else(|| panic!("the agent never attached:\n{}", agent.log_text()));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!agent.log_text().contains(" ready"), "{}", agent.log_text());
     assert!(

@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
             );
             print!("{}", chaos::table(&m.paths));
             println!(
-                "\nSIGTERM -> newer build ready: {:.0} ms; backends carried over: {}; entries its first sync wrote: {}. The older build on the newer pins: exit {:?}, `{}`. The newer build started again wrote {}.",
+                "\nSIGTERM -> newer build ready: {:.0} ms; backends carried over: {}; entries its first sync wrote (a backend replaced while down): {}. The older build on the newer pins: exit {:?}, `{}`. The newer build started again wrote {}.",
                 m.upgrade_ms,
                 m.carried.map_or("?".into(), |n| n.to_string()),
                 m.upgrade_map_writes,
