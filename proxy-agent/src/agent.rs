@@ -189,8 +189,11 @@ impl Agent {
         self.metrics.sync_errors.inc_by(report.errors.len() as u64);
         (self.metrics.frontends_refused).set(self.syncer.refused_count() as i64);
         self.cleaner.removed(&report.removed_backends);
-        self.metrics
-            .record_state(self.syncer.state(), self.syncer.frontend_count());
+        self.metrics.record_state(
+            self.syncer.state(),
+            self.syncer.frontend_count(),
+            self.syncer.no_local_count(),
+        );
         self.record_programming(&report);
     }
 
@@ -211,6 +214,7 @@ impl Agent {
         let Some(snap) = self.source.read(pass == Pass::Full, progress) else {
             return;
         };
+        self.metrics.record_changes(snap.changes);
         if snap.unchanged && pass == Pass::Partial {
             return;
         }
@@ -247,14 +251,18 @@ impl Agent {
             .sync_duration
             .get_or_create(&SyncLabels { kind })
             .observe(elapsed.as_secs_f64());
-        self.metrics
-            .record_state(self.syncer.state(), self.syncer.frontend_count());
+        self.metrics.record_state(
+            self.syncer.state(),
+            self.syncer.frontend_count(),
+            self.syncer.no_local_count(),
+        );
         self.record_programming(&p.report);
         self.health.set_node_deleting(self.source.node_deleting());
         // A full map is a data problem a restart cannot fix: the agent is still keeping
         // the datapath in sync, as far as the maps hold it.
         if !before.out_of_sync && p.report.in_sync() {
             self.health.synced();
+            self.metrics.record_synced();
         }
         let (updates, deletes) = (
             before.updates + p.report.updates,

@@ -23,3 +23,4 @@ pub mod source;
 pub mod status;
 pub mod sync;
 pub mod tc;
+pub mod wake;

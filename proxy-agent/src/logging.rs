@@ -9,16 +9,49 @@ use std::io::{self, IsTerminal as _, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Logs to stderr, `RUST_LOG` filtering (default `info`), colours only on a terminal.
-pub fn init() {
-    let ansi = io::stderr().is_terminal();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(EscapedStderr { ansi })
-        .with_ansi(ansi)
-        .init();
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `TIMESTAMP LEVEL target: message key=value ...`, colours only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `target`, `message` and the event's
+    /// fields at the top level, with the same names as in the text form.
+    Json,
+}
+
+/// Logs to stderr, `RUST_LOG` filtering (default `info`).
+pub fn init(format: Format) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match format {
+        Format::Text => {
+            let ansi = io::stderr().is_terminal();
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(EscapedStderr { ansi })
+                .with_ansi(ansi)
+                .init();
+        }
+        // JSON strings escape control characters themselves; the writer is kept for what
+        // is not in a string.
+        Format::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(filter)
+            .with_writer(EscapedStderr { ansi: false })
+            .init(),
+    }
+}
+
+/// The line a command's error ends with: `error: what failed: cause: ...` (anyhow's `{:#}`),
+/// or in JSON, an `ERROR` object with the same text as its `message`. Escaped as log lines are.
+pub fn error_line(format: Format, error: &str) -> String {
+    let line = match format {
+        Format::Text => format!("error: {error}"),
+        Format::Json => serde_json::json!({"level": "ERROR", "message": error}).to_string(),
+    };
+    String::from_utf8_lossy(&escape(line.as_bytes(), false)).into_owned()
 }
 
 /// Stderr, escaped (see the module's doc).
@@ -59,7 +92,7 @@ impl<W: Write> Write for Escaping<W> {
 
 /// `line` with C0 controls (but tab), DEL and C1 controls written as `\n`, `\r` or `\xNN`,
 /// except a final newline (and ESC with `keep_esc`).
-fn escape(line: &[u8], keep_esc: bool) -> Vec<u8> {
+pub fn escape(line: &[u8], keep_esc: bool) -> Vec<u8> {
     let (body, newline) = match line.strip_suffix(b"\n") {
         Some(body) => (body, true),
         None => (line, false),

@@ -1,4 +1,10 @@
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    io::{self, Write as _},
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -31,13 +37,26 @@ fn tune_allocator() {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines (stderr) are written: text, or one JSON object a line with the same
+    /// fields.
+    #[arg(long, global = true, value_enum, default_value_t = proxy_agent::logging::Format::Text)]
+    log_format: proxy_agent::logging::Format,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath and keep it in sync with a source.
+    #[command(after_help = "\
+Examples:
+  proxy-agent run --manifests /etc/proxy/manifests --cgroup /sys/fs/cgroup/kubepods.slice
+  proxy-agent run --kubeconfig ~/.kube/config --tc-interface 'veth*' --lb-algorithm maglev
+  proxy-agent run   # in a pod: the in-cluster config, NODE_NAME from the downward API")]
     Run(Box<RunArgs>),
     /// Print the frontends and backends programmed in the pinned maps (no agent needed).
+    #[command(after_help = "\
+Examples:
+  proxy-agent services
+  proxy-agent services -o json --bpffs-dir /sys/fs/bpf/proxy | jq '.services[0]'")]
     Services {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
@@ -47,6 +66,10 @@ enum Command {
     /// What this kernel offers the datapath, the program variants the agent would load, and
     /// how the packet-path program is attached to the interfaces matching GLOBs (all, when none
     /// is given). Needs root (the probes load programs).
+    #[command(after_help = "\
+Examples:
+  proxy-agent status
+  proxy-agent status --interface 'veth*' -o json")]
     Status {
         /// Interfaces to report on (names or globs, as `--tc-interface`).
         #[arg(long = "interface", value_name = "GLOB")]
@@ -56,6 +79,10 @@ enum Command {
     },
     /// Detach the programs and remove the pinned maps and links, and this agent's tc filters
     /// (kernels without TCX) from the interfaces of this network namespace.
+    #[command(after_help = "\
+Examples:
+  proxy-agent cleanup
+  proxy-agent cleanup --bpffs-dir /sys/fs/bpf/proxy-test")]
     Cleanup {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
@@ -248,10 +275,37 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tune_allocator();
-    proxy_agent::logging::init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    proxy_agent::logging::init(cli.log_format);
+    match agent(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed, then its causes after colons (a cause may quote input:
+            // escaped as the logs are).
+            let line = proxy_agent::logging::error_line(cli.log_format, &format!("{e:#}"));
+            let _ = writeln!(io::stderr(), "{line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`proxy-agent services | head -1`) ends
+/// the command quietly, as it would a C tool's.
+fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => r.context("writing to stdout"),
+    }
+}
+
+fn agent(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => {
             let RunArgs {
                 manifests,
@@ -321,31 +375,28 @@ fn main() -> anyhow::Result<()> {
             proxy_agent::migrate::refuse_newer(&bpffs_dir)?;
             let view = inspect::inspect(&bpffs_dir)?;
             match output {
-                Output::Table => print!("{}", inspect::render_table(&view)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+                Output::Table => out(&inspect::render_table(&view)),
+                Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&view)?)),
             }
-            Ok(())
         }
         Command::Status { interfaces, output } => {
             let status = status::status(&interfaces)?;
             match output {
-                Output::Table => print!("{}", status::render(&status)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Output::Table => out(&status::render(&status)),
+                Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&status)?)),
             }
-            Ok(())
         }
         Command::Cleanup { bpffs_dir } => {
             let done = loader::cleanup(&bpffs_dir)
                 .with_context(|| format!("cleaning up {}", bpffs_dir.display()))?;
             let filters = proxy_agent::tc::remove_clsact_filters();
-            println!(
-                "removed {} links and {} maps from {}, and tc filters from {} interfaces",
+            out(&format!(
+                "removed {} links and {} maps from {}, and tc filters from {} interfaces\n",
                 done.links.len(),
                 done.maps.len(),
                 bpffs_dir.display(),
                 filters.len()
-            );
-            Ok(())
+            ))
         }
     }
 }

@@ -91,6 +91,18 @@ pub struct FeatureName {
     pub name: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicy {
+    pub traffic_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Code {
+    pub code: u16,
+}
+
+type GaugeF64 = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 pub struct Metrics {
     pub registry: Registry,
     /// The maps' capacities, for their fill ratios.
@@ -110,6 +122,15 @@ pub struct Metrics {
     pub conntrack_collected: Counter,
     pub kube_relists: Family<ResourceLabel, Counter>,
     pub kube_watch_errors: Family<ResourceLabel, Counter>,
+    pub sync_last: GaugeF64,
+    pub sync_last_queued: GaugeF64,
+    pub service_changes: Counter,
+    pub service_changes_pending: Gauge,
+    pub endpoint_changes: Counter,
+    pub endpoint_changes_pending: Gauge,
+    pub no_local_endpoints: Family<TrafficPolicy, Gauge>,
+    pub healthz_answers: Family<Code, Counter>,
+    pub livez_answers: Family<Code, Counter>,
 }
 
 /// Reads the datapath's per-CPU counters at scrape time.
@@ -236,6 +257,61 @@ impl Metrics {
             "Failed lists and watches of a resource (each retried after a backoff with jitter), Kubernetes API source",
             kube_watch_errors.clone(),
         );
+        // kube-proxy's names for what it has too (its `kubeproxy_` prefix is `proxy_` here).
+        let sync_last = GaugeF64::default();
+        registry.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "When the last sync that kept the datapath in sync ended (seconds since the epoch)",
+            sync_last.clone(),
+        );
+        let sync_last_queued = GaugeF64::default();
+        registry.register(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "When a source last asked for a sync (a change): newer than the last sync's end for long means a sync hangs",
+            sync_last_queued.clone(),
+        );
+        let service_changes = Counter::default();
+        registry.register(
+            "sync_proxy_rules_service_changes",
+            "Services added, changed or removed, as the syncs took them (distinct objects per sync)",
+            service_changes.clone(),
+        );
+        let service_changes_pending = Gauge::default();
+        registry.register(
+            "sync_proxy_rules_service_changes_pending",
+            "Service events received and not yet taken by a sync (Kubernetes API source)",
+            service_changes_pending.clone(),
+        );
+        let endpoint_changes = Counter::default();
+        registry.register(
+            "sync_proxy_rules_endpoint_changes",
+            "EndpointSlices added, changed or removed, as the syncs took them (distinct objects per sync)",
+            endpoint_changes.clone(),
+        );
+        let endpoint_changes_pending = Gauge::default();
+        registry.register(
+            "sync_proxy_rules_endpoint_changes_pending",
+            "EndpointSlice events received and not yet taken by a sync (Kubernetes API source)",
+            endpoint_changes_pending.clone(),
+        );
+        let no_local_endpoints = Family::<TrafficPolicy, Gauge>::default();
+        registry.register(
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no local endpoint (they reject), by policy",
+            no_local_endpoints.clone(),
+        );
+        let healthz_answers = Family::<Code, Counter>::default();
+        registry.register(
+            "proxy_healthz",
+            "/healthz answers by HTTP status code",
+            healthz_answers.clone(),
+        );
+        let livez_answers = Family::<Code, Counter>::default();
+        registry.register(
+            "proxy_livez",
+            "/livez answers by HTTP status code",
+            livez_answers.clone(),
+        );
         registry.register_collector(Box::new(DatapathCounters { bpffs_dir }));
         Metrics {
             registry,
@@ -255,7 +331,44 @@ impl Metrics {
             conntrack_collected,
             kube_relists,
             kube_watch_errors,
+            sync_last,
+            sync_last_queued,
+            service_changes,
+            service_changes_pending,
+            endpoint_changes,
+            endpoint_changes_pending,
+            no_local_endpoints,
+            healthz_answers,
+            livez_answers,
         }
+    }
+
+    /// The wake-up the sources use: it records when a sync was last asked for.
+    pub fn wake(&self) -> crate::wake::Wake {
+        crate::wake::Wake::recording(self.sync_last_queued.clone())
+    }
+
+    /// A source received an event of this kind (None: not a Service or an EndpointSlice),
+    /// not yet taken by a sync.
+    pub fn record_queued_change(&self, kind: Option<crate::model::ChangeKind>) {
+        match kind {
+            Some(crate::model::ChangeKind::Service) => self.service_changes_pending.inc(),
+            Some(crate::model::ChangeKind::EndpointSlice) => self.endpoint_changes_pending.inc(),
+            None => 0,
+        };
+    }
+
+    /// A sync took these changes from its source: nothing is pending any more.
+    pub fn record_changes(&self, c: crate::model::ObjectChanges) {
+        self.service_changes.inc_by(c.services as u64);
+        self.endpoint_changes.inc_by(c.endpoint_slices as u64);
+        self.service_changes_pending.set(0);
+        self.endpoint_changes_pending.set(0);
+    }
+
+    /// A sync ended with the datapath in sync.
+    pub fn record_synced(&self) {
+        (self.sync_last).set(crate::wake::unix_seconds(SystemTime::now()));
     }
 
     /// With the maps' capacities (the `--max-*` flags) instead of the default ones.
@@ -287,8 +400,17 @@ impl Metrics {
         (w.get_or_create(&WriteOp { op: "delete" })).inc_by(deletes as u64);
     }
 
-    pub fn record_state(&self, state: &MapState, frontends: usize) {
+    /// What the maps hold after a sync: `frontends` programmed, `no_local` of them
+    /// rejecting for want of a local endpoint.
+    pub fn record_state(&self, state: &MapState, frontends: usize, no_local: usize) {
         self.frontends.set(frontends as i64);
+        // internalTrafficPolicy only: externalTrafficPolicy is for NodePorts and load
+        // balancers, which this datapath does not serve.
+        (self.no_local_endpoints)
+            .get_or_create(&TrafficPolicy {
+                traffic_policy: "internal",
+            })
+            .set(no_local as i64);
         self.backends.set(state.backends.len() as i64);
         for (map, n) in [
             (SVC_MAP, state.services.len()),
@@ -374,16 +496,23 @@ impl Health {
     }
 }
 
-async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    answer(&h, true)
+type HealthState = State<(Arc<Health>, Arc<Metrics>)>;
+
+async fn healthz(State((h, m)): HealthState) -> impl IntoResponse {
+    answer(&h, true, &m.healthz_answers)
 }
 
-async fn livez(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    answer(&h, false)
+async fn livez(State((h, m)): HealthState) -> impl IntoResponse {
+    answer(&h, false, &m.livez_answers)
 }
 
 /// /healthz (`node_rule`) and /livez: in sync, and for /healthz the node not being deleted.
-fn answer(h: &Health, node_rule: bool) -> impl IntoResponse + use<> {
+/// Each answer is counted by its code.
+fn answer(
+    h: &Health,
+    node_rule: bool,
+    answers: &Family<Code, Counter>,
+) -> impl IntoResponse + use<> {
     let (synced, age) = h.healthy();
     let eligible = h.node_eligible();
     let ok = synced && (eligible || !node_rule);
@@ -391,14 +520,17 @@ fn answer(h: &Health, node_rule: bool) -> impl IntoResponse + use<> {
         "{{\"healthy\":{ok},\"lastSyncAgeSeconds\":{:.3},\"nodeEligible\":{eligible}}}\n",
         age.as_secs_f64()
     );
-    (
-        if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        body,
-    )
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    answers
+        .get_or_create(&Code {
+            code: code.as_u16(),
+        })
+        .inc();
+    (code, body)
 }
 
 async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
@@ -412,11 +544,11 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 /// /healthz and /livez. Every endpoint is read-only: GET (and HEAD) only, anything else 405.
-fn health_app(health: Arc<Health>) -> Router {
+fn health_app(health: Arc<Health>, m: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
-        .with_state(health)
+        .with_state((health, m))
 }
 
 /// /metrics, read-only as [`health_app`].
@@ -432,7 +564,7 @@ pub async fn serve(
     m: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let (health_app, metrics_app) = (health_app(health), metrics_app(m));
+    let (health_app, metrics_app) = (health_app(health, m.clone()), metrics_app(m));
     let hl = tokio::net::TcpListener::bind(health_addr)
         .await
         .with_context(|| format!("binding --health-addr {health_addr}"))?;
@@ -442,6 +574,70 @@ pub async fn serve(
     tokio::spawn(async move { axum::serve(hl, health_app).await });
     tokio::spawn(async move { axum::serve(ml, metrics_app).await });
     Ok(())
+}
+
+/// The name of every metric the agent exports, as scraped (a counter with its `_total`), for
+/// the checks that the README and the dashboard name only what exists.
+pub fn every_metric_name() -> Vec<String> {
+    let m = Metrics::new("/nonexistent".into());
+    // A family is rendered once it has a member: one each. Every field named, so a new
+    // one cannot be forgotten here.
+    let Metrics {
+        registry: _,
+        capacity: _,
+        datapath_feature,
+        sync_duration,
+        programming_latency: _,
+        frontends: _,
+        backends: _,
+        rejected,
+        map_fill,
+        sync_errors: _,
+        map_writes,
+        frontends_refused: _,
+        maglev_table_fallbacks: _,
+        conntrack_entries,
+        conntrack_collected: _,
+        kube_relists,
+        kube_watch_errors,
+        sync_last: _,
+        sync_last_queued: _,
+        service_changes: _,
+        service_changes_pending: _,
+        endpoint_changes: _,
+        endpoint_changes_pending: _,
+        no_local_endpoints,
+        healthz_answers,
+        livez_answers,
+    } = &m;
+    let _ = datapath_feature.get_or_create(&FeatureName { name: "x" });
+    let _ = (sync_duration).get_or_create(&SyncLabels {
+        kind: SyncKind::Full,
+    });
+    let _ = rejected.get_or_create(&Reason { reason: "x" });
+    let _ = map_fill.get_or_create(&MapName { map: "x" });
+    let _ = map_writes.get_or_create(&WriteOp { op: "x" });
+    let _ = conntrack_entries.get_or_create(&CtState { state: "x" });
+    for f in [kube_relists, kube_watch_errors] {
+        let _ = f.get_or_create(&ResourceLabel { resource: "x" });
+    }
+    let _ = (no_local_endpoints).get_or_create(&TrafficPolicy {
+        traffic_policy: "x",
+    });
+    for f in [healthz_answers, livez_answers] {
+        let _ = f.get_or_create(&Code { code: 200 });
+    }
+    let mut names: Vec<String> = (m.render().lines())
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| match kind {
+            "counter" => format!("{name}_total"),
+            _ => name.to_string(),
+        })
+        .collect();
+    // Read from the datapath at scrape time (nothing to read here).
+    names.push("proxy_datapath_events_total".into());
+    names
 }
 
 #[cfg(test)]
@@ -470,16 +666,74 @@ mod tests {
         .unwrap()
     }
 
+    /// kube-proxy's `proxy_healthz_total{code}` and `proxy_livez_total{code}`, and its two
+    /// sync timestamps (under this agent's prefix).
+    #[tokio::test]
+    async fn health_answers_and_sync_times_are_counted_as_kube_proxy_counts_them() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let m = Arc::new(Metrics::new("/nonexistent".into()));
+        assert_eq!(
+            status(health_app(health.clone(), m.clone()), "GET", "/healthz").await,
+            503
+        );
+        health.synced();
+        for _ in 0..2 {
+            assert_eq!(
+                status(health_app(health.clone(), m.clone()), "GET", "/healthz").await,
+                200
+            );
+        }
+        assert_eq!(
+            status(health_app(health.clone(), m.clone()), "GET", "/livez").await,
+            200
+        );
+        let text = m.render();
+        for line in [
+            "proxy_proxy_healthz_total{code=\"503\"} 1",
+            "proxy_proxy_healthz_total{code=\"200\"} 2",
+            "proxy_proxy_livez_total{code=\"200\"} 1",
+            "proxy_sync_proxy_rules_last_timestamp_seconds 0.0",
+            "proxy_sync_proxy_rules_last_queued_timestamp_seconds 0.0",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        let before = crate::wake::unix_seconds(SystemTime::now());
+        m.wake().wake();
+        m.record_synced();
+        let (queued, synced) = (m.sync_last_queued.get(), m.sync_last.get());
+        assert!(
+            queued >= before && synced >= queued,
+            "{before} {queued} {synced}"
+        );
+    }
+
+    /// The README's metrics table names every metric the agent registers.
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        let names = every_metric_name();
+        assert!(names.len() > 20, "{names:?}");
+        for name in names {
+            assert!(
+                readme.contains(&format!("| `{name}`")) || readme.contains(&format!("| `{name}{{")),
+                "{name} is not in the README's metrics table"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn every_endpoint_is_read_only() {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         health.synced();
         let m = Arc::new(Metrics::new("/nonexistent".into()));
         for path in ["/healthz", "/livez"] {
-            assert_eq!(status(health_app(health.clone()), "GET", path).await, 200);
+            assert_eq!(
+                status(health_app(health.clone(), m.clone()), "GET", path).await,
+                200
+            );
             for method in ["POST", "PUT", "PATCH", "DELETE"] {
                 assert_eq!(
-                    status(health_app(health.clone()), method, path).await,
+                    status(health_app(health.clone(), m.clone()), method, path).await,
                     405,
                     "{method} {path}"
                 );

@@ -74,10 +74,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // keeps serving.
     migrate::refuse_newer(&cfg.bpffs_dir)?;
 
-    let wake = Arc::new(Notify::new());
     // The first read begins now (the manifests are parsed on worker threads while the
     // datapath loads); the first sync takes it.
     let metrics = Arc::new(Metrics::new(cfg.bpffs_dir.clone()).with_capacity(cfg.capacity));
+    let wake = metrics.wake();
     let source = source.start(&cfg.node_name, cfg.kube_initial_list, &wake, &metrics);
     let settings = loader::Settings {
         ct_timeouts: cfg.ct_timeouts,

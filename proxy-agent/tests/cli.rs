@@ -93,3 +93,53 @@ fn conntrack_lifetimes_are_durations_of_at_least_a_second() {
     ]);
     assert!(!ok && err.contains("/nonexistent"), "{err}");
 }
+
+/// Every subcommand's `--help` ends with examples.
+#[test]
+fn every_subcommand_has_examples_in_its_help() {
+    for sub in ["run", "services", "status", "cleanup"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_proxy-agent"))
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sub}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let examples = help.split_once("Examples:").map(|(_, e)| e).unwrap_or("");
+        assert!(
+            examples.contains(&format!("proxy-agent {sub}")),
+            "{sub}: {help}"
+        );
+    }
+}
+
+/// An error is one line naming what failed, with its causes, and a non-zero exit.
+#[test]
+fn an_error_is_one_line() {
+    let (ok, err) = agent(&["run", "--kubeconfig", "/nonexistent/kubeconfig"]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+    assert!(
+        err.contains("No such file"),
+        "the cause is on the line: {err}"
+    );
+}
+
+/// With `--log-format json` the error line is a JSON object, as every log line is.
+#[test]
+fn a_json_error_is_one_json_line() {
+    let (ok, err) = agent(&[
+        "run",
+        "--log-format",
+        "json",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+    ]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let v: serde_json::Value = serde_json::from_str(err.trim_end()).expect("JSON");
+    assert_eq!(v["level"], "ERROR", "{err}");
+    let message = v["message"].as_str().unwrap();
+    assert!(message.contains("/nonexistent/kubeconfig"), "{err}");
+}

@@ -246,7 +246,9 @@ impl Agent {
         let bound = scaled(bound);
         let deadline = Instant::now() + bound;
         while Instant::now() < deadline {
-            if self.log_text().contains(" ready") {
+            // The "ready" event, in the text or the JSON log format.
+            let log = self.log_text();
+            if log.contains(" ready") || log.contains("\"message\":\"ready\"") {
                 return Ok(());
             }
             if let Some(status) = self

@@ -231,14 +231,9 @@ fn the_dockerfile_builds_the_agent_in_stages() {
     assert!(text.contains("COPY --from=build /src/target/release/proxy-agent"));
 }
 
-/// `deploy/` with the `capabilities` Component on renders the same objects, with the DaemonSet
-/// unprivileged: every capability dropped but exactly those the agent needs (which
-/// `the_agent_runs_with_only_the_capabilities_it_documents` runs it with), and the bpffs
-/// mount without the propagation only privileged containers may have.
-#[test]
-#[ignore = "needs kubectl (installed by `cargo xtask test`)"]
-fn the_capabilities_variant_grants_exactly_what_the_agent_needs() {
-    // deploy/ as a user turns the Component on: a copy, with the commented lines enabled.
+/// `kubectl kustomize` of `deploy/` as a user turns one of its Components on: a copy, with the
+/// component's commented line enabled. The rendered documents.
+fn render_with(component: &str) -> Vec<Value> {
     let tmp = tempfile::tempdir().unwrap();
     let copy = |from: &Path, to: &Path| {
         fs::create_dir_all(to).unwrap();
@@ -250,16 +245,11 @@ fn the_capabilities_variant_grants_exactly_what_the_agent_needs() {
         }
     };
     copy(deploy_dir(), tmp.path());
-    copy(
-        &deploy_dir().join("capabilities"),
-        &tmp.path().join("capabilities"),
-    );
+    copy(&deploy_dir().join(component), &tmp.path().join(component));
     let k = fs::read_to_string(tmp.path().join("kustomization.yaml")).unwrap();
-    assert!(k.contains("# components:\n# - capabilities"), "{k}");
-    let k = k.replace(
-        "# components:\n# - capabilities",
-        "components:\n- capabilities",
-    );
+    let commented = "# components:\n# - capabilities\n# - monitoring";
+    assert!(k.contains(commented), "{k}");
+    let k = k.replace(commented, &format!("components:\n- {component}"));
     fs::write(tmp.path().join("kustomization.yaml"), k).unwrap();
     let out = std::process::Command::new("kubectl")
         .arg("kustomize")
@@ -272,9 +262,19 @@ fn the_capabilities_variant_grants_exactly_what_the_agent_needs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    let docs: Vec<Value> = yaml_serde::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap())
-        .collect();
+        .collect()
+}
+
+/// `deploy/` with the `capabilities` Component on renders the same objects, with the DaemonSet
+/// unprivileged: every capability dropped but exactly those the agent needs (which
+/// `the_agent_runs_with_only_the_capabilities_it_documents` runs it with), and the bpffs
+/// mount without the propagation only privileged containers may have.
+#[test]
+#[ignore = "needs kubectl (installed by `cargo xtask test`)"]
+fn the_capabilities_variant_grants_exactly_what_the_agent_needs() {
+    let docs = render_with("capabilities");
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     for kind in [
         "Namespace",
@@ -305,4 +305,117 @@ fn the_capabilities_variant_grants_exactly_what_the_agent_needs() {
         .unwrap();
     assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
     assert!(c.args.as_ref().unwrap().contains(&"run".to_string()));
+}
+
+/// Every metric name in an expression of the dashboard (`proxy_...`, a histogram's
+/// `_bucket`, `_sum` and `_count` as its name).
+fn dashboard_metrics() -> Vec<String> {
+    fn exprs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(e)) = m.get("expr") {
+                    out.push(e);
+                }
+                m.values().for_each(|v| exprs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let text = fs::read_to_string(deploy_dir().join("monitoring/grafana-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut found = Vec::new();
+    exprs(&dashboard, &mut found);
+    assert!(found.len() >= 8, "{found:?}");
+    let mut names = Vec::new();
+    for e in found {
+        let mut rest = e;
+        while let Some(at) = rest.find("proxy_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            names.push(base.to_string());
+        }
+    }
+    names
+}
+
+/// The dashboard queries only metrics the agent exports, and shows what an operator looks
+/// at first: sync duration, programming latency, frontends and backends, rejections, datapath
+/// events, conntrack and map fill.
+#[test]
+fn the_dashboard_queries_only_metrics_the_agent_exports() {
+    let exported = proxy_agent::metrics::every_metric_name();
+    let queried = dashboard_metrics();
+    for name in &queried {
+        assert!(
+            exported.contains(name),
+            "{name} is not a metric the agent exports"
+        );
+    }
+    for want in [
+        "proxy_sync_proxy_rules_duration_seconds",
+        "proxy_network_programming_duration_seconds",
+        "proxy_frontends_programmed",
+        "proxy_backends_programmed",
+        "proxy_objects_rejected_total",
+        "proxy_datapath_events_total",
+        "proxy_conntrack_entries",
+        "proxy_map_fill_ratio",
+    ] {
+        assert!(queried.iter().any(|n| n == want), "no panel shows {want}");
+    }
+}
+
+/// The PodMonitor scrapes the DaemonSet's `metrics` port, which serves /metrics on all
+/// addresses (the agent's default is loopback).
+#[test]
+fn the_pod_monitor_scrapes_the_metrics_port() {
+    let text = fs::read_to_string(deploy_dir().join("monitoring/podmonitor.yaml")).unwrap();
+    let pm: Value = yaml_serde::from_str(&text).unwrap();
+    assert_eq!(pm["kind"], "PodMonitor");
+    let port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    let ds: DaemonSet = one(&documents(), "DaemonSet");
+    let spec = ds.spec.template.spec.clone().unwrap();
+    let c = &spec.containers[0];
+    let declared = c.ports.as_ref().unwrap();
+    let metrics = declared
+        .iter()
+        .find(|p| p.name.as_deref() == Some(port))
+        .unwrap_or_else(|| panic!("no container port named {port}"));
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&format!(
+            "--metrics-addr=0.0.0.0:{}",
+            metrics.container_port
+        )),
+        "{args:?}"
+    );
+    let labels = ds.metadata.labels.unwrap_or_default();
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(labels.get(k).map(String::as_str), v.as_str(), "{k}");
+    }
+}
+
+/// `deploy/` with the `monitoring` Component on renders the PodMonitor and the dashboard's
+/// ConfigMap, labelled for Grafana's sidecar.
+#[test]
+#[ignore = "needs kubectl (installed by `cargo xtask test`)"]
+fn the_monitoring_component_renders_a_pod_monitor_and_the_dashboard() {
+    let docs = render_with("monitoring");
+    assert!(docs.iter().any(|d| d["kind"] == "PodMonitor"), "{docs:?}");
+    let cm = (docs.iter())
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "proxy-agent-dashboard")
+        .unwrap_or_else(|| panic!("{docs:?}"));
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json = cm["data"]["grafana-dashboard.json"].as_str().unwrap();
+    let _: Value = serde_json::from_str(json).unwrap();
 }

@@ -339,6 +339,42 @@ fn health_and_metrics_report_the_agent_and_the_datapath() {
         "{text}"
     );
     assert!(value("proxy_map_fill_ratio{map=\"PROXY_SVC_V1\"}") > 0.0);
+    // kube-proxy's: the two Services and the slice's three versions, each taken by a sync;
+    // nothing pending once synced; the sync times; /healthz answered.
+    assert!(
+        value("proxy_sync_proxy_rules_service_changes_total ") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value("proxy_sync_proxy_rules_endpoint_changes_total ") >= 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("proxy_sync_proxy_rules_endpoint_changes_pending "),
+        0.0
+    );
+    assert_eq!(
+        value("proxy_sync_proxy_rules_service_changes_pending "),
+        0.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let synced = value("proxy_sync_proxy_rules_last_timestamp_seconds ");
+    let queued = value("proxy_sync_proxy_rules_last_queued_timestamp_seconds ");
+    assert!(
+        now - synced < 60.0 && now - queued < 60.0,
+        "{synced} {queued} {now}"
+    );
+    assert!(
+        value("proxy_proxy_healthz_total{code=\"200\"}") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("proxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"),
+        0.0
+    );
     // What the kernel offers, as probed here too.
     use proxy_agent::features::{Feature, Features};
     let probed = Features::probe();

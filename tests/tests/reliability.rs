@@ -385,6 +385,64 @@ fn a_newer_layouts_pins_are_refused_and_an_older_ones_removed() {
     assert!(!pins.path.exists(), "cleanup removes every version");
 }
 
+/// `proxy-agent services | head -1`: a reader that went away ends the command quietly (it
+/// panicked on the broken pipe before).
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn services_into_a_closed_pipe_ends_quietly() {
+    let (cluster, manifests, _, pins) = web();
+    let _agent = Agent::start(&manifests.dir, &cluster.cgroup_path(), &pins).expect("agent starts");
+    for output in ["table", "json"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(agent_bin())
+            .args(["services", "-o", output, "--bpffs-dir"])
+            .arg(&pins.path)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{output}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{output}: {stderr}");
+    }
+}
+
+/// `--log-format json`: every line the agent writes is a JSON object, with the fields the
+/// text form has (a sync's counts as numbers, at the top level).
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn json_logs_are_one_object_a_line_with_the_text_forms_fields() {
+    let (cluster, manifests, _, pins) = web();
+    let mut agent = Agent::start_with(
+        &[
+            "--manifests".as_ref(),
+            manifests.dir.as_os_str(),
+            "--log-format".as_ref(),
+            "json".as_ref(),
+        ],
+        &cluster.cgroup_path(),
+        &pins,
+    )
+    .expect("agent starts");
+    serves(&cluster, 5);
+    agent.stop();
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = (log.lines())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let synced = (lines.iter())
+        .find(|v| v["message"] == "synced")
+        .unwrap_or_else(|| panic!("no sync logged: {log}"));
+    assert_eq!(synced["level"], "INFO");
+    assert_eq!(synced["kind"], "full");
+    assert!(
+        synced["updates"].as_u64().is_some_and(|n| n > 0),
+        "{synced}"
+    );
+    assert!(lines.iter().any(|v| v["message"] == "ready"), "{log}");
+}
+
 /// A second `run` on a bpffs directory in use is refused before it touches the pins or the
 /// links, naming the running agent; the first one keeps serving, unchanged.
 #[test]

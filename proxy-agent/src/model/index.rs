@@ -95,6 +95,39 @@ pub struct Index {
     /// Services whose objects were added or removed since [`Self::take_touched`]; None:
     /// not known (a new index).
     touched: Option<BTreeSet<ServiceRef>>,
+    /// Objects added, changed or removed since [`Self::take_changes`], by kind and identity.
+    /// Sources update an object by removing it and adding its new version (a manifest file
+    /// all of its objects): one change, and none if the new version is the old one.
+    changes: BTreeMap<(ChangeKind, ServiceRef), Change>,
+}
+
+/// What happened to one object since [`Index::take_changes`].
+#[derive(Clone, Debug)]
+enum Change {
+    /// Removed (so far): this version, to tell an update that changes nothing.
+    Removed(Removed),
+    Changed,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Removed {
+    Service(Arc<Service>),
+    Slice(Arc<Slice>),
+}
+
+/// Which kind of object changed (kube-proxy counts Service and EndpointSlice changes apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChangeKind {
+    Service,
+    EndpointSlice,
+}
+
+/// How many distinct objects of each kind changed, for
+/// `proxy_sync_proxy_rules_{service,endpoint}_changes_total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObjectChanges {
+    pub services: usize,
+    pub endpoint_slices: usize,
 }
 
 /// The objects of one origin (a manifest file), in the order it lists them.
@@ -140,6 +173,15 @@ impl Objects {
 enum SliceOwner {
     Service(ServiceRef),
     Unowned,
+}
+
+/// A slice's identity among changes (its namespace and name; ServiceRef is that shape).
+fn slice_id(s: &Slice) -> (ChangeKind, ServiceRef) {
+    let id = ServiceRef::new(
+        s.namespace.as_deref(),
+        s.name.as_deref().unwrap_or_default(),
+    );
+    (ChangeKind::EndpointSlice, id)
 }
 
 fn slice_owner(slice: &Slice) -> Option<SliceOwner> {
@@ -220,6 +262,10 @@ impl Index {
             ObjectRef::Service(s) => match service_ref(s) {
                 Some(r) => {
                     self.touch(&r);
+                    self.removed(
+                        (ChangeKind::Service, r.clone()),
+                        Removed::Service(s.clone()),
+                    );
                     if let Some(g) = self.groups.get_mut(&r) {
                         g.services.remove(pos);
                         if g.is_empty() {
@@ -233,6 +279,9 @@ impl Index {
             },
             ObjectRef::Slice(s) => {
                 let key = (s.name.clone().unwrap_or_default(), pos.clone());
+                if slice_owner(s).is_some() {
+                    self.removed(slice_id(s), Removed::Slice(s.clone()));
+                }
                 match slice_owner(s) {
                     Some(SliceOwner::Service(r)) => {
                         self.touch(&r);
@@ -259,6 +308,8 @@ impl Index {
         match service_ref(&s.object) {
             Some(r) => {
                 self.touch(&r);
+                let now = Removed::Service(s.object.clone());
+                self.added((ChangeKind::Service, r.clone()), &now);
                 self.groups.entry(r).or_default().services.insert(pos, s);
             }
             None => {
@@ -268,6 +319,9 @@ impl Index {
     }
 
     fn add_slice(&mut self, pos: Pos, s: Sourced<Slice>) {
+        if slice_owner(&s.object).is_some() {
+            self.added(slice_id(&s.object), &Removed::Slice(s.object.clone()));
+        }
         let key = (s.object.name.clone().unwrap_or_default(), pos);
         match slice_owner(&s.object) {
             Some(SliceOwner::Service(r)) => {
@@ -285,6 +339,35 @@ impl Index {
     /// [`super::Model::build`].
     pub fn take_touched(&mut self) -> Option<BTreeSet<ServiceRef>> {
         self.touched.replace(BTreeSet::new())
+    }
+
+    /// How many objects changed since the last call, by kind.
+    pub fn take_changes(&mut self) -> ObjectChanges {
+        let changes = std::mem::take(&mut self.changes);
+        let services = changes
+            .keys()
+            .filter(|(k, _)| *k == ChangeKind::Service)
+            .count();
+        ObjectChanges {
+            services,
+            endpoint_slices: changes.len() - services,
+        }
+    }
+
+    fn removed(&mut self, id: (ChangeKind, ServiceRef), old: Removed) {
+        self.changes.entry(id).or_insert(Change::Removed(old));
+    }
+
+    /// `now` added: no change if it is the version removed since the last take.
+    fn added(&mut self, id: (ChangeKind, ServiceRef), now: &Removed) {
+        match self.changes.get(&id) {
+            Some(Change::Removed(old)) if old == now => {
+                self.changes.remove(&id);
+            }
+            _ => {
+                self.changes.insert(id, Change::Changed);
+            }
+        }
     }
 
     fn touch(&mut self, r: &ServiceRef) {

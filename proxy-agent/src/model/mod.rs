@@ -22,7 +22,7 @@ mod service;
 mod slice;
 pub mod topology;
 
-pub use index::{Index, ObjectRef, ObjectSet, Pos, service_ref};
+pub use index::{ChangeKind, Index, ObjectChanges, ObjectRef, ObjectSet, Pos, service_ref};
 pub use pass::{Built, Changes, Model};
 pub use problem::{Problem, ProblemReason};
 pub use slice::{Slice, SliceEndpoint, SlicePort};

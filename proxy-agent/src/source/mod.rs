@@ -12,9 +12,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::sync::Notify;
 
-use crate::model::{Index, Problem, ServiceRef};
+use crate::{
+    model::{Index, Problem, ServiceRef},
+    wake::Wake,
+};
 
 /// What a source has now, for one sync.
 pub struct Snapshot<'a> {
@@ -28,6 +30,8 @@ pub struct Snapshot<'a> {
     /// How long the read took, when it began before it was asked for (the first read, begun
     /// while the datapath loaded).
     pub read_before: Option<Duration>,
+    /// How many objects changed since the previous snapshot.
+    pub changes: crate::model::ObjectChanges,
 }
 
 /// Called with the index while a long read goes on (a cold start), so that the Services read
@@ -49,7 +53,7 @@ pub trait Source {
     }
 
     /// Begins following changes, after the first sync; `wake` is notified of each.
-    fn follow(&mut self, wake: &Arc<Notify>) -> anyhow::Result<()>;
+    fn follow(&mut self, wake: &Wake) -> anyhow::Result<()>;
 
     /// When to read again though nothing woke the agent (a file still being written).
     fn next_read(&self) -> Option<Instant> {
@@ -117,7 +121,7 @@ impl Checked {
         self,
         node_name: &str,
         initial_list: kube::watch::InitialList,
-        wake: &Arc<Notify>,
+        wake: &Wake,
         metrics: &Arc<crate::metrics::Metrics>,
     ) -> Box<dyn Source> {
         match self {

@@ -63,6 +63,8 @@ pub struct Mirror {
     state: MapState,
     /// Masters in `state.services`, counted as they are written rather than walked.
     masters: usize,
+    /// Of those, the masters that reject for want of a local endpoint (iTP=Local).
+    no_local: usize,
     /// The Service each frontend was last written for (unknown for entries found in the maps
     /// at start), so an invalid Service keeps its frontends even when its VIP is unreadable.
     owners: HashMap<Frontend, ServiceRef>,
@@ -76,6 +78,11 @@ pub struct Mirror {
     /// slots it was built from (unknown for tables found at start, so the first sync
     /// compares every table).
     table_content: HashMap<u16, TableContent>,
+}
+
+/// A master that rejects for want of a local endpoint.
+fn no_local(v: &ServiceValue) -> bool {
+    v.count == 0 && v.flags & proxy_common::SVC_FLAG_NO_LOCAL_ENDPOINTS != 0
 }
 
 /// See [`Mirror`]'s `table_content`.
@@ -103,8 +110,10 @@ impl Mirror {
                 *tables.entry(v.maglev_table).or_default() += 1;
             }
         }
+        let masters = state.services.iter().filter(|(k, _)| k.slot == 0);
         Mirror {
-            masters: state.services.keys().filter(|k| k.slot == 0).count(),
+            masters: masters.clone().count(),
+            no_local: masters.filter(|(_, v)| no_local(v)).count(),
             state,
             tables,
             ..Mirror::default()
@@ -194,6 +203,11 @@ impl Mirror {
         self.masters
     }
 
+    /// Masters that reject for want of a local endpoint.
+    pub fn no_local_masters(&self) -> usize {
+        self.no_local
+    }
+
     pub fn master(&self, f: &Frontend) -> Option<ServiceValue> {
         self.state.services.get(&service_key(f, 0)).copied()
     }
@@ -237,6 +251,8 @@ impl Mirror {
             if old.is_none() {
                 self.masters += 1;
             }
+            self.no_local += usize::from(no_local(&value));
+            self.no_local -= usize::from(old.as_ref().is_some_and(no_local));
             self.count_table(old, false);
             self.count_table(Some(value), true);
         }
@@ -247,6 +263,7 @@ impl Mirror {
         let old = self.state.services.remove(key);
         if key.slot == 0 && old.is_some() {
             self.masters -= 1;
+            self.no_local -= usize::from(old.as_ref().is_some_and(no_local));
             self.count_table(old, false);
         }
         old

@@ -122,6 +122,11 @@ impl<D: Datapath> Syncer<D> {
         self.mirror.masters()
     }
 
+    /// Frontends programmed to reject for want of a local endpoint (iTP=Local).
+    pub fn no_local_count(&self) -> usize {
+        self.mirror.no_local_masters()
+    }
+
     /// Frontends refused for want of room, still waiting for it.
     pub fn refused_count(&self) -> usize {
         self.refused.len()

@@ -135,3 +135,61 @@ fn a_service_removed_in_the_pass_that_changes_the_zone_is_reported_changed() {
     assert!(second.changed.expect("partial").contains(&web_ref));
     assert!(second.desired.frontends.is_empty());
 }
+
+/// kube-proxy's `sync_proxy_rules_{service,endpoint}_changes_total` count objects changed, by
+/// kind. A manifest file is re-read whole (its objects removed and added again): only the
+/// objects whose content changed count, an object removed counts, and the slices of another
+/// proxy do not.
+#[test]
+fn changes_count_the_objects_whose_content_changed_by_kind() {
+    fn arc<T: serde::de::DeserializeOwned>(v: Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).expect("valid test object"))
+    }
+    let port = json!([{"name": "http", "port": 80}]);
+    let web_slice = |ip: &str| {
+        arc(slice(
+            "web-1",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            json!([ep(ip)]),
+        ))
+    };
+    let file = |ip: &str| ObjectSet {
+        services: vec![arc(svc("web", "10.96.0.10", port.clone()))],
+        slices: vec![web_slice(ip)],
+        ..ObjectSet::default()
+    };
+    let other = ObjectSet {
+        slices: vec![arc(with(
+            slice("x-1", "x", json!([]), json!([])),
+            &["metadata", "labels", LABEL_SERVICE_PROXY_NAME],
+            json!("another-proxy"),
+        ))],
+        ..ObjectSet::default()
+    };
+    let (a, o): (Arc<str>, Arc<str>) = (Arc::from("a.yaml"), Arc::from("o.yaml"));
+    let mut index = Index::default();
+    index.insert(&a, &file("10.1.0.1"));
+    index.insert(&o, &other);
+    let counts = |index: &mut Index| {
+        let c = index.take_changes();
+        (c.services, c.endpoint_slices)
+    };
+    assert_eq!(counts(&mut index), (1, 1));
+    // Re-read unchanged: nothing. The slice changed: the slice only.
+    index.remove(&a, &file("10.1.0.1"));
+    index.insert(&a, &file("10.1.0.1"));
+    assert_eq!(counts(&mut index), (0, 0));
+    index.remove(&a, &file("10.1.0.1"));
+    index.insert(&a, &file("10.1.0.2"));
+    assert_eq!(counts(&mut index), (0, 1));
+    // Two updates of one slice between syncs: one object changed.
+    index.remove(&a, &file("10.1.0.2"));
+    index.insert(&a, &file("10.1.0.3"));
+    index.remove(&a, &file("10.1.0.3"));
+    index.insert(&a, &file("10.1.0.4"));
+    assert_eq!(counts(&mut index), (0, 1));
+    // The file removed: both.
+    index.remove(&a, &file("10.1.0.4"));
+    assert_eq!(counts(&mut index), (1, 1));
+}

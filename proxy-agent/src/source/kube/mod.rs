@@ -21,7 +21,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{Api, Client, runtime::watcher};
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::info;
 
 use self::{
@@ -32,6 +32,7 @@ use super::{Progress, Snapshot, Source};
 use crate::{
     metrics::Metrics,
     model::{Index, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ObjectRef, ServiceRef, Slice},
+    wake::Wake,
 };
 
 /// kube-proxy's informer selector: objects of other proxies and headless ones are not ours.
@@ -161,7 +162,7 @@ impl KubeSource {
         client: Client,
         node_name: &str,
         initial: InitialList,
-        wake: Arc<Notify>,
+        wake: Wake,
         metrics: Arc<Metrics>,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
@@ -420,12 +421,14 @@ impl Source for KubeSource {
         }
         self.drain();
         let touched = self.index.take_touched();
+        let changes = self.index.take_changes();
         Some(Snapshot {
             index: &self.index,
             touched,
             problems: vec![],
             unchanged: false,
             read_before: None,
+            changes,
         })
     }
 
@@ -434,7 +437,7 @@ impl Source for KubeSource {
     }
 
     /// The watchers follow from the start (they notify the agent's wake-up).
-    fn follow(&mut self, _wake: &Arc<Notify>) -> anyhow::Result<()> {
+    fn follow(&mut self, _wake: &Wake) -> anyhow::Result<()> {
         Ok(())
     }
 

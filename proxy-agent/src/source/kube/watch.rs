@@ -13,10 +13,13 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::metrics::{Metrics, ResourceLabel};
+use crate::{
+    metrics::{Metrics, ResourceLabel},
+    wake::Wake,
+};
 
 /// The three resources the source follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,6 +37,15 @@ impl Resource3 {
             Resource3::Service => "services",
             Resource3::Slice => "endpointslices",
             Resource3::Node => "nodes",
+        }
+    }
+
+    /// Which change its events are (kube-proxy counts Services and EndpointSlices).
+    pub fn change_kind(self) -> Option<crate::model::ChangeKind> {
+        match self {
+            Resource3::Service => Some(crate::model::ChangeKind::Service),
+            Resource3::Slice => Some(crate::model::ChangeKind::EndpointSlice),
+            Resource3::Node => None,
         }
     }
 }
@@ -61,7 +73,7 @@ pub struct Delivery<T> {
 pub struct Outlet<T> {
     pub initial: InitialList,
     pub tx: Sender<Delivery<T>>,
-    pub wake: Arc<Notify>,
+    pub wake: Wake,
     pub metrics: Arc<Metrics>,
 }
 
@@ -133,10 +145,18 @@ where
                             watcher::Event::Init => watcher::Event::Init,
                             watcher::Event::InitDone => watcher::Event::InitDone,
                         };
+                        if matches!(
+                            event,
+                            watcher::Event::Apply(_)
+                                | watcher::Event::Delete(_)
+                                | watcher::Event::InitApply(_)
+                        ) {
+                            metrics.record_queued_change(resource.change_kind());
+                        }
                         if tx.send(Delivery { resource, event }).is_err() {
                             return; // the source is gone
                         }
-                        wake.notify_one();
+                        wake.wake();
                     }
                     Err(e) => {
                         metrics.kube_watch_errors.get_or_create(&label).inc();

@@ -393,6 +393,11 @@ impl ManifestDir {
         &self.index
     }
 
+    /// How many objects changed since the last call (see [`Index::take_changes`]).
+    pub fn take_changes(&mut self) -> crate::model::ObjectChanges {
+        self.index.take_changes()
+    }
+
     /// The Services whose objects changed since the last call (see [`Index::take_touched`]).
     pub fn take_touched(&mut self) -> Option<BTreeSet<crate::model::ServiceRef>> {
         self.index.take_touched()

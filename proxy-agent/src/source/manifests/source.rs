@@ -1,19 +1,16 @@
 //! The manifests directory as a [`Source`]: the first read (begun before the datapath loads),
 //! then the watch's events, file by file; periodic full reads as a safety net.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::sync::Notify;
 use tracing::warn;
 
 use super::{ManifestDir, ManifestWatch, Reading, Rescan, SourceError, Work};
 use crate::{
     model::Index,
     source::{Progress, Snapshot, Source},
+    wake::Wake,
 };
 
 pub struct ManifestSource {
@@ -77,12 +74,14 @@ impl Source for ManifestSource {
         };
         let problems = self.dir.problems().cloned().collect();
         let touched = self.dir.take_touched();
+        let changes = self.dir.take_changes();
         Some(Snapshot {
             touched,
             index: self.dir.index(),
             problems,
             unchanged: !read.changed,
             read_before,
+            changes,
         })
     }
 
@@ -94,13 +93,13 @@ impl Source for ManifestSource {
     /// agent's own opens of thousands of files are as many inotify events, which cost a tenth
     /// of a cold start (and can overflow the event queue). What changed during that read is
     /// found by one more full read, the watch's first work.
-    fn follow(&mut self, wake: &Arc<Notify>) -> anyhow::Result<()> {
+    fn follow(&mut self, wake: &Wake) -> anyhow::Result<()> {
         if self.watch.is_none() {
             let w = ManifestWatch::start(self.dir.dir(), wake.clone())
                 .with_context(|| format!("watching {}", self.dir.dir().display()))?;
             w.read_all_next();
             self.watch = Some(w);
-            wake.notify_one();
+            wake.wake();
         }
         Ok(())
     }
@@ -136,7 +135,7 @@ mod tests {
         assert_eq!(services(&source), 1);
         std::fs::write(tmp.path().join("b.yaml"), service("b", "10.96.0.2")).unwrap();
 
-        source.follow(&Arc::new(Notify::new())).unwrap();
+        source.follow(&Wake::default()).unwrap();
         assert!(!source.read(false, None).expect("readable").unchanged);
         assert_eq!(services(&source), 2, "b.yaml is read");
         let snap = source.read(false, None).expect("readable");

@@ -404,7 +404,7 @@ fn events_are_sorted_into_read_now_and_wait_for_close() {
 #[test]
 fn the_watch_hands_out_closed_files_at_once_and_open_ones_after_they_settle() {
     let tmp = tempfile::tempdir().unwrap();
-    let wake = Arc::new(tokio::sync::Notify::new());
+    let wake = crate::wake::Wake::default();
     let watch = ManifestWatch::start(tmp.path(), wake).unwrap();
     let path = tmp.path().join("a.yaml");
     // An atomic replace: ready as soon as it is renamed into place.
@@ -556,7 +556,7 @@ fn reading_the_directory_does_not_wake_its_watch() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), "a.yaml", SVC);
     let mut m = ManifestDir::new(tmp.path()).unwrap();
-    let watch = ManifestWatch::start(tmp.path(), Arc::new(tokio::sync::Notify::new())).unwrap();
+    let watch = ManifestWatch::start(tmp.path(), crate::wake::Wake::default()).unwrap();
     // A full read opens the directory and every file; were that an event to act on, each
     // read would cause the next one, forever.
     m.rescan().unwrap();
@@ -580,7 +580,7 @@ fn a_mounted_configmap_update_is_read() {
     m.rescan().unwrap();
     assert_eq!(counts(&m), (1, 0, 0));
 
-    let watch = ManifestWatch::start(d, Arc::new(tokio::sync::Notify::new())).unwrap();
+    let watch = ManifestWatch::start(d, crate::wake::Wake::default()).unwrap();
     // The update: a new data directory, a new symlink renamed over `..data`.
     fs::create_dir(d.join("..v2")).unwrap();
     fs::write(d.join("..v2/a.yaml"), format!("{SVC}---\n{SLICE}")).unwrap();
@@ -606,9 +606,7 @@ fn a_recreated_or_swapped_directory_is_watched_again() {
     write(&dir, "a.yaml", SVC);
     let mut source = ManifestSource::start(ManifestDir::new(&dir).unwrap());
     source.read(false, None).expect("readable");
-    source
-        .follow(&Arc::new(tokio::sync::Notify::new()))
-        .unwrap();
+    source.follow(&crate::wake::Wake::default()).unwrap();
     source.read(false, None).expect("readable");
     let names = |s: &ManifestSource| -> Vec<String> {
         let mut v: Vec<String> = (s.dir().objects().services.iter())

@@ -138,7 +138,7 @@ fn identity(dir: &Path) -> Option<(u64, u64)> {
 
 impl ManifestWatch {
     /// Starts watching `dir`; `wake` is notified on every relevant event.
-    pub fn start(dir: &Path, wake: Arc<tokio::sync::Notify>) -> notify::Result<Self> {
+    pub fn start(dir: &Path, wake: crate::wake::Wake) -> notify::Result<Self> {
         use notify::Watcher as _;
         let dir = std::path::absolute(dir)?;
         let pending = Arc::new(Mutex::new(Pending::default()));
@@ -170,7 +170,7 @@ impl ManifestWatch {
                     Route::Moved => p.moved = true,
                 }
                 drop(p);
-                wake.notify_one();
+                wake.wake();
             })?;
         if let Some(parent) = dir.parent() {
             watcher.watch(parent, notify::RecursiveMode::NonRecursive)?;

@@ -132,3 +132,30 @@ fn vips_count_their_frontends() {
     s.sync(&desired(&[(a, &[("10.1.0.1", 8080)])]));
     assert_eq!(s.dp.maps.vips, [(vip, 1)].into());
 }
+
+/// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`: frontends that reject for want of
+/// a local endpoint, kept as they are written (and found again at start), never walked.
+#[test]
+fn frontends_without_a_local_endpoint_are_counted_as_written() {
+    let mut s = Syncer::new(Fake::default(), MapState::default());
+    let (a, b) = (fe("10.96.0.10", 80), fe("10.96.0.11", 80));
+    let mut d = desired(&[(a, &[]), (b, &[("10.1.0.1", 8080)])]);
+    d.frontends.get_mut(&a).unwrap().no_local_endpoints = true;
+    s.sync(&d);
+    assert_eq!(s.no_local_count(), 1);
+    // A restart reads it back from the maps.
+    let again = Syncer::new(Fake::default(), s.dp.maps.clone());
+    assert_eq!(again.no_local_count(), 1);
+    // A local endpoint comes: no longer counted; gone again, counted once.
+    s.sync(&desired(&[
+        (a, &[("10.1.0.2", 8080)]),
+        (b, &[("10.1.0.1", 8080)]),
+    ]));
+    assert_eq!(s.no_local_count(), 0);
+    s.sync(&d);
+    s.sync(&d);
+    assert_eq!(s.no_local_count(), 1);
+    // The frontend removed.
+    s.sync(&desired(&[(b, &[("10.1.0.1", 8080)])]));
+    assert_eq!(s.no_local_count(), 0);
+}
