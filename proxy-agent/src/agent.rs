@@ -216,6 +216,11 @@ impl Agent {
         };
         self.metrics.record_changes(snap.changes);
         if snap.unchanged && pass == Pass::Partial {
+            // Nothing to write, and the maps are still what the last sync left: a sync all
+            // the same, as kube-proxy counts one (its last-sync time follows the queued one).
+            if self.health.healthy().0 {
+                self.metrics.record_synced();
+            }
             return;
         }
         let read_done = started.elapsed();

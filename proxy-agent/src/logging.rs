@@ -29,17 +29,20 @@ pub fn init(format: Format) {
             let ansi = io::stderr().is_terminal();
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_writer(EscapedStderr { ansi })
+                .with_writer(EscapedStderr { ansi, json: false })
                 .with_ansi(ansi)
                 .init();
         }
-        // JSON strings escape control characters themselves; the writer is kept for what
-        // is not in a string.
+        // serde_json escapes C0 controls in strings, not DEL nor C1 controls: the writer
+        // writes those as JSON escapes, so a line stays one valid JSON object.
         Format::Json => tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
             .with_env_filter(filter)
-            .with_writer(EscapedStderr { ansi: false })
+            .with_writer(EscapedStderr {
+                ansi: false,
+                json: true,
+            })
             .init(),
     }
 }
@@ -47,11 +50,21 @@ pub fn init(format: Format) {
 /// The line a command's error ends with: `error: what failed: cause: ...` (anyhow's `{:#}`),
 /// or in JSON, an `ERROR` object with the same text as its `message`. Escaped as log lines are.
 pub fn error_line(format: Format, error: &str) -> String {
+    let error = error.trim_end();
     let line = match format {
-        Format::Text => format!("error: {error}"),
-        Format::Json => serde_json::json!({"level": "ERROR", "message": error}).to_string(),
+        Format::Text => escape(format!("error: {error}").as_bytes(), false),
+        Format::Json => escape_json(
+            serde_json::json!({
+                "timestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "level": "ERROR",
+                "message": error,
+                "target": "proxy_agent",
+            })
+            .to_string()
+            .as_bytes(),
+        ),
     };
-    String::from_utf8_lossy(&escape(line.as_bytes(), false)).into_owned()
+    String::from_utf8_lossy(&line).into_owned()
 }
 
 /// Stderr, escaped (see the module's doc).
@@ -59,6 +72,8 @@ struct EscapedStderr {
     /// The formatter writes colours: ESC is left alone (tracing-subscriber escapes it in
     /// field values itself).
     ansi: bool,
+    /// Lines are JSON objects: escapes are JSON's.
+    json: bool,
 }
 
 impl<'a> MakeWriter<'a> for EscapedStderr {
@@ -68,6 +83,7 @@ impl<'a> MakeWriter<'a> for EscapedStderr {
         Escaping {
             inner: io::stderr().lock(),
             keep_esc: self.ansi,
+            json: self.json,
         }
     }
 }
@@ -77,11 +93,17 @@ impl<'a> MakeWriter<'a> for EscapedStderr {
 pub struct Escaping<W> {
     inner: W,
     keep_esc: bool,
+    json: bool,
 }
 
 impl<W: Write> Write for Escaping<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write_all(&escape(buf, self.keep_esc))?;
+        let escaped = if self.json {
+            escape_json(buf)
+        } else {
+            escape(buf, self.keep_esc)
+        };
+        self.inner.write_all(&escaped)?;
         Ok(buf.len())
     }
 
@@ -120,9 +142,53 @@ pub fn escape(line: &[u8], keep_esc: bool) -> Vec<u8> {
     out
 }
 
+/// A JSON line with the controls serde_json leaves (DEL, C1) and any C0 control written as
+/// `\u00XX`, except a final newline. In a JSON line such bytes are inside strings, where
+/// that escape means the same character.
+pub fn escape_json(line: &[u8]) -> Vec<u8> {
+    let (body, newline) = match line.strip_suffix(b"\n") {
+        Some(body) => (body, true),
+        None => (line, false),
+    };
+    let mut out = Vec::with_capacity(line.len() + 8);
+    let mut bytes = body.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
+        match b {
+            0x00..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            0xc2 if bytes.peek().is_some_and(|n| (0x80..=0x9f).contains(n)) => {
+                let n = bytes.next().unwrap_or_default();
+                out.extend_from_slice(format!("\\u{n:04x}").as_bytes());
+            }
+            _ => out.push(b),
+        }
+    }
+    if newline {
+        out.push(b'\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A field holding DEL and C1 controls (a manifest file's name): the JSON line still
+    /// parses, to the same text, and holds no raw control.
+    #[test]
+    fn a_json_line_with_del_and_c1_controls_stays_valid_json() {
+        let name = "web\u{7f}\u{9b}2J\u{1b}[31m\nfake";
+        let line = format!("{}\n", serde_json::json!({"origin": name}));
+        let escaped = escape_json(line.as_bytes());
+        let text = String::from_utf8(escaped).unwrap();
+        assert!(!text.trim_end().chars().any(char::is_control), "{text:?}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["origin"], name);
+        assert!(text.ends_with('\n'));
+        let e = error_line(Format::Json, &format!("{name}\n"));
+        let v: serde_json::Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(v["message"], name);
+        assert!(v["timestamp"].is_string() && v["target"].is_string(), "{e}");
+    }
 
     #[test]
     fn control_characters_from_input_cannot_make_a_line_of_their_own() {
@@ -162,6 +228,7 @@ mod tests {
             .with_writer(move || Escaping {
                 inner: sink.clone(),
                 keep_esc: false,
+                json: false,
             })
             .finish();
         tracing::subscriber::with_default(subscriber, || {

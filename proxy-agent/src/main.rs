@@ -292,7 +292,7 @@ fn main() -> ExitCode {
 }
 
 /// Writes `text` to stdout. A reader that went away (`proxy-agent services | head -1`) ends
-/// the command quietly, as it would a C tool's.
+/// the command quietly, with status 0 (a C tool would die of SIGPIPE, just as quietly).
 fn out(text: &str) -> anyhow::Result<()> {
     let mut stdout = io::stdout().lock();
     match stdout

@@ -273,7 +273,7 @@ impl Metrics {
         let service_changes = Counter::default();
         registry.register(
             "sync_proxy_rules_service_changes",
-            "Services added, changed or removed, as the syncs took them (distinct objects per sync)",
+            "Service changes: watch events (Kubernetes API source, as kube-proxy counts them), or Services whose content changed (manifests)",
             service_changes.clone(),
         );
         let service_changes_pending = Gauge::default();
@@ -285,7 +285,7 @@ impl Metrics {
         let endpoint_changes = Counter::default();
         registry.register(
             "sync_proxy_rules_endpoint_changes",
-            "EndpointSlices added, changed or removed, as the syncs took them (distinct objects per sync)",
+            "EndpointSlice changes: watch events (Kubernetes API source, as kube-proxy counts them), or EndpointSlices whose content changed (manifests)",
             endpoint_changes.clone(),
         );
         let endpoint_changes_pending = Gauge::default();
@@ -348,17 +348,25 @@ impl Metrics {
         crate::wake::Wake::recording(self.sync_last_queued.clone())
     }
 
-    /// A source received an event of this kind (None: not a Service or an EndpointSlice),
-    /// not yet taken by a sync.
+    /// A watch delivered an event of this kind (None: not a Service or an EndpointSlice):
+    /// a change, as kube-proxy counts them (every event), pending until a sync takes it.
     pub fn record_queued_change(&self, kind: Option<crate::model::ChangeKind>) {
         match kind {
-            Some(crate::model::ChangeKind::Service) => self.service_changes_pending.inc(),
-            Some(crate::model::ChangeKind::EndpointSlice) => self.endpoint_changes_pending.inc(),
-            None => 0,
-        };
+            Some(crate::model::ChangeKind::Service) => {
+                self.service_changes.inc();
+                self.service_changes_pending.inc();
+            }
+            Some(crate::model::ChangeKind::EndpointSlice) => {
+                self.endpoint_changes.inc();
+                self.endpoint_changes_pending.inc();
+            }
+            None => {}
+        }
     }
 
-    /// A sync took these changes from its source: nothing is pending any more.
+    /// A sync took its source's changes: nothing is pending any more. `c`: the changes a
+    /// source without events of its own counted (a manifests directory: the objects whose
+    /// content changed).
     pub fn record_changes(&self, c: crate::model::ObjectChanges) {
         self.service_changes.inc_by(c.services as u64);
         self.endpoint_changes.inc_by(c.endpoint_slices as u64);
@@ -579,6 +587,15 @@ pub async fn serve(
 /// The name of every metric the agent exports, as scraped (a counter with its `_total`), for
 /// the checks that the README and the dashboard name only what exists.
 pub fn every_metric_name() -> Vec<String> {
+    every_metric().0
+}
+
+/// The label names the agent's metrics carry (`le` of histograms included).
+pub fn every_metric_label() -> std::collections::BTreeSet<String> {
+    every_metric().1
+}
+
+fn every_metric() -> (Vec<String>, std::collections::BTreeSet<String>) {
     let m = Metrics::new("/nonexistent".into());
     // A family is rendered once it has a member: one each. Every field named, so a new
     // one cannot be forgotten here.
@@ -627,7 +644,15 @@ pub fn every_metric_name() -> Vec<String> {
     for f in [healthz_answers, livez_answers] {
         let _ = f.get_or_create(&Code { code: 200 });
     }
-    let mut names: Vec<String> = (m.render().lines())
+    let text = m.render();
+    let mut labels: std::collections::BTreeSet<String> = (text.lines())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| Some(l.split_once('{')?.1.split_once('}')?.0))
+        .flat_map(|set| set.split(','))
+        .filter_map(|kv| Some(kv.split_once('=')?.0.to_string()))
+        .collect();
+    labels.insert("reason".into()); // proxy_datapath_events_total's, below
+    let mut names: Vec<String> = (text.lines())
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
         .map(|(name, kind)| match kind {
@@ -637,7 +662,7 @@ pub fn every_metric_name() -> Vec<String> {
         .collect();
     // Read from the datapath at scrape time (nothing to read here).
     names.push("proxy_datapath_events_total".into());
-    names
+    (names, labels)
 }
 
 #[cfg(test)]

@@ -359,6 +359,26 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
             "{name} is not a metric the agent exports"
         );
     }
+    // Every label a query groups by or a legend shows: the agent's, or the target's.
+    let mut labels = proxy_agent::metrics::every_metric_label();
+    labels.extend(["instance", "job", "pod", "namespace"].map(String::from));
+    let text = fs::read_to_string(deploy_dir().join("monitoring/grafana-dashboard.json")).unwrap();
+    let mut used = Vec::new();
+    for (open, close) in [("by (", ")"), ("{{", "}}")] {
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(open) {
+            rest = &rest[at + open.len()..];
+            let inner = &rest[..rest.find(close).unwrap()];
+            used.extend(inner.split(',').map(|l| l.trim().to_string()));
+        }
+    }
+    assert!(used.len() > 10, "{used:?}");
+    for l in &used {
+        assert!(
+            labels.contains(l),
+            "label {l} is not one the metrics carry: {labels:?}"
+        );
+    }
     for want in [
         "proxy_sync_proxy_rules_duration_seconds",
         "proxy_network_programming_duration_seconds",
@@ -399,7 +419,10 @@ fn the_pod_monitor_scrapes_the_metrics_port() {
         )),
         "{args:?}"
     );
-    let labels = ds.metadata.labels.unwrap_or_default();
+    // A PodMonitor selects pods: the pod template's labels.
+    let labels = (ds.spec.template.metadata)
+        .and_then(|m| m.labels)
+        .unwrap_or_default();
     for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
         assert_eq!(labels.get(k).map(String::as_str), v.as_str(), "{k}");
     }

@@ -30,7 +30,8 @@ pub struct Snapshot<'a> {
     /// How long the read took, when it began before it was asked for (the first read, begun
     /// while the datapath loaded).
     pub read_before: Option<Duration>,
-    /// How many objects changed since the previous snapshot.
+    /// How many objects changed since the previous snapshot, for a source that does not
+    /// count its events as they come (a manifests directory).
     pub changes: crate::model::ObjectChanges,
 }
 

@@ -421,14 +421,15 @@ impl Source for KubeSource {
         }
         self.drain();
         let touched = self.index.take_touched();
-        let changes = self.index.take_changes();
+        // Counted per event by the watchers, as kube-proxy counts them.
+        let _ = self.index.take_changes();
         Some(Snapshot {
             index: &self.index,
             touched,
             problems: vec![],
             unchanged: false,
             read_before: None,
-            changes,
+            changes: Default::default(),
         })
     }
 

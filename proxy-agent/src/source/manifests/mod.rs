@@ -319,15 +319,17 @@ impl ManifestDir {
                 let mut early: BTreeMap<usize, Vec<Loaded>> = BTreeMap::new();
                 for (from, files) in chunks {
                     early.insert(from, files);
+                    // Handed over every PROGRESS_FILES files applied, however the chunks
+                    // arrived (a late first chunk releases them all at once).
                     while let Some(files) = early.remove(&next) {
                         let n = files.len();
                         apply(self, next, files);
                         next += n;
                         since_progress += n;
-                    }
-                    if since_progress >= PROGRESS_FILES && next < todo.len() {
-                        progress(&mut self.index);
-                        since_progress = 0;
+                        if since_progress >= PROGRESS_FILES && next < todo.len() {
+                            progress(&mut self.index);
+                            since_progress = 0;
+                        }
                     }
                 }
                 for w in workers {
