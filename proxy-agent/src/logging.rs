@@ -115,37 +115,28 @@ impl<W: Write> Write for Escaping<W> {
 /// `line` with C0 controls (but tab), DEL and C1 controls written as `\n`, `\r` or `\xNN`,
 /// except a final newline (and ESC with `keep_esc`).
 pub fn escape(line: &[u8], keep_esc: bool) -> Vec<u8> {
-    let (body, newline) = match line.strip_suffix(b"\n") {
-        Some(body) => (body, true),
-        None => (line, false),
-    };
-    let mut out = Vec::with_capacity(line.len() + 8);
-    let mut bytes = body.iter().copied().peekable();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.push(b),
-            0x1b if keep_esc => out.push(b),
-            0x00..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
-            // C1 controls, U+0080..U+009F, are 0xC2 0x80..=0x9F in UTF-8.
-            0xc2 if bytes.peek().is_some_and(|n| (0x80..=0x9f).contains(n)) => {
-                let n = bytes.next().unwrap_or_default();
-                out.extend_from_slice(format!("\\u{{{n:x}}}").as_bytes());
-            }
-            _ => out.push(b),
-        }
-    }
-    if newline {
-        out.push(b'\n');
-    }
-    out
+    escape_controls(line, |c, out| match c {
+        0x0a => out.extend_from_slice(b"\\n"),
+        0x0d => out.extend_from_slice(b"\\r"),
+        0x09 => out.push(b'\t'),
+        0x1b if keep_esc => out.push(0x1b),
+        0x00..=0x7f => out.extend_from_slice(format!("\\x{c:02x}").as_bytes()),
+        _ => out.extend_from_slice(format!("\\u{{{c:x}}}").as_bytes()),
+    })
 }
 
 /// A JSON line with the controls serde_json leaves (DEL, C1) and any C0 control written as
 /// `\u00XX`, except a final newline. In a JSON line such bytes are inside strings, where
 /// that escape means the same character.
 pub fn escape_json(line: &[u8]) -> Vec<u8> {
+    escape_controls(line, |c, out| {
+        out.extend_from_slice(format!("\\u{c:04x}").as_bytes());
+    })
+}
+
+/// `line` with each control character (C0, DEL, C1: U+0000..U+001F, U+007F..U+009F) written
+/// by `write`, except a final newline.
+fn escape_controls(line: &[u8], mut write: impl FnMut(u32, &mut Vec<u8>)) -> Vec<u8> {
     let (body, newline) = match line.strip_suffix(b"\n") {
         Some(body) => (body, true),
         None => (line, false),
@@ -154,10 +145,11 @@ pub fn escape_json(line: &[u8]) -> Vec<u8> {
     let mut bytes = body.iter().copied().peekable();
     while let Some(b) = bytes.next() {
         match b {
-            0x00..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            0x00..=0x1f | 0x7f => write(u32::from(b), &mut out),
+            // C1 controls, U+0080..U+009F, are 0xC2 0x80..=0x9F in UTF-8.
             0xc2 if bytes.peek().is_some_and(|n| (0x80..=0x9f).contains(n)) => {
                 let n = bytes.next().unwrap_or_default();
-                out.extend_from_slice(format!("\\u{n:04x}").as_bytes());
+                write(u32::from(n), &mut out);
             }
             _ => out.push(b),
         }
