@@ -194,10 +194,8 @@ fn carry_backends_v1(dir: &Path, _: &CarryContext) -> Result<usize, MapsError> {
     use aya::maps::{HashMap, Map, MapData, MapError};
     use proxy_common::{BACKEND_MAP, Backend, be_v1};
 
+    // (`carry` runs this only when the old map is pinned.)
     const FROM: &str = "PROXY_BE_V1";
-    if !dir.join(FROM).exists() {
-        return Ok(0);
-    }
     let old: HashMap<MapData, u32, be_v1::Backend> =
         crate::maps::open_pinned(dir, FROM, Map::HashMap)?;
     let mut new: HashMap<MapData, u32, Backend> =
