@@ -197,6 +197,11 @@ impl Agent {
         self.record_programming(&report);
     }
 
+    /// The frontends programmed, with names and reasons (`/debug/services`).
+    pub fn describe(&self) -> Vec<crate::inspect::FrontendView> {
+        crate::debug::describe(&self.model, &self.syncer)
+    }
+
     fn run(&mut self, pass: Pass) {
         let started = Instant::now();
         let mut before = Passes::default();

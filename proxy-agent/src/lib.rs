@@ -4,6 +4,7 @@ pub mod agent;
 pub mod capacity;
 pub mod cleanup;
 pub mod conntrack;
+pub mod debug;
 pub mod features;
 pub mod fuzzing;
 pub mod inspect;

@@ -52,16 +52,32 @@ Examples:
   proxy-agent run --kubeconfig ~/.kube/config --tc-interface 'veth*' --lb-algorithm maglev
   proxy-agent run   # in a pod: the in-cluster config, NODE_NAME from the downward API")]
     Run(Box<RunArgs>),
-    /// Print the frontends and backends programmed in the pinned maps (no agent needed).
+    /// Print the frontends and backends programmed in the pinned maps, with the Service and
+    /// port name each is for and why it is in its state, asked from the running agent
+    /// (its /debug/services); without the agent, from the maps alone.
     #[command(after_help = "\
 Examples:
   proxy-agent services
-  proxy-agent services -o json --bpffs-dir /sys/fs/bpf/proxy | jq '.services[0]'")]
+  proxy-agent services --service kube-system/kube-dns
+  proxy-agent services --vip 10.96.0.10 -o json | jq '.services[0].reason'
+  proxy-agent services --no-agent --bpffs-dir /sys/fs/bpf/proxy")]
     Services {
         #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Only the frontends of this Service (needs the running agent, which has the names).
+        #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_service_name)]
+        service: Option<String>,
+        /// Only the frontends of this ClusterIP.
+        #[arg(long, value_name = "IP")]
+        vip: Option<std::net::Ipv4Addr>,
+        /// The running agent's --metrics-addr, where it serves /debug/services.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        agent_addr: SocketAddr,
+        /// Do not ask the agent: the maps alone, without names.
+        #[arg(long, conflicts_with = "service")]
+        no_agent: bool,
     },
     /// What this kernel offers the datapath, the program variants the agent would load, and
     /// how the packet-path program is attached to the interfaces matching GLOBs (all, when none
@@ -291,6 +307,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long `services` waits for the agent's names before it shows the maps alone.
+const ASK_AGENT_WITHIN: Duration = Duration::from_secs(2);
+
+/// `--service`: a Service's `namespace/name`.
+fn parse_service_name(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
 /// Writes `text` to stdout. A reader that went away (`proxy-agent services | head -1`) ends
 /// the command quietly, with status 0 (a C tool would die of SIGPIPE, just as quietly).
 fn out(text: &str) -> anyhow::Result<()> {
@@ -370,10 +399,33 @@ fn agent(command: Command) -> anyhow::Result<()> {
                 kube_initial_list,
             }))
         }
-        Command::Services { bpffs_dir, output } => {
+        Command::Services {
+            bpffs_dir,
+            output,
+            service,
+            vip,
+            agent_addr,
+            no_agent,
+        } => {
             // A newer agent's maps: say so, rather than that one of ours is missing.
             proxy_agent::migrate::refuse_newer(&bpffs_dir)?;
-            let view = inspect::inspect(&bpffs_dir)?;
+            let mut view = inspect::inspect(&bpffs_dir)?;
+            if !no_agent {
+                match inspect::ask_agent(agent_addr, &bpffs_dir, ASK_AGENT_WITHIN) {
+                    Ok(agent) => {
+                        view.services = inspect::with_names(view.services, agent);
+                        view.names_from = Some(format!("http://{agent_addr}/debug/services"));
+                    }
+                    Err(e) if service.is_some() => {
+                        return Err(e).context(
+                            "--service needs the Services' names, which the running agent has",
+                        );
+                    }
+                    Err(e) => view.names_error = Some(e.to_string()),
+                }
+            }
+            let filter = inspect::Filter { service, vip };
+            view.services.retain(|v| filter.keeps(v));
             match output {
                 Output::Table => out(&inspect::render_table(&view)),
                 Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&view)?)),

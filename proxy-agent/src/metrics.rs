@@ -559,20 +559,22 @@ fn health_app(health: Arc<Health>, m: Arc<Metrics>) -> Router {
         .with_state((health, m))
 }
 
-/// /metrics, read-only as [`health_app`].
-fn metrics_app(m: Arc<Metrics>) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(m)
+/// /metrics and /debug/services, read-only as [`health_app`].
+fn metrics_app(m: Arc<Metrics>, asks: crate::debug::Asks) -> Router {
+    (Router::new().route("/metrics", get(metrics)).with_state(m)).merge(crate::debug::router(asks))
 }
 
-/// Serves /healthz and /livez on `health_addr`, /metrics on `metrics_addr`.
+/// Serves /healthz and /livez on `health_addr`, /metrics and /debug/services on
+/// `metrics_addr`.
 pub async fn serve(
     health_addr: SocketAddr,
     metrics_addr: SocketAddr,
     health: Arc<Health>,
     m: Arc<Metrics>,
+    asks: crate::debug::Asks,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let (health_app, metrics_app) = (health_app(health, m.clone()), metrics_app(m));
+    let (health_app, metrics_app) = (health_app(health, m.clone()), metrics_app(m, asks));
     let hl = tokio::net::TcpListener::bind(health_addr)
         .await
         .with_context(|| format!("binding --health-addr {health_addr}"))?;
@@ -764,13 +766,20 @@ mod tests {
                 );
             }
         }
-        assert_eq!(status(metrics_app(m.clone()), "GET", "/metrics").await, 200);
-        for method in ["POST", "PUT", "PATCH", "DELETE"] {
-            assert_eq!(
-                status(metrics_app(m.clone()), method, "/metrics").await,
-                405
-            );
+        let (asks, mut answers) = crate::debug::channel("/sys/fs/bpf/test".into());
+        // The sync loop's part: an answer to every question.
+        tokio::spawn(async move {
+            loop {
+                let _ = answers.next().await.send(Vec::new());
+            }
+        });
+        let app = || metrics_app(m.clone(), asks.clone());
+        for path in ["/metrics", "/debug/services"] {
+            assert_eq!(status(app(), "GET", path).await, 200, "{path}");
+            for method in ["POST", "PUT", "PATCH", "DELETE"] {
+                assert_eq!(status(app(), method, path).await, 405, "{method} {path}");
+            }
         }
-        assert_eq!(status(metrics_app(m), "GET", "/debug").await, 404);
+        assert_eq!(status(app(), "GET", "/debug").await, 404);
     }
 }

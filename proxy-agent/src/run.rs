@@ -18,7 +18,7 @@ use crate::{
     agent::Agent,
     capacity::Capacity,
     cleanup::{Cleaner, Gc},
-    conntrack,
+    conntrack, debug,
     features::{self, Feature, Features},
     loader, lock,
     maps::PinnedMaps,
@@ -140,11 +140,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     metrics.record_features(&features);
     let health = Arc::new(Health::new(cfg.healthz_max_age));
+    let (asks, mut answers) = debug::channel(cfg.bpffs_dir.clone());
     metrics::serve(
         cfg.health_addr,
         cfg.metrics_addr,
         health.clone(),
         metrics.clone(),
+        asks,
     )
     .await?;
     let gc = Gc {
@@ -192,6 +194,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = resync.tick() => {
                 agent.sync(true);
                 tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
+            }
+            ask = answers.next() => {
+                // The reader may have given up (timed out): nothing to do then.
+                let _ = ask.send(agent.describe());
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -66,6 +66,7 @@ fn a_full_sync_through_the_pinned_maps_reads_back_as_its_mirror() {
                 no_local_endpoints: false,
                 affinity_timeout_s: 0,
                 algorithm: None,
+                about: Default::default(),
             },
         );
     }
@@ -155,6 +156,7 @@ fn cleanup_forgets_the_flows_of_removed_backends_only() {
             no_local_endpoints: false,
             affinity_timeout_s: 0,
             algorithm: None,
+            about: Default::default(),
         },
     );
     let maps = PinnedMaps::open(&pins.path).unwrap();
@@ -396,6 +398,7 @@ fn maglev_tables_and_affinity_read_back_through_the_kernel() {
                 no_local_endpoints: false,
                 affinity_timeout_s: if i % 2 == 0 { 30 } else { 0 },
                 algorithm: None,
+                about: Default::default(),
             },
         );
     }

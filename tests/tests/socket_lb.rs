@@ -452,6 +452,149 @@ fn services_command_prints_the_table_and_json() {
     );
 }
 
+/// `proxy-agent services` names each frontend's Service and port and says why it is in its
+/// state, from the running agent's `/debug/services`; `--service` and `--vip` select; without
+/// the agent it still works from the maps, without names.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn services_names_each_frontend_and_says_why_from_the_agent() {
+    const DRAINING: &str = "10.96.0.20";
+    let f = Fixture::new(|c| {
+        let pods: Vec<&Pod> = c.pods.iter().collect();
+        let mut draining = slice("draining", &pods[..2], TCP_PORT, "node-b");
+        draining = draining.replace(
+            "conditions: {ready: true}",
+            "conditions: {ready: false, serving: false, terminating: true}",
+        );
+        vec![
+            ("web-svc.yaml", service("web", VIP, "")),
+            ("web-slice.yaml", slice("web", &pods, TCP_PORT, "node-b")),
+            ("draining-svc.yaml", service("draining", DRAINING, "")),
+            ("draining-slice.yaml", draining),
+        ]
+    });
+    f.wait_backends(80, "TCP", &addrs(&f.pods(), TCP_PORT));
+    let agent = f.agent.metrics_addr.clone();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["services", "-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&f.agent_cli(&all)).unwrap()
+    };
+    let find = |v: &serde_json::Value, vip: &str, port: u64| {
+        (v["services"].as_array().unwrap().iter())
+            .find(|s| s["vip"] == vip && s["port"] == port)
+            .cloned()
+            .unwrap_or_else(|| panic!("{vip}:{port} not in {v:#}"))
+    };
+
+    let all = json(&["--agent-addr", &agent]);
+    assert_eq!(
+        all["names_from"],
+        format!("http://{agent}/debug/services"),
+        "{all:#}"
+    );
+    let web = find(&all, VIP, 80);
+    assert_eq!(
+        (
+            &web["service"],
+            &web["port_name"],
+            &web["state"],
+            &web["reason"]
+        ),
+        (
+            &"default/web".into(),
+            &"http".into(),
+            &"active".into(),
+            &"3 ready endpoints".into()
+        ),
+        "{web:#}"
+    );
+    assert_eq!(web["endpoints"]["ready"], 3, "{web:#}");
+    let draining = find(&all, DRAINING, 53);
+    assert_eq!(
+        (
+            &draining["service"],
+            &draining["port_name"],
+            &draining["state"],
+            &draining["reason"]
+        ),
+        (
+            &"default/draining".into(),
+            &"dns".into(),
+            &"reject".into(),
+            &"no ready endpoints (2 terminating)".into()
+        ),
+        "{draining:#}"
+    );
+
+    let only = |v: &serde_json::Value| -> Vec<String> {
+        let mut out: Vec<String> = (v["services"].as_array().unwrap().iter())
+            .map(|s| format!("{}:{}", s["vip"].as_str().unwrap(), s["port"]))
+            .collect();
+        out.sort();
+        out
+    };
+    let by_service = json(&["--agent-addr", &agent, "--service", "default/draining"]);
+    assert_eq!(
+        only(&by_service),
+        [format!("{DRAINING}:53"), format!("{DRAINING}:80")]
+    );
+    let by_vip = json(&["--agent-addr", &agent, "--vip", VIP]);
+    assert_eq!(only(&by_vip), [format!("{VIP}:53"), format!("{VIP}:80")]);
+
+    let table = f.agent_cli(&["services", "--agent-addr", &agent]);
+    let row = (table.lines())
+        .find(|l| l.starts_with(&format!("{DRAINING}:80")))
+        .unwrap_or_default();
+    assert!(
+        row.contains("default/draining:http") && row.contains("no ready endpoints (2 terminating)"),
+        "{table}"
+    );
+
+    // The maps alone: the same frontends, without names.
+    let maps = json(&["--no-agent"]);
+    assert_eq!(only(&maps), only(&all));
+    assert!(
+        maps["names_from"].is_null() && find(&maps, VIP, 80)["service"].is_null(),
+        "{maps:#}"
+    );
+    // No agent where it is looked for: still the maps, saying why there are no names; a
+    // --service filter, which needs them, fails in one line.
+    let closed = format!("127.0.0.1:{}", proxy_tests::agent::free_port());
+    let unreachable = json(&["--agent-addr", &closed]);
+    assert_eq!(only(&unreachable), only(&all));
+    assert!(
+        unreachable["names_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&closed)),
+        "{unreachable:#}"
+    );
+    let out = std::process::Command::new(proxy_tests::agent::agent_bin())
+        .args([
+            "services",
+            "--service",
+            "default/web",
+            "--agent-addr",
+            &closed,
+            "--bpffs-dir",
+        ])
+        .arg(&f.pins.path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.lines().count() == 1 && err.contains("--service needs"),
+        "{err}"
+    );
+
+    // The endpoint itself: JSON naming the pins it programs.
+    let (code, body) = http_get(&agent, "/debug/services");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["bpffs_dir"], f.pins.path.to_str().unwrap(), "{v:#}");
+    assert_eq!(only(&v), only(&all));
+}
+
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn run_refuses_clearly_without_root_or_cgroup_v2() {

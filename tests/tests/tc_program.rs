@@ -105,6 +105,7 @@ fn desired(backend: [u8; 4]) -> Desired {
                 no_local_endpoints: false,
                 affinity_timeout_s: 0,
                 algorithm: None,
+                about: Default::default(),
             },
         );
     }

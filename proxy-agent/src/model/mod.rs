@@ -13,6 +13,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 
+mod about;
 mod endpointslice_cache;
 mod index;
 mod ownership;
@@ -22,6 +23,7 @@ mod service;
 mod slice;
 pub mod topology;
 
+pub use about::{EndpointCounts, PortAbout, State, reason};
 pub use index::{ChangeKind, Index, ObjectChanges, ObjectRef, ObjectSet, Pos, service_ref};
 pub use pass::{Built, Changes, Model};
 pub use problem::{Problem, ProblemReason};
@@ -125,6 +127,8 @@ pub struct FrontendSpec {
     pub affinity_timeout_s: u32,
     /// The Service's own algorithm (its annotation); None: the node's.
     pub algorithm: Option<Algorithm>,
+    /// Its port's name and endpoints, for `proxy-agent services` (not written to the maps).
+    pub about: PortAbout,
 }
 
 /// A Service's namespace and name. Shared strings: every frontend, claim and map owner

@@ -11,8 +11,8 @@ use foldhash::HashMap;
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    Desired, Frontend, LABEL_SERVICE_NAME, LABEL_ZONE, Problem, ProblemReason, ServiceRef, Slice,
-    Sourced,
+    Desired, Frontend, FrontendSpec, LABEL_SERVICE_NAME, LABEL_ZONE, Problem, ProblemReason,
+    ServiceRef, Slice, Sourced,
     endpointslice_cache::merge_slices,
     index::{Group, Index},
     ownership::Ownership,
@@ -76,6 +76,14 @@ impl Cached {
                 !valid(problems) || !self.clashes[i].is_empty()
             }
         }
+    }
+
+    /// The frontends its Service objects program (those not held).
+    fn programmed(&self) -> impl Iterator<Item = &(Frontend, FrontendSpec)> + '_ {
+        (self.outcomes.iter().enumerate()).flat_map(|(i, (outcome, _))| match outcome {
+            ServiceOutcome::Frontends { frontends, .. } if !self.held(i) => frontends.as_slice(),
+            _ => &[],
+        })
     }
 
     /// Whether this Service has anything to report or hold: the complete lists of problems
@@ -254,17 +262,26 @@ impl Model {
             Box::new(changed.iter())
         };
         for r in emit {
-            let Some(c) = self.cache.get(r) else { continue };
-            for (i, (outcome, _)) in c.outcomes.iter().enumerate() {
-                if let (ServiceOutcome::Frontends { frontends, .. }, false) = (outcome, c.held(i)) {
-                    out.frontends.extend(frontends.iter().cloned());
-                }
+            if let Some(c) = self.cache.get(r) {
+                out.frontends.extend(c.programmed().cloned());
             }
         }
         Built {
             desired: out,
             changed: (!full).then_some(changed),
         }
+    }
+
+    /// Every frontend the model programs, with its spec, as a full pass emits them (in no
+    /// particular order): what `/debug/services` names.
+    pub fn frontends(&self) -> impl Iterator<Item = &(Frontend, FrontendSpec)> + '_ {
+        self.cache.values().flat_map(Cached::programmed)
+    }
+
+    /// Whether some object of this Service is invalid, so what is programmed for it is kept
+    /// as it was.
+    pub fn held(&self, service: &ServiceRef) -> bool {
+        (self.cache.get(service)).is_some_and(|c| (0..c.outcomes.len()).any(|i| c.held(i)))
     }
 
     fn compute(&self, g: &Group, node_name: &str) -> Cached {

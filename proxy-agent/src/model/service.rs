@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    ANNOTATION_LB_ALGORITHM, Algorithm, BackendAddr, Frontend, FrontendSpec, LABEL_HEADLESS,
-    LABEL_SERVICE_PROXY_NAME, Problem, ProblemReason, Proto, ServiceRef, Sourced,
+    ANNOTATION_LB_ALGORITHM, Algorithm, BackendAddr, EndpointCounts, Frontend, FrontendSpec,
+    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, PortAbout, Problem, ProblemReason, Proto, ServiceRef,
+    Sourced,
     endpointslice_cache::EndpointsByPort,
     problem::problem,
     topology::{self, TrafficPolicy},
@@ -250,6 +251,11 @@ pub(super) fn service_frontends(
             return ServiceOutcome::Invalid { vips };
         }
         let no_local_endpoints = backends.is_empty() && sel.has_any;
+        let about = PortAbout {
+            port_name: port_name.as_str().into(),
+            traffic_policy: policy,
+            endpoints: EndpointCounts::of(eps),
+        };
         for vip in &vips {
             frontends.push((
                 Frontend {
@@ -263,6 +269,7 @@ pub(super) fn service_frontends(
                     no_local_endpoints,
                     affinity_timeout_s,
                     algorithm,
+                    about: about.clone(),
                 },
             ));
         }

@@ -132,6 +132,22 @@ impl<D: Datapath> Syncer<D> {
         self.refused.len()
     }
 
+    /// Whether `f` is refused for want of room (its previous state, if any, is what the maps
+    /// hold).
+    pub fn is_refused(&self, f: &Frontend) -> bool {
+        self.refused.contains(f)
+    }
+
+    /// How `spec` chooses backends on this node (its annotation, or the node's algorithm).
+    pub fn algorithm_of(&self, spec: &FrontendSpec) -> crate::model::Algorithm {
+        self.choice.algorithm_of(spec)
+    }
+
+    /// The Service that `f` was last written for (None: found in the maps at start).
+    pub fn owner(&self, f: &Frontend) -> Option<&ServiceRef> {
+        self.mirror.owner(f)
+    }
+
     /// When [`Self::retry_refused`] has a refused frontend to try again.
     pub fn next_retry(&self) -> Option<Instant> {
         self.refused.next_retry()
@@ -280,4 +296,4 @@ impl<D: Datapath> Syncer<D> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

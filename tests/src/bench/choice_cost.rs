@@ -124,6 +124,7 @@ fn packet_path(flows: u16) -> anyhow::Result<Vec<f64>> {
                 no_local_endpoints: false,
                 affinity_timeout_s: if spec.is_empty() { 0 } else { 10_800 },
                 algorithm: annotations.contains("maglev").then_some(Algorithm::Maglev),
+                about: Default::default(),
             },
         );
     }

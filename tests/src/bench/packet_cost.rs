@@ -58,6 +58,7 @@ pub fn measure(flows: u16) -> anyhow::Result<Vec<PacketCost>> {
             no_local_endpoints: false,
             affinity_timeout_s: 0,
             algorithm: None,
+            about: Default::default(),
         },
     );
     let maps = PinnedMaps::open(&pins.path)?;

@@ -31,7 +31,7 @@ enum Op {
 }
 
 #[derive(Default)]
-struct Fake {
+pub(crate) struct Fake {
     maps: MapState,
     /// Maglev tables by id (all entries, as the programs read them).
     tables: BTreeMap<u16, Vec<u32>>,
@@ -260,6 +260,7 @@ fn desired(entries: &[(Frontend, &[(&str, u16)])]) -> Desired {
                 no_local_endpoints: false,
                 affinity_timeout_s: 0,
                 algorithm: None,
+                about: Default::default(),
             },
         );
     }

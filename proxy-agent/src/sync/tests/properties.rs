@@ -78,6 +78,7 @@ fn to_desired(step: &Step) -> Desired {
                 no_local_endpoints: false,
                 affinity_timeout_s: if w.affinity { 10_800 } else { 0 },
                 algorithm: w.maglev.then_some(Algorithm::Maglev),
+                about: Default::default(),
             },
         );
     }

@@ -38,6 +38,7 @@ fn random_sequences_keep_the_reader_view_whole_and_converge() {
                     no_local_endpoints: false,
                     affinity_timeout_s: 0,
                     algorithm: None,
+                    about: Default::default(),
                 },
             );
         }
@@ -81,6 +82,7 @@ fn a_scoped_sync_touches_only_the_named_services() {
                 no_local_endpoints: false,
                 affinity_timeout_s: 0,
                 algorithm: None,
+                about: Default::default(),
             },
         );
     }
