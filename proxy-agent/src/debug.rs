@@ -3,16 +3,20 @@
 //! sync loop, which owns the model and the maps' mirror, so it costs nothing until asked, and
 //! the answer is what the loop had between two syncs.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{
-    Router, extract::State as AxumState, http::StatusCode, response::IntoResponse, routing::get,
+    Router,
+    extract::{ConnectInfo, State as AxumState},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::get,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     inspect::{self, AgentView, FrontendView, state_of},
-    model::{Algorithm, Frontend, FrontendSpec, Model, reason},
+    model::{Algorithm, Frontend, FrontendSpec, Hold, Model, State, reason},
     sync::{Datapath, Syncer, service_key},
 };
 
@@ -59,7 +63,16 @@ pub fn router(asks: Asks) -> Router {
         .with_state(asks)
 }
 
-async fn services(AxumState(asks): AxumState<Asks>) -> axum::response::Response {
+async fn services(
+    AxumState(asks): AxumState<Asks>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> axum::response::Response {
+    // Service names and pod IPs, for the node's own tools: --metrics-addr is bound to every
+    // address for Prometheus in the DaemonSet, and the answer costs the sync loop a walk.
+    if !peer.ip().is_loopback() {
+        let why = "/debug/services answers on loopback only (proxy-agent services on the node)\n";
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
     let busy = |why: &str| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -74,6 +87,7 @@ async fn services(AxumState(asks): AxumState<Asks>) -> axum::response::Response 
         Ok(Ok(services)) => {
             let view = AgentView {
                 bpffs_dir: asks.bpffs_dir.to_path_buf(),
+                svc_map_id: inspect::svc_map_id(&asks.bpffs_dir),
                 services,
             };
             match serde_json::to_string(&view) {
@@ -92,32 +106,33 @@ async fn services(AxumState(asks): AxumState<Asks>) -> axum::response::Response 
 /// the frontends refused for want of room that the maps do not hold at all.
 pub fn describe<D: Datapath>(model: &Model, syncer: &Syncer<D>) -> Vec<FrontendView> {
     let specs: HashMap<Frontend, &FrontendSpec> = model.frontends().map(|(f, s)| (*f, s)).collect();
-    let mut out = inspect::frontends(syncer.state());
+    let maps = syncer.state();
+    let mut out = inspect::frontends(maps);
     for v in &mut out {
         let Some(f) = v.frontend() else { continue };
         let owner = syncer.owner(&f);
         v.service = owner.map(ToString::to_string);
-        let spec = specs
-            .get(&f)
-            .filter(|s| owner.is_none_or(|o| *o == s.service));
+        // The model's spec, if it is for the Service the maps were written for.
+        let spec = (specs.get(&f)).filter(|s| owner.is_none_or(|o| *o == s.service));
         if let Some(spec) = spec {
             v.service = Some(spec.service.to_string());
             v.port_name = Some(spec.about.port_name.to_string());
             v.endpoints = Some(spec.about.endpoints);
         }
-        let master = syncer.state().services.get(&service_key(&f, 0));
-        let state = master.map(state_of);
-        v.reason = match (spec, state) {
+        let programmed = maps.services.get(&service_key(&f, 0)).map(state_of);
+        let hold = owner.and_then(|o| model.hold(o));
+        v.reason = match (spec, programmed) {
             _ if syncer.is_refused(&f) => REFUSED_KEPT.into(),
-            _ if owner.is_some_and(|o| model.held(o)) => HELD.into(),
-            (Some(spec), Some(state)) => reason(state, Some(&spec.about)),
-            _ => v.reason.clone(),
+            _ if hold == Some(Hold::Invalid) => HELD_INVALID.into(),
+            _ if hold == Some(Hold::Clash) => HELD_CLASH.into(),
+            (None, _) if model.holds_vip(f.vip) => HELD_VIP.into(),
+            (Some(spec), Some(state)) if state == wanted(spec) => reason(state, Some(&spec.about)),
+            (Some(_), _) => PENDING.into(),
+            (None, _) => v.reason.clone(),
         };
     }
     let mut refused: Vec<FrontendView> = (specs.iter())
-        .filter(|(f, _)| {
-            syncer.is_refused(f) && !syncer.state().services.contains_key(&service_key(f, 0))
-        })
+        .filter(|(f, _)| syncer.is_refused(f) && !maps.services.contains_key(&service_key(f, 0)))
         .map(|(f, spec)| FrontendView {
             vip: f.vip,
             port: f.port,
@@ -142,11 +157,26 @@ pub fn describe<D: Datapath>(model: &Model, syncer: &Syncer<D>) -> Vec<FrontendV
     out
 }
 
+/// The state the sync programs for `spec` (as `plan` writes its master).
+fn wanted(spec: &FrontendSpec) -> State {
+    match (spec.backends.len(), spec.no_local_endpoints) {
+        (0, true) => State::NoLocalEndpoints,
+        (0, false) => State::Reject,
+        (n, _) => State::Active { backends: n },
+    }
+}
+
 const REFUSED: &str =
     "refused: a map is full (see --max-* and the fill metrics); programmed when there is room";
 const REFUSED_KEPT: &str =
     "refused: a map is full; the state shown is its previous one, until there is room";
-const HELD: &str = "its Service is invalid now: its last good state is kept (see the agent's log)";
+const HELD_INVALID: &str =
+    "its Service is invalid now: its last good state is kept (see the agent's log)";
+const HELD_CLASH: &str =
+    "its Service clashes with another on a ClusterIP: its last state is kept (see the agent's log)";
+const HELD_VIP: &str = "an invalid Service names this ClusterIP: what is programmed on it is kept (see the agent's log)";
+const PENDING: &str =
+    "the maps differ from the model: a write failed or is still to come (the next sync retries)";
 
 #[cfg(test)]
 mod tests {
@@ -319,7 +349,7 @@ mod tests {
                 web.state.as_str(),
                 web.reason.as_str()
             ),
-            (Some("default/web"), "active", HELD)
+            (Some("default/web"), "active", HELD_INVALID)
         );
     }
 }

@@ -20,7 +20,8 @@ use crate::{
 };
 
 /// One frontend. The JSON form of `proxy-agent services -o json` and of `/debug/services`
-/// (documented in the README; fields are only ever added).
+/// (documented in the README; fields are only ever added, and a new one must be an `Option`
+/// or have a default, so a newer command reads an older agent's answer).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FrontendView {
     pub vip: Ipv4Addr,
@@ -71,7 +72,18 @@ pub struct BackendView {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AgentView {
     pub bpffs_dir: PathBuf,
+    /// The kernel's id of its pinned service map: the same map, whatever the path says (mount
+    /// namespaces). Null if it could not be read.
+    #[serde(default)]
+    pub svc_map_id: Option<u32>,
     pub services: Vec<FrontendView>,
+}
+
+/// The kernel's id of the service map pinned in `dir`.
+pub fn svc_map_id(dir: &Path) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(dir.join(proxy_common::SVC_MAP))
+        .ok()
+        .map(|i| i.id())
 }
 
 #[derive(Debug, Serialize)]
@@ -176,7 +188,8 @@ pub fn with_names(maps: Vec<FrontendView>, agent: Vec<FrontendView>) -> Vec<Fron
                 v.service = a.service;
                 v.port_name = a.port_name;
                 v.endpoints = a.endpoints;
-                if a.state == v.state || a.state == "refused" {
+                // The agent's reason describes its state: only where the maps agree.
+                if (a.state == v.state && a.backends == v.backends) || a.state == "refused" {
                     v.reason = a.reason;
                 }
             }
@@ -257,8 +270,15 @@ pub fn ask_agent(
         .map_err(|_| AskError::Timeout { addr, timeout })??;
     let view: AgentView =
         serde_json::from_slice(&body).map_err(|source| AskError::Decode { addr, source })?;
-    let same = |a: &Path, b: &Path| a == b || a.canonicalize().ok() == b.canonicalize().ok();
-    if !same(&view.bpffs_dir, bpffs_dir) {
+    let same = match (view.svc_map_id, svc_map_id(bpffs_dir)) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => {
+            let (a, b) = (&view.bpffs_dir, bpffs_dir);
+            let canonical = |p: &Path| p.canonicalize().ok();
+            a == b || canonical(a).is_some_and(|a| canonical(b) == Some(a))
+        }
+    };
+    if !same {
         return Err(AskError::OtherPins {
             addr,
             theirs: view.bpffs_dir,
@@ -445,6 +465,46 @@ mod tests {
                 (9, Some("a/nine"), "refused", "refused: a map is full"),
             ]
         );
+    }
+
+    /// An agent programming other pins (another agent on the node, a test's) gives no names;
+    /// an agent's error answer is passed on.
+    #[test]
+    fn names_come_only_from_the_agent_of_these_pins() {
+        use axum::{Router, http::StatusCode, routing::get};
+        let serve = |app: Router| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.set_nonblocking(true).unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::from_std(l).unwrap();
+                    axum::serve(l, app).await.unwrap();
+                });
+            });
+            addr
+        };
+        let theirs =
+            serde_json::json!({"bpffs_dir": "/sys/fs/bpf/other", "services": []}).to_string();
+        let other =
+            serve(Router::new().route("/debug/services", get(move || async move { theirs })));
+        let within = Duration::from_secs(5);
+        let ours = Path::new("/sys/fs/bpf/proxy-test-ours");
+        let err = ask_agent(other, ours, within).unwrap_err();
+        assert!(matches!(err, AskError::OtherPins { .. }), "{err}");
+        let dir = serde_json::json!({"bpffs_dir": ours, "services": []}).to_string();
+        let same = serve(Router::new().route("/debug/services", get(move || async move { dir })));
+        assert_eq!(ask_agent(same, ours, within).unwrap(), vec![]);
+        let busy = serve(Router::new().route(
+            "/debug/services",
+            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "busy; try again") }),
+        ));
+        let err = ask_agent(busy, ours, within).unwrap_err();
+        assert!(matches!(err, AskError::Status { status: 503, .. }), "{err}");
     }
 
     #[test]

@@ -307,8 +307,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// How long `services` waits for the agent's names before it shows the maps alone.
-const ASK_AGENT_WITHIN: Duration = Duration::from_secs(2);
+/// How long `services` waits for the agent's names before it shows the maps alone: longer
+/// than the agent waits for its sync loop (5 s), so its "busy" answer is what is shown.
+const ASK_AGENT_WITHIN: Duration = Duration::from_secs(6);
 
 /// `--service`: a Service's `namespace/name`.
 fn parse_service_name(s: &str) -> Result<String, String> {

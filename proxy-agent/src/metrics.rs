@@ -582,6 +582,8 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding --metrics-addr {metrics_addr}"))?;
     tokio::spawn(async move { axum::serve(hl, health_app).await });
+    // With the peer's address: /debug/services answers loopback peers only.
+    let metrics_app = metrics_app.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(ml, metrics_app).await });
     Ok(())
 }
@@ -677,6 +679,7 @@ mod tests {
     async fn status(app: Router, method: &str, path: &str) -> u16 {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(l, app).await });
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

@@ -196,8 +196,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tc_retry = tc.refresh(&mut ebpf)?.then(|| Instant::now() + TC_RETRY);
             }
             ask = answers.next() => {
-                // The reader may have given up (timed out): nothing to do then.
-                let _ = ask.send(agent.describe());
+                // A reader that gave up (timed out) is not answered: the walk costs the loop.
+                if !ask.is_closed() {
+                    let _ = ask.send(agent.describe());
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -25,7 +25,7 @@ pub mod topology;
 
 pub use about::{EndpointCounts, PortAbout, State, reason};
 pub use index::{ChangeKind, Index, ObjectChanges, ObjectRef, ObjectSet, Pos, service_ref};
-pub use pass::{Built, Changes, Model};
+pub use pass::{Built, Changes, Hold, Model};
 pub use problem::{Problem, ProblemReason};
 pub use slice::{Slice, SliceEndpoint, SlicePort};
 
@@ -129,6 +129,25 @@ pub struct FrontendSpec {
     pub algorithm: Option<Algorithm>,
     /// Its port's name and endpoints, for `proxy-agent services` (not written to the maps).
     pub about: PortAbout,
+}
+
+impl FrontendSpec {
+    /// Whether `other` asks the maps for the same as this one (`about` is for people only).
+    pub fn programs_same(&self, other: &FrontendSpec) -> bool {
+        let FrontendSpec {
+            service,
+            backends,
+            no_local_endpoints,
+            affinity_timeout_s,
+            algorithm,
+            about: _,
+        } = self;
+        *service == other.service
+            && *backends == other.backends
+            && *no_local_endpoints == other.no_local_endpoints
+            && *affinity_timeout_s == other.affinity_timeout_s
+            && *algorithm == other.algorithm
+    }
 }
 
 /// A Service's namespace and name. Shared strings: every frontend, claim and map owner

@@ -116,6 +116,15 @@ pub(super) fn valid(problems: &[Problem]) -> bool {
     })
 }
 
+/// Why a Service's programmed state is kept as it was ([`Model::hold`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hold {
+    /// An object of it is invalid now.
+    Invalid,
+    /// It lost a frontend to another Service (a ClusterIP clash).
+    Clash,
+}
+
 /// Which Services changed since the model's previous pass, as the source knows it.
 #[derive(Clone, Copy, Debug)]
 pub enum Changes<'a> {
@@ -278,10 +287,30 @@ impl Model {
         self.cache.values().flat_map(Cached::programmed)
     }
 
-    /// Whether some object of this Service is invalid, so what is programmed for it is kept
-    /// as it was.
-    pub fn held(&self, service: &ServiceRef) -> bool {
-        (self.cache.get(service)).is_some_and(|c| (0..c.outcomes.len()).any(|i| c.held(i)))
+    /// Why what is programmed for this Service is kept as it was, if it is.
+    pub fn hold(&self, service: &ServiceRef) -> Option<Hold> {
+        let c = self.cache.get(service)?;
+        let held = (0..c.outcomes.len()).filter(|&i| c.held(i));
+        held.map(|i| match c.clashes[i].is_empty() {
+            true => Hold::Invalid,
+            false => Hold::Clash,
+        })
+        .min()
+    }
+
+    /// Whether what is programmed on `vip` is kept as it is, because an invalid (or
+    /// clashing) Service names it.
+    pub fn holds_vip(&self, vip: std::net::Ipv4Addr) -> bool {
+        (self.noted.iter())
+            .filter_map(|r| self.cache.get(r))
+            .any(|c| {
+                (c.outcomes.iter().enumerate()).any(|(i, (o, _))| match o {
+                    ServiceOutcome::Invalid { vips } | ServiceOutcome::Frontends { vips, .. } => {
+                        c.held(i) && vips.contains(&vip)
+                    }
+                    ServiceOutcome::Skipped => false,
+                })
+            })
     }
 
     fn compute(&self, g: &Group, node_name: &str) -> Cached {

@@ -253,7 +253,7 @@ pub(super) fn service_frontends(
         let no_local_endpoints = backends.is_empty() && sel.has_any;
         let about = PortAbout {
             port_name: port_name.as_str().into(),
-            traffic_policy: policy,
+            rule: sel.rule,
             endpoints: EndpointCounts::of(eps),
         };
         for vip in &vips {

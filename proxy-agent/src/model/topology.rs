@@ -39,6 +39,25 @@ pub struct Selection {
     /// Some endpoint is usable somewhere in the cluster (`hasAnyEndpoints`). With `reachable`
     /// empty this means "iTP=Local and none here", which must not be answered as "no endpoints".
     pub has_any: bool,
+    /// Which of kube-proxy's rules chose `reachable` (for people: `proxy-agent services`).
+    pub rule: Rule,
+}
+
+/// The rule [`categorize`] applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rule {
+    /// Every ready endpoint.
+    #[default]
+    Ready,
+    /// The ready endpoints hinted for this node, or for this node's zone.
+    NodeHints,
+    ZoneHints,
+    /// None ready: the serving, terminating ones (kube-proxy's fallback).
+    ServingTerminating,
+    /// iTP=Local: this node's ready endpoints, or, none of them ready, its serving,
+    /// terminating ones.
+    LocalReady,
+    LocalServingTerminating,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +82,11 @@ pub fn categorize(
                 .filter(|ep| ep.ready && available_for_topology(ep, topology, node_name, zone))
                 .cloned()
                 .collect();
+            let mut rule = match topology {
+                Topology::None => Rule::Ready,
+                Topology::SameNode => Rule::NodeHints,
+                Topology::SameZone => Rule::ZoneHints,
+            };
             // No ready endpoint anywhere (topology was already ignored if none were ready for
             // it): fall back to serving+terminating ones.
             if reachable.is_empty() {
@@ -71,9 +95,14 @@ pub fn categorize(
                     .filter(|ep| ep.usable_fallback())
                     .cloned()
                     .collect();
+                rule = Rule::ServingTerminating;
             }
             let has_any = !reachable.is_empty();
-            Selection { reachable, has_any }
+            Selection {
+                reachable,
+                has_any,
+                rule,
+            }
         }
         TrafficPolicy::Local => {
             let has_any = endpoints.iter().any(|ep| ep.ready || ep.usable_fallback());
@@ -90,7 +119,16 @@ pub fn categorize(
                 })
                 .cloned()
                 .collect();
-            Selection { reachable, has_any }
+            let rule = if local_ready {
+                Rule::LocalReady
+            } else {
+                Rule::LocalServingTerminating
+            };
+            Selection {
+                reachable,
+                has_any,
+                rule,
+            }
         }
     }
 }

@@ -37,7 +37,7 @@ impl Refused {
 
     /// `f` with `spec` was refused before and its retry is not due.
     pub fn defers(&self, f: &Frontend, spec: &FrontendSpec, now: Instant) -> bool {
-        (self.by_frontend.get(f)).is_some_and(|r| r.spec == *spec && now < r.retry_at)
+        (self.by_frontend.get(f)).is_some_and(|r| r.spec.programs_same(spec) && now < r.retry_at)
     }
 
     /// Records a refusal; true if it is news (not refused before, or refused with another
@@ -48,10 +48,15 @@ impl Refused {
             attempts: 0,
             retry_at: now,
         });
-        let news = r.attempts == 0 || r.spec != *spec;
+        // Another spec starts the backoff again; a change people see only (endpoint counts
+        // in `about`) does not.
+        let other = !r.spec.programs_same(spec);
+        let news = r.attempts == 0 || other;
+        if other {
+            r.attempts = 0;
+        }
         if r.spec != *spec {
             r.spec = spec.clone();
-            r.attempts = 0;
         }
         r.attempts += 1;
         let backoff = FIRST_BACKOFF.saturating_mul(1 << (r.attempts - 1).min(16));

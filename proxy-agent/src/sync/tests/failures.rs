@@ -188,6 +188,18 @@ fn a_refused_frontend_backs_off_and_is_programmed_once_room_is_made() {
         assert_eq!(r.deferred, 1);
     }
     assert_eq!(s.dp.calls, calls);
+    // Nor does a change only people see (its endpoints' conditions, for `services`).
+    let mut recounted = both.clone();
+    recounted
+        .frontends
+        .get_mut(&big)
+        .unwrap()
+        .about
+        .endpoints
+        .not_ready = 3;
+    let r = s.sync(&recounted);
+    assert!(r.errors.is_empty() && r.newly_refused.is_empty() && r.deferred == 1);
+    assert_eq!(s.dp.calls, calls);
 
     // Due: tried and refused again, which is not news; the next retry waits longer.
     let r = s.retry_refused(retry);
