@@ -1,6 +1,7 @@
 //! proxy-agent: keeps the eBPF ClusterIP datapath's maps equal to the cluster's Services and
 //! EndpointSlices. Data flows one way: source -> model -> sync -> maps -> programs.
 pub mod agent;
+pub mod bpf_log;
 pub mod capacity;
 pub mod cleanup;
 pub mod conntrack;

@@ -414,13 +414,18 @@ mod tests {
                 layout.name
             );
         }
-        // Besides the ABI's maps, only the programs' load-time constants (`.rodata`).
-        let others: Vec<&String> = obj
+        // Besides the ABI's maps, only the programs' load-time constants (`.rodata`) and
+        // aya-log's ring buffer (one per load, never pinned: the agent that loaded the
+        // programs reads it).
+        let mut others: Vec<&String> = obj
             .maps
             .keys()
             .filter(|n| !MAPS.iter().any(|m| m.name == *n))
             .collect();
-        assert_eq!(others, [".rodata"], "no map outside the ABI");
+        others.sort();
+        assert_eq!(others, [".rodata", "AYA_LOGS"], "no map outside the ABI");
+        const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+        assert_eq!(obj.maps["AYA_LOGS"].map_type(), BPF_MAP_TYPE_RINGBUF);
         for p in PROGRAMS.iter().chain([&TC_PROGRAM]) {
             assert!(obj.programs.contains_key(*p), "program {p} missing");
         }

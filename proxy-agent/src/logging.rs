@@ -20,10 +20,14 @@ pub enum Format {
     Json,
 }
 
-/// Logs to stderr, `RUST_LOG` filtering (default `info`).
+/// Logs to stderr, `RUST_LOG` filtering (default `info`); the programs' forwarded records
+/// pass at every level unless it names their target (`--bpf-log-level` chooses them).
 pub fn init(format: Format) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|d| tracing_subscriber::EnvFilter::try_new(d).is_ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::new(crate::bpf_log::with_bpf_target(&directives));
     match format {
         Format::Text => {
             let ansi = io::stderr().is_terminal();

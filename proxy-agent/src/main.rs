@@ -93,6 +93,20 @@ Examples:
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Show or set the level the running programs log at (forwarded into the agent's log),
+    /// at once and without reloading them: it is a pinned map they read.
+    #[command(after_help = "\
+Examples:
+  proxy-agent bpf-log-level            # the current level
+  proxy-agent bpf-log-level info       # refused connects are logged by the agent
+  proxy-agent bpf-log-level off --bpffs-dir /sys/fs/bpf/proxy")]
+    BpfLogLevel {
+        /// The new level (none: print the current one).
+        #[arg(value_enum)]
+        level: Option<proxy_agent::bpf_log::Level>,
+        #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
+        bpffs_dir: PathBuf,
+    },
     /// Detach the programs and remove the pinned maps and links, and this agent's tc filters
     /// (kernels without TCX) from the interfaces of this network namespace.
     #[command(after_help = "\
@@ -148,6 +162,11 @@ struct RunArgs {
     /// 'veth*'; repeatable. Interfaces that appear later are attached as they come.
     #[arg(long = "tc-interface", value_name = "NAME|GLOB")]
     tc_interfaces: Vec<String>,
+    /// What the programs log, forwarded into this log (target `bpf`): `warn` failed map
+    /// writes and drops, `info` also refused connects, `debug` also the packet path's
+    /// per-packet refusals. Change it later with `proxy-agent bpf-log-level`.
+    #[arg(long, value_enum, default_value_t = proxy_agent::bpf_log::Level::Off)]
+    bpf_log_level: proxy_agent::bpf_log::Level,
     #[command(flatten)]
     conntrack: ConntrackArgs,
     #[command(flatten)]
@@ -350,6 +369,7 @@ fn agent(command: Command) -> anyhow::Result<()> {
                 sync_period_seconds,
                 healthz_max_age_seconds,
                 tc_interfaces,
+                bpf_log_level,
                 conntrack,
                 choice,
                 capacity,
@@ -398,6 +418,7 @@ fn agent(command: Command) -> anyhow::Result<()> {
                 },
                 capacity: capacity.capacity(),
                 kube_initial_list,
+                bpf_log_level,
             }))
         }
         Command::Services {
@@ -437,6 +458,22 @@ fn agent(command: Command) -> anyhow::Result<()> {
             match output {
                 Output::Table => out(&status::render(&status)),
                 Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&status)?)),
+            }
+        }
+        Command::BpfLogLevel { level, bpffs_dir } => {
+            use proxy_agent::bpf_log;
+            let was = bpf_log::read_level(&bpffs_dir)?;
+            match level {
+                None => out(&format!("{}\n", was.name())),
+                Some(level) => {
+                    bpf_log::write_level(&bpffs_dir, level)?;
+                    out(&format!(
+                        "bpf log level {} (was {}) in {}\n",
+                        level.name(),
+                        was.name(),
+                        bpffs_dir.display()
+                    ))
+                }
             }
         }
         Command::Cleanup { bpffs_dir } => {

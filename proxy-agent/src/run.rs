@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::Agent,
+    bpf_log,
     capacity::Capacity,
     cleanup::{Cleaner, Gc},
     conntrack, debug,
@@ -51,6 +52,8 @@ pub struct RunConfig {
     pub capacity: Capacity,
     /// How the Kubernetes API source lists (streaming lists, or lists).
     pub kube_initial_list: InitialList,
+    /// The programs' log level (`--bpf-log-level`).
+    pub bpf_log_level: bpf_log::Level,
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
@@ -94,6 +97,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let mut ebpf = loader::load_with(&cfg.bpffs_dir, &settings)
         .with_context(|| format!("loading the datapath into {}", cfg.bpffs_dir.display()))?;
+    // Before any program of this load is: they refer to its ring buffer, which the reader
+    // holds until the agent exits. The level is the pinned one all programs read, the
+    // running ones too.
+    let _bpf_log = bpf_log::Reader::start(&mut ebpf).context("reading the programs' log")?;
+    bpf_log::write_level(&cfg.bpffs_dir, cfg.bpf_log_level)
+        .context("setting the programs' log level")?;
     // An upgrade across a layout change: what the older maps hold moves into the new ones
     // before the new programs are attached (ids included, so the maps that name backends and
     // frontends by id agree), and again after for the maps the old programs kept writing
@@ -136,6 +145,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&cfg.bpffs_dir)?;
     let state = maps.dump()?;
     info!(bpffs_dir = %cfg.bpffs_dir.display(), cgroup = %cfg.cgroup.display(),
+          bpf_log_level = cfg.bpf_log_level.name(),
           frontends_in_maps = state.services.keys().filter(|k| k.slot == 0).count(), "datapath attached");
 
     metrics.record_features(&features);

@@ -21,6 +21,7 @@
 use core::mem::size_of;
 
 mod affinity;
+mod bpf_log;
 mod conntrack;
 mod counters;
 mod retired;
@@ -28,6 +29,7 @@ mod service;
 mod sock;
 
 pub use affinity::*;
+pub use bpf_log::*;
 pub use conntrack::*;
 pub use counters::*;
 #[cfg(feature = "abi-next")]
@@ -86,6 +88,9 @@ macro_rules! map_table {
             /// `--maglev-tables` and `--maglev-table-size`); mmapable, so the agent writes a
             /// table as memory rather than an entry per syscall.
             MAGLEV_MAP = PROXY_MAGLEV_V1: MmapArray<u32, $crate::MaglevPair>[$crate::MAGLEV_MAP_ENTRIES];
+            /// The programs' log level, one element ([`LogLevel`]; 0, off, until the agent
+            /// writes it): read on slow paths only, so changing it needs no reload.
+            LOG_LEVEL_MAP = PROXY_LOG_V1: Array<u32, $crate::LogLevel>[1];
         }
     };
 }
@@ -234,6 +239,7 @@ mod user {
         AffinityValue,
         AffinityMatchKey,
         MaglevPair,
+        LogLevel,
         v1::CtKey,
         v1::CtValue
     );

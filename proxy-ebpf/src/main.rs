@@ -4,7 +4,8 @@
 //! - [`maps`]: the pinned maps, declared from proxy-common's table;
 //! - [`lb`]: the one backend choice both datapaths call;
 //! - [`sock`]: the socket hooks;
-//! - [`tc`]: the packet path (parsing, NAT rewrite, conntrack, ICMP, reject).
+//! - [`tc`]: the packet path (parsing, NAT rewrite, conntrack, ICMP, reject);
+//! - [`log`]: the slow-path log (aya-log), off unless the agent sets a level.
 //!
 //! Entry points are thin: each returns its helper's verdict, success or failure alike
 //! (aya-template's `match try_x(ctx) { Ok(r) | Err(r) => r }`).
@@ -13,6 +14,7 @@
 
 mod clock;
 mod lb;
+mod log;
 mod maps;
 mod sock;
 mod tc;

@@ -18,6 +18,7 @@ use proxy_common::{
 
 use crate::{
     lb::{self, Flow, NoBackend, Selection},
+    log::{event, host, proto_name},
     maps::{PROXY_RNAT_V1, PROXY_SKNAT_V1, PROXY_SKSLOT_V1, count},
 };
 
@@ -31,6 +32,18 @@ const EHOSTUNREACH: i32 = 113;
 pub enum Forward {
     Connect,
     Sendmsg,
+}
+
+impl Forward {
+    /// The program's name, as its log records' target (a constant in each program: the hook
+    /// is known where the forward code is inlined).
+    #[inline(always)]
+    fn program(self) -> &'static str {
+        match self {
+            Forward::Connect => "proxy_connect4",
+            Forward::Sendmsg => "proxy_sendmsg4",
+        }
+    }
 }
 
 /// Picks a backend for ClusterIP:port and rewrites the socket address to it.
@@ -62,8 +75,19 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> Result<i32, i32> {
     }
     let chosen = match lb::select_backend(svc, &master, &flow) {
         Selection::Backend(c) => c,
-        Selection::Reject(why) => return Ok(reject(why)),
-        Selection::Missing => return Ok(ALLOW),
+        Selection::Reject(why) => return Ok(reject(hook, why, vip_be, port_be, proto)),
+        Selection::Missing => {
+            let (vip, port) = host(vip_be, port_be);
+            event!(
+                Warn,
+                hook.program(),
+                "backend_missing frontend={:i}:{}/{}",
+                vip,
+                port,
+                proto_name(proto)
+            );
+            return Ok(ALLOW);
+        }
     };
     let backend = chosen.backend;
 
@@ -79,6 +103,18 @@ pub fn forward(ctx: &SockAddrContext, hook: Forward) -> Result<i32, i32> {
     } else if PROXY_SKNAT_V1.insert(peer, rev, BPF_ANY.into()).is_err() {
         // UDP: an unconnected socket may talk to many frontends, so one entry per peer.
         count(Counter::SockRevNatUpdateFailed);
+        let (vip, port) = host(vip_be, port_be);
+        let (addr, bport) = host(backend.addr_be, backend.port_be);
+        event!(
+            Warn,
+            hook.program(),
+            "sock_rev_nat_update_failed frontend={:i}:{}/{} backend={:i}:{}",
+            vip,
+            port,
+            proto_name(proto),
+            addr,
+            bport
+        );
     }
 
     sa.user_ip4 = backend.addr_be;
@@ -102,19 +138,37 @@ static PROXY_REJECT_MODE: Global<u32> = Global::new(RejectMode::Errno as u32);
 #[unsafe(no_mangle)]
 static PROXY_NETNS_COOKIE: Global<u32> = Global::new(1);
 
-/// No backend: the syscall fails at once with the errno that says why (or, with the packet
-/// path and no `bpf_set_retval`, goes on untranslated for the TC program to refuse).
+/// No backend for frontend `vip:port/proto`: the syscall fails at once with the errno that
+/// says why (or, with the packet path and no `bpf_set_retval`, goes on untranslated for the
+/// TC program to refuse).
 #[inline(always)]
-fn reject(why: NoBackend) -> i32 {
+fn reject(hook: Forward, why: NoBackend, vip_be: u32, port_be: u16, proto: u8) -> i32 {
     let mode = PROXY_REJECT_MODE.load();
+    let (vip, port) = host(vip_be, port_be);
     let errno = match why {
         NoBackend::NoLocal => {
             count(Counter::NoLocalEndpointsRejected);
+            event!(
+                Info,
+                hook.program(),
+                "no_local_endpoints_rejected frontend={:i}:{}/{}",
+                vip,
+                port,
+                proto_name(proto)
+            );
             EHOSTUNREACH
         }
         NoBackend::Refused if mode == RejectMode::PacketPath as u32 => return ALLOW,
         NoBackend::Refused => {
             count(Counter::NoEndpointsRejected);
+            event!(
+                Info,
+                hook.program(),
+                "no_endpoints_rejected frontend={:i}:{}/{}",
+                vip,
+                port,
+                proto_name(proto)
+            );
             ECONNREFUSED
         }
     };

@@ -794,3 +794,86 @@ fn a_removed_backend_keeps_its_connections_and_loses_its_new_flows() {
     let p = parse_checked(&h.run(&packet(17, CLIENT, 44002, VIP, 53, 0, 0, true)).1);
     assert_eq!(p.dst, NEXT_BACKEND, "the UDP flow moves");
 }
+
+/// Records of the program's log ring buffer, mapped as the agent maps them.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<proxy_agent::bpf_log::Forwarded>>>);
+
+impl log::Log for Captured {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        let f = proxy_agent::bpf_log::forwarded(r.target(), r.level(), &r.args().to_string());
+        self.0.lock().unwrap().push(f);
+    }
+    fn flush(&self) {}
+}
+
+/// The packet path's slow-path events reach the log at their level only, with the frontend
+/// and addresses as fields: a REJECT at debug, a packet dropped after a failed rewrite at
+/// warn; nothing while the level is below theirs.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_packet_paths_slow_path_events_are_logged_at_their_level() {
+    use proxy_agent::bpf_log::{Forwarded, Level, write_level};
+    let mut h = Harness::new();
+    // Two loads on the same pinned maps (and level), each with its own ring buffer: the
+    // agent's, and one whose second packet write fails (a DNAT dropped part way).
+    let mut failing = h.with_failing_write(2);
+    let captured = Captured::default();
+    let mut loggers = [&mut h.ebpf, &mut failing]
+        .map(|e| aya_log::EbpfLogger::init_with_logger(e, captured.clone()).unwrap());
+    let mut take = || -> Vec<Forwarded> {
+        loggers.iter_mut().for_each(aya_log::EbpfLogger::flush);
+        std::mem::take(&mut *captured.0.lock().unwrap())
+    };
+    let reject = packet(6, CLIENT, 40000, EMPTY_VIP, 80, 0, 0, true);
+    let dnat = packet(6, CLIENT, 40001, VIP, 80, 0, 0, true);
+    let run = || {
+        assert_eq!(h.run(&reject).0, REDIRECT);
+        assert_eq!(run_on(&failing, &dnat).0, SHOT);
+    };
+
+    write_level(&h.pins.path, Level::Off).unwrap();
+    run();
+    assert_eq!(take(), [], "logging off");
+    write_level(&h.pins.path, Level::Info).unwrap();
+    run();
+    let got = take();
+    let events: Vec<&str> = got.iter().map(|f| f.event.as_str()).collect();
+    assert_eq!(events, ["tc_rewrite_failed_dropped"], "info: {got:?}");
+
+    write_level(&h.pins.path, Level::Debug).unwrap();
+    run();
+    let got = take();
+    let rejected = got.iter().find(|f| f.event == "tc_no_endpoints_rejected");
+    let dropped = got.iter().find(|f| f.event == "tc_rewrite_failed_dropped");
+    let (Some(rejected), Some(dropped), 2) = (rejected, dropped, got.len()) else {
+        panic!("debug: {got:?}");
+    };
+    assert_eq!(
+        (
+            rejected.level.to_string().as_str(),
+            rejected.program.as_str(),
+            rejected.frontend.as_deref(),
+            rejected.client.as_deref(),
+        ),
+        (
+            "DEBUG",
+            "proxy_tc",
+            Some("10.96.0.11:80/tcp"),
+            Some("10.1.0.2:40000"),
+        ),
+        "{rejected:?}"
+    );
+    assert_eq!(
+        (
+            dropped.level.to_string().as_str(),
+            dropped.source.as_deref(),
+            dropped.destination.as_deref(),
+        ),
+        ("WARN", Some("10.1.0.2:40001"), Some("10.96.0.10:80/tcp")),
+        "{dropped:?}"
+    );
+}

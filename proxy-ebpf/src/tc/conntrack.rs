@@ -18,6 +18,7 @@ use proxy_common::{
 use super::parse::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     lb::{self, Chosen},
+    log::{event, host, proto_name},
     maps::{PROXY_CT_V2, count},
 };
 
@@ -261,6 +262,20 @@ pub fn create(t: &Tuple, flags: u8, chosen: &Chosen, rev_nat_id: u16, now: u32) 
             .is_err()
     {
         count(Counter::CtUpdateFailed);
+        let (vip, port, client, cport) = super::frontend_and_client(t);
+        let (addr, bport) = host(b.addr_be, b.port_be);
+        event!(
+            Warn,
+            super::PROGRAM,
+            "ct_update_failed frontend={:i}:{}/{} client={:i}:{} backend={:i}:{}",
+            vip,
+            port,
+            proto_name(t.proto),
+            client,
+            cport,
+            addr,
+            bport
+        );
     }
     forward
 }

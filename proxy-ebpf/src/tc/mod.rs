@@ -25,8 +25,12 @@ use self::{
 };
 use crate::{
     lb::{self, Flow, NoBackend, Selection},
+    log::{event, host, proto_name},
     maps::count,
 };
+
+/// The program's name, as its log records' target.
+const PROGRAM: &str = "proxy_tc";
 
 /// One packet's verdict.
 #[inline(always)]
@@ -41,7 +45,18 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
         return Ok(PASS);
     };
     if ip.proto == PROTO_ICMP {
-        return icmp::handle(pkt, &ip);
+        let r = icmp::handle(pkt, &ip);
+        if r.is_err() && pkt.written() {
+            let (src, dst) = (u32::from_be(ip.saddr), u32::from_be(ip.daddr));
+            event!(
+                Warn,
+                PROGRAM,
+                "tc_rewrite_failed_dropped source={:i} destination={:i}/icmp",
+                src,
+                dst
+            );
+        }
+        return r;
     }
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return Ok(PASS);
@@ -54,6 +69,28 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
         return Ok(PASS);
     }
     let l4 = parse::l4(pkt, ip.proto, ip.l4)?;
+    let r = translate(pkt, &ip, &l4);
+    // A failure after the first write drops the packet (`Packet::verdict`): say which.
+    if r.is_err() && pkt.written() {
+        let (src, sport) = host(ip.saddr, l4.sport);
+        let (dst, dport) = host(ip.daddr, l4.dport);
+        event!(
+            Warn,
+            PROGRAM,
+            "tc_rewrite_failed_dropped source={:i}:{} destination={:i}:{}/{}",
+            src,
+            sport,
+            dst,
+            dport,
+            proto_name(ip.proto)
+        );
+    }
+    r
+}
+
+/// A TCP or UDP packet: a tracked flow's, a new one to a frontend, or none of ours.
+#[inline(always)]
+fn translate(pkt: &mut Packet, ip: &Ipv4, l4: &L4) -> Result<i32, Failed> {
     let tuple = Tuple {
         saddr: ip.saddr,
         sport: l4.sport,
@@ -66,12 +103,12 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
     match conntrack::track(&tuple, l4.flags, now) {
         // A backend's reply to a translated flow: back from VIP:port.
         Tracked::Rewrite(v) if v.dir == CT_DIR_REPLY => {
-            nat::rewrite(pkt, &ip, &l4, End::Source, v.addr_be, v.port_be)?;
+            nat::rewrite(pkt, ip, l4, End::Source, v.addr_be, v.port_be)?;
             count(Counter::TcReversed);
             return Ok(PASS);
         }
         // A translated flow's packet: to its backend.
-        Tracked::Rewrite(v) => return forward(pkt, &ip, &l4, &v),
+        Tracked::Rewrite(v) => return forward(pkt, ip, l4, &v),
         Tracked::Leave => return Ok(PASS),
         Tracked::New => {}
     }
@@ -93,12 +130,59 @@ fn handle(pkt: &mut Packet) -> Result<i32, Failed> {
         }
         Selection::Reject(NoBackend::NoLocal) => {
             count(Counter::TcNoLocalEndpointsDropped);
+            // Per packet (a client retransmits): debug.
+            let (vip, port, client, cport) = frontend_and_client(&tuple);
+            event!(
+                Debug,
+                PROGRAM,
+                "tc_no_local_endpoints_dropped frontend={:i}:{}/{} client={:i}:{}",
+                vip,
+                port,
+                proto_name(tuple.proto),
+                client,
+                cport
+            );
             return Ok(DROP);
         }
-        Selection::Reject(NoBackend::Refused) => return reject::port_unreachable(pkt, &ip),
-        Selection::Missing => return Ok(PASS),
+        Selection::Reject(NoBackend::Refused) => {
+            let verdict = reject::port_unreachable(pkt, ip)?;
+            let (vip, port, client, cport) = frontend_and_client(&tuple);
+            event!(
+                Debug,
+                PROGRAM,
+                "tc_no_endpoints_rejected frontend={:i}:{}/{} client={:i}:{}",
+                vip,
+                port,
+                proto_name(tuple.proto),
+                client,
+                cport
+            );
+            return Ok(verdict);
+        }
+        Selection::Missing => {
+            let (vip, port, client, cport) = frontend_and_client(&tuple);
+            event!(
+                Warn,
+                PROGRAM,
+                "backend_missing frontend={:i}:{}/{} client={:i}:{}",
+                vip,
+                port,
+                proto_name(tuple.proto),
+                client,
+                cport
+            );
+            return Ok(PASS);
+        }
     };
-    forward(pkt, &ip, &l4, &target)
+    forward(pkt, ip, l4, &target)
+}
+
+/// A new flow's frontend and client, in host order, for its log records.
+#[inline(always)]
+pub fn frontend_and_client(t: &Tuple) -> (u32, u16, u32, u16) {
+    let (vip, port) = host(t.daddr, t.dport);
+    let (client, cport) = host(t.saddr, t.sport);
+    (vip, port, client, cport)
 }
 
 /// Rewrites a client's packet to its flow's backend.

@@ -52,6 +52,12 @@ impl<'a> Packet<'a> {
         }
     }
 
+    /// Whether a write succeeded (a failure from here on drops the packet).
+    #[inline(always)]
+    pub fn written(&self) -> bool {
+        self.writes != 0
+    }
+
     #[inline(always)]
     pub fn len(&self) -> usize {
         self.ctx.len() as usize
