@@ -11,7 +11,17 @@
 //! server's field manager adds them. Requests are counted by verb and resource. Objects are
 //! serialized once, when written, so serving a list or a watch is copying bytes.
 //!
+//! Writes as the API server answers them (`writes`): create (POST), replace (PUT) and delete
+//! (DELETE) with their `AlreadyExists`, `NotFound` and resourceVersion `Conflict` answers,
+//! `fieldValidation`, and the OpenAPI v3 documents kubectl reads before writing (`openapi`).
+//! Each write goes through the same path as [`FakeApiServer::apply`] and
+//! [`FakeApiServer::delete`], so watches see it as an event with a new resourceVersion.
+//!
 //! It runs on its own thread and tokio runtime, on 127.0.0.1, and stops on drop.
+
+mod meta;
+mod openapi;
+mod writes;
 
 use std::{
     collections::BTreeMap,
@@ -25,7 +35,7 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::{Request, State},
-    http::StatusCode,
+    http::{Method, StatusCode},
     response::{IntoResponse, Response},
 };
 use serde_json::{Value, json};
@@ -39,6 +49,23 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The API group ("" for the core group).
+    fn group(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io",
+            _ => "",
+        }
+    }
+    /// The resource as the API server names it in messages ("endpointslices.discovery.k8s.io").
+    fn qualified(self) -> String {
+        match self.group() {
+            "" => self.plural().to_string(),
+            g => format!("{}.{g}", self.plural()),
+        }
+    }
+    fn namespaced(self) -> bool {
+        self != Kind::Node
+    }
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
@@ -118,6 +145,69 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     changed: Notify,
+}
+
+impl Shared {
+    /// Stores `obj` (created, or replacing the one of its key) with the fields the API server
+    /// sets itself, logs its ADDED or MODIFIED event at a new resourceVersion, wakes the
+    /// watches. The one write path: in-process `apply` and HTTP create and replace.
+    fn write(&self, kind: Kind, obj: Value, manager: &str) -> Arc<Stored> {
+        self.write_if(kind, obj, manager, |_| Ok::<_, Infallible>(()))
+            .unwrap_or_else(|e| match e {})
+    }
+
+    /// Like [`Self::write`], if `check` (given the stored object, under the same lock) agrees.
+    fn write_if<E>(
+        &self,
+        kind: Kind,
+        mut obj: Value,
+        manager: &str,
+        check: impl FnOnce(Option<&Value>) -> Result<(), E>,
+    ) -> Result<Arc<Stored>, E> {
+        let started = Instant::now();
+        let mut g = self.inner.lock().unwrap();
+        let key = key_of(kind, &obj);
+        let old = g.objects.get(&key).cloned();
+        check(old.as_deref().map(|o| &o.value))?;
+        g.rv += 1;
+        let rv = g.rv;
+        meta::system_fields(kind, &mut obj, old.as_deref().map(|o| &o.value), rv);
+        if obj["metadata"].get("managedFields").is_none() {
+            obj["metadata"]["managedFields"] = meta::managed_fields(kind, &obj, manager);
+        }
+        let ty = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        let stored = Stored::new(obj);
+        g.objects.insert(key, stored.clone());
+        g.log.push((rv, ty, kind, stored.clone()));
+        g.busy += started.elapsed();
+        drop(g);
+        self.changed.notify_waiters();
+        Ok(stored)
+    }
+
+    /// Removes the object at `key` if `check` (given it, under the same lock) agrees, and logs
+    /// its DELETED event at a new resourceVersion; the object as it was stored (None: there
+    /// was none).
+    fn remove_if<E>(
+        &self,
+        key: &Key,
+        check: impl FnOnce(&Value) -> Result<(), E>,
+    ) -> Result<Option<Arc<Stored>>, E> {
+        let mut g = self.inner.lock().unwrap();
+        let Some(stored) = g.objects.get(key).cloned() else {
+            return Ok(None);
+        };
+        check(&stored.value)?;
+        g.objects.remove(key);
+        g.rv += 1;
+        let rv = g.rv;
+        let mut obj = stored.value.clone();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        g.log.push((rv, "DELETED", key.0, Stored::new(obj)));
+        drop(g);
+        self.changed.notify_waiters();
+        Ok(Some(stored))
+    }
 }
 
 pub struct FakeApiServer {
@@ -205,60 +295,19 @@ impl FakeApiServer {
     }
 
     /// Creates or replaces an object (ADDED or MODIFIED), as `kubectl apply` would.
-    pub fn apply(&self, mut obj: Value) {
+    pub fn apply(&self, obj: Value) {
         let kind = Kind::of(&obj).expect("a Service, EndpointSlice or Node");
-        let started = Instant::now();
-        let mut g = self.shared.inner.lock().unwrap();
-        g.rv += 1;
-        let rv = g.rv;
-        let key = key_of(kind, &obj);
-        let meta = obj
-            .as_object_mut()
-            .unwrap()
-            .entry("metadata")
-            .or_insert(json!({}));
-        meta["resourceVersion"] = json!(rv.to_string());
-        if kind != Kind::Node && meta.get("namespace").is_none() {
-            meta["namespace"] = json!("default");
-        }
-        let old = g.objects.get(&key);
-        let uid = old
-            .and_then(|o| o.value.pointer("/metadata/uid").cloned())
-            .unwrap_or_else(|| json!(format!("uid-{rv}")));
-        meta["uid"] = uid;
-        meta.as_object_mut()
-            .unwrap()
-            .entry("creationTimestamp")
-            .or_insert(json!("2026-01-01T00:00:00Z"));
-        let ty = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        if obj["metadata"].get("managedFields").is_none() {
-            obj["metadata"]["managedFields"] = managed_fields(kind, &obj);
-        }
-        let stored = Stored::new(obj);
-        g.objects.insert(key, stored.clone());
-        g.log.push((rv, ty, kind, stored));
-        g.busy += started.elapsed();
-        drop(g);
-        self.shared.changed.notify_waiters();
+        let manager = match kind {
+            Kind::EndpointSlice => "endpointslice-controller",
+            _ => "kubectl-client-side-apply",
+        };
+        self.shared.write(kind, obj, manager);
     }
 
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
-        let mut g = self.shared.inner.lock().unwrap();
-        let ns = if kind == Kind::Node {
-            String::new()
-        } else {
-            namespace.to_string()
-        };
-        let Some(stored) = g.objects.remove(&(kind, ns, name.to_string())) else {
-            return;
-        };
-        g.rv += 1;
-        let rv = g.rv;
-        let mut obj = stored.value.clone();
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        g.log.push((rv, "DELETED", kind, Stored::new(obj)));
-        drop(g);
-        self.shared.changed.notify_waiters();
+        let ns = if kind.namespaced() { namespace } else { "" };
+        let key = (kind, ns.to_string(), name.to_string());
+        let _ = self.shared.remove_if(&key, |_| Ok::<_, Infallible>(()));
     }
 
     /// Ends every open watch (as an API server restart or a network cut does).
@@ -289,7 +338,8 @@ impl FakeApiServer {
     }
 
     /// Requests so far by "verb resource": "list services", "watch endpointslices" (a watch
-    /// with `sendInitialEvents` is "watch-list ..."), "get", "discovery".
+    /// with `sendInitialEvents` is "watch-list ..."), "create endpointslices", "update
+    /// services", "delete endpointslices", "get", "discovery", "openapi".
     pub fn requests_by_verb(&self) -> BTreeMap<String, u64> {
         self.shared.inner.lock().unwrap().by_verb.clone()
     }
@@ -321,6 +371,31 @@ impl Drop for FakeApiServer {
 fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
            "message": message, "reason": reason, "code": code})
+}
+
+/// A failure about one object, with the `details` the API server adds (`kind` holds the
+/// resource, as in `NewNotFound`/`NewConflict`).
+fn object_status(code: u16, reason: &str, message: &str, kind: Kind, name: &str) -> Value {
+    let mut v = status(code, reason, message);
+    v["details"] = details(name, kind.group(), kind.plural());
+    v
+}
+
+/// `StatusDetails`, leaving out what is empty (`omitempty`: the core group, no name).
+fn details(name: &str, group: &str, kind: &str) -> Value {
+    let mut d = json!({"kind": kind});
+    for (field, value) in [("name", name), ("group", group)] {
+        if !value.is_empty() {
+            d[field] = json!(value);
+        }
+    }
+    d
+}
+
+/// The 404 `Status` for a missing object, as `NewNotFound` words it.
+fn not_found(kind: Kind, name: &str) -> Value {
+    let msg = format!("{} \"{name}\" not found", kind.qualified());
+    object_status(404, "NotFound", &msg, kind, name)
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
@@ -474,7 +549,7 @@ fn resource(path: &str) -> Option<(Kind, Option<String>)> {
 fn discovery(path: &str, addr: &str) -> Option<Value> {
     let res = |name: &str, kind: &str, namespaced: bool, short: &[&str]| {
         json!({"name": name, "singularName": kind.to_lowercase(), "namespaced": namespaced, "kind": kind,
-               "verbs": ["get", "list", "watch"], "shortNames": short})
+               "verbs": ["create", "delete", "get", "list", "update", "watch"], "shortNames": short})
     };
     Some(match path.trim_end_matches('/') {
         "/version" => {
@@ -501,15 +576,21 @@ fn discovery(path: &str, addr: &str) -> Option<Value> {
 
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
-    let q = parse_query(req.uri().query().unwrap_or(""));
+    let query = req.uri().query().unwrap_or("").to_string();
+    let q = parse_query(&query);
+    let method = req.method().clone();
     let host = req
         .headers()
         .get("host")
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1")
         .to_string();
-    let verb = if discovery(&path, &host).is_some() {
+    let verb = if method != Method::GET {
+        writes::verb(&method, &path)
+    } else if discovery(&path, &host).is_some() {
         "discovery".to_string()
+    } else if openapi::document(&path).is_some() {
+        "openapi".to_string()
     } else if object_path(&path).is_some() {
         "get".to_string()
     } else {
@@ -531,7 +612,27 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             );
         }
     }
+    if method != Method::GET {
+        let agent = (req.headers().get("user-agent"))
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        return match axum::body::to_bytes(req.into_body(), writes::MAX_BODY).await {
+            Ok(body) => writes::handle(&s, &method, &path, &query, &agent, &body),
+            Err(_) => json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &status(
+                    413,
+                    "RequestEntityTooLarge",
+                    &format!("Request entity too large: limit is {}", writes::MAX_BODY),
+                ),
+            ),
+        };
+    }
     if let Some(v) = discovery(&path, &host) {
+        return json_response(StatusCode::OK, &v);
+    }
+    if let Some(v) = openapi::document(&path) {
         return json_response(StatusCode::OK, &v);
     }
     if let Some(key) = object_path(&path) {
@@ -543,14 +644,7 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
                 o.json.clone(),
             )
                 .into_response(),
-            None => json_response(
-                StatusCode::NOT_FOUND,
-                &status(
-                    404,
-                    "NotFound",
-                    &format!("{} \"{}\" not found", key.0.name().to_lowercase(), key.2),
-                ),
-            ),
+            None => json_response(StatusCode::NOT_FOUND, &not_found(key.0, &key.2)),
         };
     }
     let Some((kind, ns)) = resource(&path) else {
@@ -712,40 +806,6 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
         .expect("valid response")
-}
-
-/// The `managedFields` the API server's field manager records for a write: one entry naming
-/// the fields set (as `kubectl` or a controller writes them), of about the real size.
-fn managed_fields(kind: Kind, obj: &Value) -> Value {
-    fn fields(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => Value::Object(
-                m.iter()
-                    .map(|(k, v)| (format!("f:{k}"), fields(v)))
-                    .collect(),
-            ),
-            _ => json!({}),
-        }
-    }
-    let mut set = serde_json::Map::new();
-    for (k, v) in obj.as_object().into_iter().flatten() {
-        match k.as_str() {
-            "kind" | "apiVersion" | "status" => {}
-            "metadata" => {
-                let labels = v.get("labels").map(fields).unwrap_or(json!({}));
-                set.insert("f:metadata".into(), json!({"f:labels": labels}));
-            }
-            _ => {
-                set.insert(format!("f:{k}"), fields(v));
-            }
-        }
-    }
-    let manager = match kind {
-        Kind::EndpointSlice => "endpointslice-controller",
-        _ => "kubectl-client-side-apply",
-    };
-    json!([{"manager": manager, "operation": "Update", "apiVersion": kind.api_version(),
-            "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": set}])
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod chaos;
 pub mod client;
 pub mod cluster;
+pub mod demo;
 pub mod host;
 pub mod packets;
 pub mod servers;

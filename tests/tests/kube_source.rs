@@ -9,6 +9,7 @@ use proxy_tests::{
     apiserver::{FakeApiServer, Kind},
     client::{self, Report},
     cluster::{Cluster, TCP_PORT},
+    demo::{self, Kubectl},
     host::{BpffsDir, require_root, scaled, wait_for},
     unique,
 };
@@ -167,6 +168,160 @@ fn kubectl_reads_the_fake_api_server() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `slice` with `metadata.resourceVersion` set (as a file saved from `kubectl get -o yaml`).
+fn with_resource_version(slice: &str, rv: &str) -> String {
+    slice.replacen(
+        "  namespace: default\n",
+        &format!("  namespace: default\n  resourceVersion: \"{rv}\"\n"),
+        1,
+    )
+}
+
+/// kubectl's writes get the API server's answers: created, AlreadyExists, replaced (kubectl
+/// reads the resourceVersion first), Conflict for a stale one, strict field validation,
+/// deleted, NotFound.
+#[test]
+#[ignore = "needs kubectl (installed by `cargo xtask test`)"]
+fn kubectl_writes_get_the_api_servers_answers() {
+    let api = FakeApiServer::start().unwrap();
+    let k = Kubectl::new(&api).unwrap();
+    let ips: Vec<std::net::Ipv4Addr> = ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+        .iter()
+        .map(|ip| ip.parse().unwrap())
+        .collect();
+    let svc = k.write("svc.yaml", &demo::service_yaml()).unwrap();
+    let slice = k.write("slice.yaml", &demo::slice_yaml(&ips)).unwrap();
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let out = k.ok(&["create", "-f", &p(&svc), "-f", &p(&slice)]).unwrap();
+    assert!(
+        out.contains("service/hello created")
+            && out.contains("endpointslice.discovery.k8s.io/hello-x1 created"),
+        "{out}"
+    );
+    let stderr = |args: &[&str]| {
+        let out = k.run(args).unwrap();
+        assert!(!out.status.success(), "kubectl {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = stderr(&["create", "-f", &p(&slice)]);
+    assert!(
+        err.contains("Error from server (AlreadyExists)")
+            && err.contains("endpointslices.discovery.k8s.io \"hello-x1\" already exists"),
+        "{err}"
+    );
+    let rv_of = || {
+        k.ok(&[
+            "get",
+            "endpointslice",
+            demo::SLICE,
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+        .unwrap()
+    };
+    let first = rv_of();
+
+    // No resourceVersion in the file: kubectl reads the current one, the update goes through.
+    let fewer = k.write("fewer.yaml", &demo::slice_yaml(&ips[..2])).unwrap();
+    let out = k.ok(&["replace", "-f", &p(&fewer)]).unwrap();
+    assert!(
+        out.contains("endpointslice.discovery.k8s.io/hello-x1 replaced"),
+        "{out}"
+    );
+    assert_ne!(rv_of(), first);
+    let addresses = k
+        .ok(&[
+            "get",
+            "endpointslice",
+            demo::SLICE,
+            "-o",
+            "jsonpath={.endpoints[*].addresses[0]}",
+        ])
+        .unwrap();
+    assert_eq!(addresses, "10.1.0.1 10.1.0.2");
+
+    // The resourceVersion read before that update: stale.
+    let stale = k
+        .write(
+            "stale.yaml",
+            &with_resource_version(&demo::slice_yaml(&ips[..1]), &first),
+        )
+        .unwrap();
+    let err = stderr(&["replace", "-f", &p(&stale)]);
+    assert!(
+        err.contains("Error from server (Conflict)")
+            && err.contains("Operation cannot be fulfilled on endpointslices.discovery.k8s.io \"hello-x1\": the object has been modified; please apply your changes to the latest version and try again"),
+        "{err}"
+    );
+
+    // kubectl leaves validation to the server (it found fieldValidation in the OpenAPI).
+    let typo = k
+        .write(
+            "typo.yaml",
+            &demo::slice_yaml(&ips).replace("addressType:", "adressType: IPv4\naddressType:"),
+        )
+        .unwrap();
+    let err = stderr(&["replace", "-f", &p(&typo)]);
+    assert!(
+        err.contains("strict decoding error: unknown field \"adressType\""),
+        "{err}"
+    );
+
+    let out = k.ok(&["delete", "endpointslice", demo::SLICE]).unwrap();
+    assert!(
+        out.contains("endpointslice.discovery.k8s.io \"hello-x1\" deleted"),
+        "{out}"
+    );
+    let err = stderr(&["delete", "endpointslice", demo::SLICE]);
+    assert!(err.contains("Error from server (NotFound)"), "{err}");
+
+    let counts = api.requests_by_verb();
+    for (verb, n) in [
+        ("create services", 1),
+        ("create endpointslices", 2),
+        ("update endpointslices", 3),
+        ("delete endpointslices", 2),
+    ] {
+        assert_eq!(counts.get(verb), Some(&n), "{verb}: {counts:?}");
+    }
+}
+
+/// The steps of `cargo xtask demo --kube`: the agent follows kubectl's create, replace and
+/// delete of the EndpointSlice, and connects follow: spread, on the two left, refused.
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn kubectl_create_replace_delete_are_followed() {
+    let f = Fixture::new(BpffsDir::new(&unique("bpf")), |_, _| {});
+    let k = Kubectl::new(&f.api).unwrap();
+    let ips: Vec<std::net::Ipv4Addr> = f.cluster.pods.iter().map(|p| p.ip).collect();
+    let p = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
+    let svc = p(k.write("svc.yaml", &demo::service_yaml()).unwrap());
+    let slice = p(k.write("slice.yaml", &demo::slice_yaml(&ips)).unwrap());
+    let fewer = p(k.write("fewer.yaml", &demo::slice_yaml(&ips[..2])).unwrap());
+
+    k.ok(&["create", "-f", &svc, "-f", &slice]).unwrap();
+    f.wait_backends(VIP, &f.ips(&[0, 1, 2]), Duration::from_secs(5));
+    f.serves(3);
+
+    k.ok(&["replace", "-f", &fewer]).unwrap();
+    f.wait_backends(VIP, &f.ips(&[0, 1]), Duration::from_secs(5));
+    let r = f.client(&format!("{VIP}:80"), 30);
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(
+        r.replies.keys().collect::<Vec<_>>(),
+        ["pod-0", "pod-1"],
+        "only the endpoints left answer"
+    );
+
+    k.ok(&["delete", "endpointslice", demo::SLICE]).unwrap();
+    f.wait_backends(VIP, &[], Duration::from_secs(5));
+    let r = f.client(&format!("{VIP}:80"), 10);
+    r.assert_failed_at_once(client::socket_refusals().0, 10);
+    let counts = f.api.requests_by_verb();
+    assert_eq!(counts.get("update endpointslices"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("delete endpointslices"), Some(&1), "{counts:?}");
 }
 
 #[test]

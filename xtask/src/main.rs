@@ -50,7 +50,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// A netns mini-cluster, the agent on it, requests to a ClusterIP; cleans up after itself.
-    Demo,
+    Demo {
+        /// Through the Kubernetes API source: the test API server, `kubectl create`,
+        /// `replace` and `delete`, the requests following each.
+        #[arg(long)]
+        kube: bool,
+    },
     /// The `cargo fuzz` targets (manifest parsing, the incremental model), each for a bounded
     /// time from the committed seeds; installs cargo-fuzz where missing (nightly toolchain).
     Fuzz {
@@ -311,15 +316,19 @@ fn main() -> anyhow::Result<()> {
             toolchain::ensure()?;
             fuzz::fuzz(seconds, target.as_deref())
         }
-        Cmd::Demo => {
+        Cmd::Demo { kube } => {
             toolchain::ensure()?;
             require_root("cargo xtask demo")?;
             let dir = build_release_bins()?;
-            run(Command::new(dir.join("pxt-demo"))
-                .arg("--agent")
+            let mut cmd = Command::new(dir.join("pxt-demo"));
+            cmd.arg("--agent")
                 .arg(dir.join("proxy-agent"))
                 .arg("--client")
-                .arg(dir.join("pxt-client")))
+                .arg(dir.join("pxt-client"));
+            if kube {
+                cmd.arg("--kube");
+            }
+            run(&mut cmd)
         }
     }
 }
