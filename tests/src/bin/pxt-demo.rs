@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
 
     step("proxy-agent run --manifests ... (socket programs on the client pod's cgroup)");
     let pins = BpffsDir::new(&unique("demo"));
-    let _agent = Agent::start(&m.dir, &cluster.cgroup_path(), &pins)?;
+    let agent = Agent::start(&m.dir, &cluster.cgroup_path(), &pins)?;
     wait_for(Duration::from_secs(5), || {
         (frontends(&pins).len() == 2).then_some(())
     })
@@ -135,11 +135,17 @@ fn main() -> anyhow::Result<()> {
     );
 
     step(&format!(
-        "proxy-agent services --bpffs-dir {}",
-        pins.path.display()
+        "proxy-agent services --bpffs-dir {} --agent-addr {}",
+        pins.path.display(),
+        agent.metrics_addr
     ));
     let table = Command::new(&args.agent)
-        .args(["services", "--bpffs-dir"])
+        .args([
+            "services",
+            "--agent-addr",
+            &agent.metrics_addr,
+            "--bpffs-dir",
+        ])
         .arg(&pins.path)
         .output()?;
     print!("{}", String::from_utf8_lossy(&table.stdout));
@@ -177,7 +183,7 @@ fn kube(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
 
     step("proxy-agent run --kubeconfig ... (socket programs on the client pod's cgroup)");
     let pins = BpffsDir::new(&unique("demo"));
-    let _agent = Agent::start_with(
+    let agent = Agent::start_with(
         &["--kubeconfig".as_ref(), kubectl.kubeconfig().as_os_str()],
         &cluster.cgroup_path(),
         &pins,
@@ -203,6 +209,27 @@ fn kube(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
     wait_backends(&pins, 0)?;
     connects(args, cluster, &[])?;
     println!("  no endpoints: refused at connect(), as kube-proxy's REJECT does");
+    step(&format!(
+        "proxy-agent services --vip {VIP}: what is programmed, and why"
+    ));
+    let table = Command::new(&args.agent)
+        .args([
+            "services",
+            "--vip",
+            VIP,
+            "--agent-addr",
+            &agent.metrics_addr,
+        ])
+        .arg("--bpffs-dir")
+        .arg(&pins.path)
+        .output()?;
+    // The frontends only (the counters are in the manifests demo).
+    for line in String::from_utf8_lossy(&table.stdout)
+        .lines()
+        .take_while(|l| !l.is_empty())
+    {
+        println!("  {line}");
+    }
 
     step("what kubectl asked of the API server");
     for (verb, n) in api.requests_by_verb() {
