@@ -215,6 +215,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
+    // No reader once the agent is gone: the programs stop building records for nobody (the
+    // next agent writes its own level).
+    if let Err(e) = bpf_log::write_level(&cfg.bpffs_dir, bpf_log::Level::Off) {
+        warn!(error = %e, "could not turn the programs' log off");
+    }
     // The pinned datapath stays: connections keep working while the agent is away.
     info!("stopping; the datapath stays pinned (remove it with `proxy-agent cleanup`)");
     Ok(())

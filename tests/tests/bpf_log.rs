@@ -173,7 +173,7 @@ fn bpf_log_is_off_by_default_and_a_level_change_needs_no_reload() {
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
 fn bpf_log_level_info_forwards_refusals_with_structured_fields_in_json() {
-    let f = Fixture::new(&["--bpf-log-level", "info", "--log-format", "json"]);
+    let mut f = Fixture::new(&["--bpf-log-level", "info", "--log-format", "json"]);
     let (refused, no_local) = client::socket_refusals();
     f.client("tcp", "10.96.0.11:80", 1)
         .assert_failed_at_once(refused, 1);
@@ -212,4 +212,9 @@ fn bpf_log_level_info_forwards_refusals_with_structured_fields_in_json() {
     record("no_endpoints_rejected", "10.96.0.11:53/udp");
     let r = record("no_local_endpoints_rejected", "10.96.0.12:80/tcp");
     assert_eq!(r["program"], "proxy_connect4", "{r}");
+
+    // Stopped, the agent reads no more records: the programs, which stay, build none.
+    assert_eq!(f.level_cli(&[]).trim(), "info");
+    f.agent.stop();
+    assert_eq!(f.level_cli(&[]).trim(), "off");
 }
