@@ -32,6 +32,23 @@ pub fn agent_bin() -> PathBuf {
         })
 }
 
+/// Runs `proxy-agent ARGS --bpffs-dir PINS` (a command that reads or writes the pins, such as
+/// `services` or `bpf-log-level`), which must succeed: its stdout.
+pub fn cli(pins: &BpffsDir, args: &[&str]) -> String {
+    let out = std::process::Command::new(agent_bin())
+        .args(args)
+        .arg("--bpffs-dir")
+        .arg(&pins.path)
+        .output()
+        .expect("running proxy-agent");
+    assert!(
+        out.status.success(),
+        "proxy-agent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 /// A manifests directory, removed on drop.
 pub struct Manifests {
     pub dir: PathBuf,

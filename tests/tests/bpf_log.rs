@@ -2,10 +2,10 @@
 //! the agent's output; off by default; changed on a running agent without reloading the
 //! programs (`proxy-agent bpf-log-level`). Run by `cargo xtask test` (as root).
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use proxy_tests::{
-    agent::{Agent, Manifests, agent_bin, frontends, pinned_link},
+    agent::{Agent, Manifests, cli, frontends, pinned_link},
     client::{self, Report},
     cluster::Cluster,
     host::{BpffsDir, require_root, scaled, wait_for},
@@ -73,19 +73,9 @@ impl Fixture {
 
     /// `proxy-agent bpf-log-level ARGS --bpffs-dir <pins>`, which must succeed: its stdout.
     fn level_cli(&self, args: &[&str]) -> String {
-        let out = Command::new(agent_bin())
-            .arg("bpf-log-level")
-            .args(args)
-            .arg("--bpffs-dir")
-            .arg(&self.pins.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let mut all = vec!["bpf-log-level"];
+        all.extend_from_slice(args);
+        cli(&self.pins, &all)
     }
 
     /// The agent's log lines from the programs (target `bpf`) that contain every one of

@@ -546,9 +546,21 @@ fn the_agent_runs_with_only_the_capabilities_it_documents() {
 }
 
 /// Writes `text` into `path` in place (truncating the same inode, as an editor or `cp` does) in
-/// two parts, `pause` apart; `during` is called every 20 ms of the pause, the file open.
-fn write_slowly(path: &Path, text: &str, at: usize, pause: Duration, mut during: impl FnMut()) {
-    use std::io::Write as _;
+/// two parts, `pause` apart; `during` is called every 20 ms of the pause, the file open, on
+/// another thread: however long a call takes (a map read under qemu's emulation), the second
+/// part comes after `pause`, not after the call (a pause grown past the agent's settle time
+/// would make the half-written file a complete one).
+fn write_slowly(
+    path: &Path,
+    text: &str,
+    at: usize,
+    pause: Duration,
+    mut during: impl FnMut() + Send,
+) {
+    use std::{
+        io::Write as _,
+        sync::atomic::{AtomicBool, Ordering},
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -557,12 +569,18 @@ fn write_slowly(path: &Path, text: &str, at: usize, pause: Duration, mut during:
         .unwrap();
     f.write_all(&text.as_bytes()[..at]).unwrap();
     f.flush().unwrap();
-    let start = Instant::now();
-    while start.elapsed() < pause {
-        during();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f.write_all(&text.as_bytes()[at..]).unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                during();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        std::thread::sleep(pause);
+        f.write_all(&text.as_bytes()[at..]).unwrap();
+        done.store(true, Ordering::Relaxed);
+    });
 }
 
 /// A file written in place with a pause between its halves is read once it is closed, never

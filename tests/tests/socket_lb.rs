@@ -53,18 +53,7 @@ impl Fixture {
 
     /// Runs `proxy-agent ARGS --bpffs-dir <this fixture's pins>`, which must succeed.
     fn agent_cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(proxy_tests::agent::agent_bin())
-            .args(args)
-            .arg("--bpffs-dir")
-            .arg(&self.pins.path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        proxy_tests::agent::cli(&self.pins, args)
     }
 
     /// The VIP is not translated any more: a connect reaches no pod.
