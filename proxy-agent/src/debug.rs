@@ -180,23 +180,15 @@ const PENDING: &str =
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use serde_json::{Value, json};
 
     use super::*;
     use crate::{
         capacity::Capacity,
-        model::{Changes, EndpointCounts, Index, Objects, Sourced},
+        model::{Changes, EndpointCounts, Index, Objects, tests::sourced},
         sync::{MapState, tests::Fake},
     };
-
-    fn sourced<T: serde::de::DeserializeOwned>(v: Value) -> Sourced<T> {
-        Sourced {
-            origin: Arc::from("test.yaml"),
-            object: Arc::new(serde_json::from_value(v).expect("valid test object")),
-        }
-    }
 
     fn svc(name: &str, ip: &str, local: bool) -> Value {
         json!({"apiVersion": "v1", "kind": "Service",

@@ -436,6 +436,9 @@ fn matches_fields(obj: &Value, selector: &str) -> bool {
 }
 
 struct Query {
+    /// A write's `fieldValidation` and `fieldManager` (see `writes`).
+    field_validation: String,
+    field_manager: String,
     watch: bool,
     send_initial_events: bool,
     rv: Option<u64>,
@@ -447,6 +450,8 @@ struct Query {
 
 fn parse_query(q: &str) -> Query {
     let mut out = Query {
+        field_validation: String::new(),
+        field_manager: String::new(),
         watch: false,
         send_initial_events: false,
         rv: None,
@@ -464,6 +469,8 @@ fn parse_query(q: &str) -> Query {
             "sendInitialEvents" => out.send_initial_events = v == "true",
             "labelSelector" => out.labels = v,
             "fieldSelector" => out.fields = v,
+            "fieldValidation" => out.field_validation = v,
+            "fieldManager" => out.field_manager = v,
             "timeoutSeconds" => out.timeout = Duration::from_secs(v.parse().unwrap_or(290)),
             _ => {}
         }
@@ -618,7 +625,7 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             .unwrap_or_default()
             .to_string();
         return match axum::body::to_bytes(req.into_body(), writes::MAX_BODY).await {
-            Ok(body) => writes::handle(&s, &method, &path, &query, &agent, &body),
+            Ok(body) => writes::handle(&s, &method, &path, &q, &agent, &body),
             Err(_) => json_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &status(

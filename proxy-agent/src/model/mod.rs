@@ -211,4 +211,4 @@ pub fn build(objects: &Objects, node_name: &str) -> Desired {
         .desired
 }
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -32,8 +32,8 @@ use k8s_openapi::api::{
 use serde_json::{Value, json};
 
 use super::{
-    Key, Kind, Shared, Stored, details, json_response, not_found, object_path, object_status,
-    resource, status,
+    Key, Kind, Query, Shared, Stored, details, json_response, not_found, object_path,
+    object_status, resource, status,
 };
 
 /// The API server's default limit on a request body (3 MiB).
@@ -89,25 +89,21 @@ struct Options {
 impl Options {
     /// `fieldValidation` and `fieldManager`; without a manager, the user agent's program
     /// name, as the API server derives it (`kubectl/v1.32.4 (linux/amd64) ...` -> `kubectl`).
-    fn parse(query: &str, user_agent: &str) -> Options {
-        let mut o = Options {
-            validation: Validation::Warn,
-            manager: user_agent
-                .split('/')
-                .next()
-                .filter(|m| !m.is_empty())
-                .unwrap_or("unknown")
-                .to_string(),
+    fn of(q: &Query, user_agent: &str) -> Options {
+        let validation = match q.field_validation.as_str() {
+            "Strict" => Validation::Strict,
+            "Ignore" => Validation::Ignore,
+            _ => Validation::Warn,
         };
-        for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-            match (k, v) {
-                ("fieldValidation", "Strict") => o.validation = Validation::Strict,
-                ("fieldValidation", "Ignore") => o.validation = Validation::Ignore,
-                ("fieldManager", m) if !m.is_empty() => o.manager = super::percent_decode(m),
-                _ => {}
-            }
+        let manager = Some(q.field_manager.as_str())
+            .filter(|m| !m.is_empty())
+            .or_else(|| user_agent.split('/').next().filter(|m| !m.is_empty()))
+            .unwrap_or("unknown")
+            .to_string();
+        Options {
+            validation,
+            manager,
         }
-        o
     }
 }
 
@@ -116,11 +112,11 @@ pub(super) fn handle(
     s: &Shared,
     method: &Method,
     path: &str,
-    query: &str,
+    query: &Query,
     user_agent: &str,
     body: &[u8],
 ) -> Response {
-    let opts = Options::parse(query, user_agent);
+    let opts = Options::of(query, user_agent);
     let answer = match (method, object_path(path), resource(path)) {
         (&Method::POST, None, Some((kind, ns))) if ns.is_some() != (kind == Kind::Node) => {
             create(s, kind, &ns.unwrap_or_default(), &opts, body)

@@ -4,7 +4,8 @@ use serde_json::{Value, json};
 
 use super::*;
 
-fn sourced<T: serde::de::DeserializeOwned>(v: Value) -> Sourced<T> {
+/// A test object as a source holds it (from `test.yaml`).
+pub(crate) fn sourced<T: serde::de::DeserializeOwned>(v: Value) -> Sourced<T> {
     Sourced {
         origin: Arc::from("test.yaml"),
         object: Arc::new(serde_json::from_value(v).expect("valid test object")),
